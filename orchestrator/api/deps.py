@@ -1,0 +1,18 @@
+"""Dependencies shared by the routes: the service, the Idempotency-Key header."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from orchestrator.service import Orchestrator
+
+
+def get_service(request: Request) -> Orchestrator:
+    service: Orchestrator = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Orchestrator, Depends(get_service)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]

@@ -1,0 +1,122 @@
+"""The orchestrator's settings: one pydantic-settings class, ``ORCH_*`` variables and flags.
+
+Validators refuse configurations that make no sense, so a bad deployment stops at start
+with one line naming the setting instead of failing later under load.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.limits import DEFAULT_MAX_BODY_BYTES
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./streamherd.db"
+SUPPORTED_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="ignore", frozen=True)
+
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    admin_token: SecretStr | None = None
+    worker_token: SecretStr | None = None
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    lease_ttl_s: float = Field(default=15.0, gt=0)
+    reaper_interval_s: float = Field(default=1.0, gt=0)
+    quarantine_after: int = Field(default=5, ge=1)
+    quarantine_window_s: float = Field(default=600.0, gt=0)
+    auto_migrate: bool = True
+    events_heartbeat_s: float = Field(default=10.0, gt=0)
+    # Most streams a rebalance pass moves, so a join never causes a storm of handovers.
+    max_moves_per_pass: int = Field(default=100, ge=1)
+    # How long a revoked stream may stay with its owner before it is moved regardless.
+    revoke_timeout_s: float | None = Field(default=None, gt=0)
+    idempotency_ttl_s: float = Field(default=900.0, ge=600)
+    events_retention: int = Field(default=100_000, ge=1000)
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
+    db_pool_size: int = Field(default=10, ge=1)
+    log_level: str = "INFO"
+    log_json: bool = False
+    replica_id: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0]
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(
+                f"unsupported scheme {scheme!r}; use one of {', '.join(SUPPORTED_SCHEMES)}"
+            )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value.upper()
+
+    @field_validator("admin_token", "worker_token")
+    @classmethod
+    def _strong_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() == "":
+            return None
+        if value is not None and len(value.get_secret_value()) < 8:
+            raise ValueError("must be at least 8 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.heartbeat_interval_s >= self.lease_ttl_s:
+            raise ValueError(
+                "ORCH_HEARTBEAT_INTERVAL_S must be below ORCH_LEASE_TTL_S "
+                f"({self.heartbeat_interval_s} >= {self.lease_ttl_s})"
+            )
+        if not self.is_loopback_host and not (self.admin_token and self.worker_token):
+            raise ValueError(
+                f"ORCH_HOST={self.host} is not a loopback address: set ORCH_ADMIN_TOKEN and "
+                "ORCH_WORKER_TOKEN before serving beyond this machine"
+            )
+        return self
+
+    @property
+    def is_loopback_host(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def lease_flush_interval_s(self) -> float:
+        """How often buffered heartbeats are written: a small slice of the lease's slack."""
+        return min(0.25, max(0.01, (self.lease_ttl_s - self.heartbeat_interval_s) / 4))
+
+    @property
+    def leader_ttl_s(self) -> float:
+        """How long a replica's claim to run the reaper lasts without renewal."""
+        return 2 * self.reaper_interval_s
+
+    @property
+    def outage_gap_s(self) -> float:
+        """A reaper silence longer than this means no replica was watching (an outage).
+
+        Longer than a leader handover (a replica dying is not an outage), short enough that
+        any real outage gives every worker a fresh lease when the orchestrator returns.
+        """
+        return self.leader_ttl_s + 2 * self.reaper_interval_s + 0.5
+
+    @property
+    def effective_revoke_timeout_s(self) -> float:
+        return self.revoke_timeout_s if self.revoke_timeout_s is not None else self.lease_ttl_s

@@ -1,0 +1,144 @@
+"""Engines, sessions and the write path, for SQLite (embedded) and PostgreSQL (scale-out).
+
+SQLite: WAL, a busy timeout, and writers serialised in-process and opened with
+``BEGIN IMMEDIATE`` so a transaction never has to upgrade a read lock (the source of
+"database is locked" under load). PostgreSQL: row locks and conditional updates; a
+deadlock or serialisation failure is retried a few times before it becomes a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from orchestrator.config import Settings
+from orchestrator.errors import Unavailable, is_database_trouble
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+WRITE_RETRIES = 4
+# PostgreSQL SQLSTATEs worth running the transaction again for.
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # We issue BEGIN ourselves (below); the driver must not open transactions on its own.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _make_engine(settings: Settings, *, immediate: bool) -> AsyncEngine:
+    if settings.is_sqlite:
+        engine = create_async_engine(
+            settings.database_url,
+            pool_size=1 if immediate else max(2, settings.db_pool_size),
+            max_overflow=0 if immediate else 4,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+        event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(begin))
+        return engine
+    return create_async_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_timeout=10,
+    )
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if state:
+            return str(state)
+    return None
+
+
+class Database:
+    """One process's connection to the catalogue: a read engine and a write engine.
+
+    On PostgreSQL both are the same engine. Writes go through ``write()``, which owns the
+    transaction, retries conflicts, and turns an unreachable database into ``Unavailable``.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.is_sqlite = settings.is_sqlite
+        self.write_engine = _make_engine(settings, immediate=True)
+        self.read_engine = (
+            _make_engine(settings, immediate=False) if self.is_sqlite else self.write_engine
+        )
+        self._writes = async_sessionmaker(self.write_engine, expire_on_commit=False)
+        self._reads = async_sessionmaker(self.read_engine, expire_on_commit=False)
+        # Only one writer at a time can hold SQLite's lock; queueing here is cheaper than
+        # spinning in busy_timeout on a worker thread.
+        self._sqlite_write_lock = asyncio.Lock() if self.is_sqlite else None
+
+    @property
+    def dialect(self) -> str:
+        return self.write_engine.dialect.name
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        try:
+            async with self._reads() as session:
+                yield session
+        except sa_exc.SQLAlchemyError as exc:
+            if is_database_trouble(exc) or is_database_trouble(exc.__cause__ or exc):
+                raise Unavailable("the database is unavailable; retry shortly") from exc
+            raise
+        except OSError as exc:
+            raise Unavailable("the database is unavailable; retry shortly") from exc
+
+    async def write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction and commit; ``work`` must not commit itself."""
+        for attempt in range(1, WRITE_RETRIES + 1):
+            try:
+                if self._sqlite_write_lock is not None:
+                    async with self._sqlite_write_lock:
+                        return await self._write_once(work)
+                return await self._write_once(work)
+            except sa_exc.DBAPIError as exc:
+                if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
+                    log.info("orchestrator.write_retried", extra={"attempt": attempt})
+                    await asyncio.sleep(0.005 * attempt)
+                    continue
+                if is_database_trouble(exc) or "database is locked" in str(exc):
+                    raise Unavailable("the database is unavailable; retry shortly") from exc
+                raise
+            except OSError as exc:
+                raise Unavailable("the database is unavailable; retry shortly") from exc
+        raise AssertionError("unreachable")
+
+    async def _write_once(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        async with self._writes() as session, session.begin():
+            return await work(session)
+
+    async def dispose(self) -> None:
+        await self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            await self.read_engine.dispose()

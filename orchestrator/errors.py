@@ -1,0 +1,210 @@
+"""Every error the API answers with, and the one place where foreign errors become ours.
+
+    ApiError                     -> {"error": {"code", "message", "details"}}
+    ├── Unauthorized             401 UNAUTHORIZED
+    ├── Forbidden                403 FORBIDDEN
+    ├── NotFound                 404 NOT_FOUND
+    ├── ValidationFailed         422 VALIDATION_ERROR
+    ├── StaleEpoch               409 STALE_EPOCH
+    ├── Conflict                 409 CONFLICT
+    └── Unavailable              503 UNAVAILABLE (+ Retry-After)
+
+``install_error_handlers`` maps FastAPI's validation errors, Starlette's HTTP errors and
+database failures (SQLite busy, PostgreSQL restarting) onto that tree; anything else is a
+bare 500 INTERNAL without a traceback in the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import ErrorCode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return self.code.status
+
+
+class Unauthorized(ApiError):
+    code = ErrorCode.UNAUTHORIZED
+
+    def __init__(self, message: str = "missing or invalid bearer token") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ApiError):
+    code = ErrorCode.FORBIDDEN
+
+
+class NotFound(ApiError):
+    code = ErrorCode.NOT_FOUND
+
+
+class ValidationFailed(ApiError):
+    code = ErrorCode.VALIDATION_ERROR
+
+
+class StaleEpoch(ApiError):
+    code = ErrorCode.STALE_EPOCH
+
+
+class Conflict(ApiError):
+    code = ErrorCode.CONFLICT
+
+
+class Unavailable(ApiError):
+    code = ErrorCode.UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after: int = DEFAULT_RETRY_AFTER_S) -> None:
+        super().__init__(
+            message,
+            details={"retry_after_s": retry_after},
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+def error_body(
+    code: ErrorCode | str, message: str, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"error": {"code": str(code), "message": message, "details": details or {}}}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(
+        error_body(error.code, error.message, jsonable_encoder(error.details)),
+        status_code=error.status,
+        headers=error.headers,
+    )
+
+
+_DB_TROUBLE = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def is_database_trouble(exc: BaseException) -> bool:
+    """True for failures that go away when the database comes back: answer 503, not 500."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, _DB_TROUBLE):
+        return True
+    # asyncpg raises its own hierarchy when the server restarts or refuses connections.
+    module = type(exc).__module__ or ""
+    if module.startswith("asyncpg") and type(exc).__name__ in {
+        "ConnectionDoesNotExistError",
+        "CannotConnectNowError",
+        "ConnectionFailureError",
+        "AdminShutdownError",
+        "TooManyConnectionsError",
+        "InterfaceError",
+        "InternalClientError",
+    }:
+        return True
+    return False
+
+
+def as_api_error(exc: BaseException) -> ApiError | None:
+    if isinstance(exc, ApiError):
+        return exc
+    if is_database_trouble(exc) or (
+        exc.__cause__ is not None and is_database_trouble(exc.__cause__)
+    ):
+        return Unavailable("the database is unavailable; retry shortly")
+    return None
+
+
+def _validation_details(exc: RequestValidationError) -> dict[str, Any]:
+    problems = []
+    for err in exc.errors()[:50]:
+        problems.append(
+            {
+                "loc": [str(part) for part in err.get("loc", ())],
+                "msg": str(err.get("msg", "")),
+                "type": str(err.get("type", "")),
+            }
+        )
+    return {"errors": problems}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(
+            ValidationFailed(
+                "the request does not match the contract", details=_validation_details(exc)
+            )
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {
+            401: ErrorCode.UNAUTHORIZED,
+            403: ErrorCode.FORBIDDEN,
+            404: ErrorCode.NOT_FOUND,
+            # The contract knows no 405: a method a path does not take is "no such endpoint".
+            405: ErrorCode.NOT_FOUND,
+            409: ErrorCode.CONFLICT,
+            429: ErrorCode.RATE_LIMITED,
+            503: ErrorCode.UNAVAILABLE,
+        }
+        code = codes.get(
+            exc.status_code,
+            ErrorCode.VALIDATION_ERROR if exc.status_code < 500 else ErrorCode.INTERNAL,
+        )
+        message = "no such endpoint" if exc.status_code in (404, 405) else str(exc.detail)
+        return JSONResponse(
+            error_body(code, message),
+            status_code=code.status,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        mapped = as_api_error(exc)
+        if mapped is not None:
+            log.warning(
+                "orchestrator.database_unavailable",
+                extra={"error": type(exc).__name__, "path": request.url.path},
+            )
+            return error_response(mapped)
+        if isinstance(exc, RecursionError):
+            return error_response(ValidationFailed("the request body is nested too deeply"))
+        log.exception("orchestrator.internal_error", extra={"path": request.url.path})
+        return JSONResponse(error_body(ErrorCode.INTERNAL, "internal error"), status_code=500)

@@ -1,0 +1,65 @@
+"""Alembic from inside the process: migrate on start, and tell /ready whether we are at head."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+
+from orchestrator.db import Database
+
+log = logging.getLogger(__name__)
+
+
+def _project_root() -> Path:
+    # alembic.ini sits at the repository root, beside the orchestrator package.
+    return Path(__file__).resolve().parent.parent
+
+
+def alembic_config(database_url: str) -> Config:
+    root = _project_root()
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "alembic"))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logger"] = False
+    return config
+
+
+@lru_cache(maxsize=1)
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite+aiosqlite://")).get_current_head()
+
+
+def _upgrade(database_url: str) -> None:
+    command.upgrade(alembic_config(database_url), "head")
+
+
+async def upgrade_to_head(database_url: str) -> None:
+    # Alembic's env.py runs its own event loop, so it gets a thread of its own.
+    await asyncio.to_thread(_upgrade, database_url)
+    log.info("orchestrator.migrated", extra={"revision": head_revision()})
+
+
+async def schema_problem(db: Database) -> str | None:
+    """None when the database answers and its schema is at head, else why not."""
+    try:
+        async with db.read_engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+    except Exception as exc:  # noqa: BLE001 - any failure here is a reason not to be ready
+        message = str(exc).lower()
+        if "alembic_version" in message and (
+            "no such table" in message or "does not exist" in message
+        ):
+            return "the database has no schema: run `alembic upgrade head`"
+        return f"the database does not answer ({type(exc).__name__})"
+    current = rows[0][0] if rows else None
+    head = head_revision()
+    if current != head:
+        return f"the schema is at {current or 'nothing'}, not at head {head}"
+    return None

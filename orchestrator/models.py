@@ -1,0 +1,131 @@
+"""The orchestrator's tables (SQLAlchemy 2 declarative). Times are Unix seconds (floats).
+
+Floats keep lease arithmetic cheap and identical on SQLite and PostgreSQL; the API turns
+them into RFC 3339 strings at the edge. ORM classes are never API schemas (see shared/).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-numbers an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits for ids.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class WorkerRow(Base):
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    capacity: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    session_hash: Mapped[str] = mapped_column(String(64))
+    lease_expires_at: Mapped[float] = mapped_column(Float)
+    last_heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    registered_at: Mapped[float] = mapped_column(Float)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    local_mode_since: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_workers_state_lease", "state", "lease_expires_at"),)
+
+
+class WorkerSessionRow(Base):
+    """Every session token ever issued, hashed: tells a stale session from a forged one."""
+
+    __tablename__ = "worker_sessions"
+
+    session_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(63), index=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    issued_at: Mapped[float] = mapped_column(Float)
+
+
+class StreamRow(Base):
+    __tablename__ = "streams"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(512))
+    url: Mapped[str | None] = mapped_column(String(4096))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    owner_id: Mapped[str | None] = mapped_column(
+        String(63), ForeignKey("workers.worker_id"), index=True
+    )
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    assigned_at: Mapped[float | None] = mapped_column(Float)
+    # A pending revoke: the owner was asked to hand the stream back (to revoke_to, if set).
+    revoke_at: Mapped[float | None] = mapped_column(Float)
+    revoke_to: Mapped[str | None] = mapped_column(String(63))
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_streams_status_owner", "status", "owner_id"),)
+
+
+class StreamFailureRow(Base):
+    __tablename__ = "stream_failures"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    stream_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    worker_id: Mapped[str] = mapped_column(String(63))
+    token: Mapped[int] = mapped_column(BigInteger)
+    error: Mapped[str] = mapped_column(Text)
+    at: Mapped[float] = mapped_column(Float)
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    type: Mapped[str] = mapped_column(String(32))
+    at: Mapped[float] = mapped_column(Float)
+    worker_id: Mapped[str | None] = mapped_column(String(63))
+    stream_id: Mapped[int | None] = mapped_column(BigInteger)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class IdempotencyRow(Base):
+    """First answer to a call made with an Idempotency-Key, replayed for its repeats."""
+
+    __tablename__ = "idempotency_keys"
+
+    worker_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(300))
+    status_code: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class LocalHistoryRow(Base):
+    """What a worker reported it did while in local mode; kept for diagnostics."""
+
+    __tablename__ = "local_history"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    worker_id: Mapped[str] = mapped_column(String(63), index=True)
+    stream_id: Mapped[int] = mapped_column(BigInteger)
+    first_processed_at: Mapped[float] = mapped_column(Float)
+    last_processed_at: Mapped[float] = mapped_column(Float)
+    count: Mapped[int] = mapped_column(BigInteger)
+    reported_at: Mapped[float] = mapped_column(Float)
+
+
+class ClusterRow(Base):
+    """One row: which replica runs the reaper, and when a reaper last ran anywhere."""
+
+    __tablename__ = "cluster_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    leader: Mapped[str | None] = mapped_column(String(128))
+    leader_until: Mapped[float] = mapped_column(Float, default=0.0)
+    last_reaper_at: Mapped[float | None] = mapped_column(Float)

@@ -1,0 +1,181 @@
+"""The failure detector: declares silent workers lost, frees and reassigns their streams.
+
+Every replica runs this loop; a row in ``cluster_state`` elects one of them per pass
+(a lease of ``leader_ttl_s``), so a dead replica's role is taken over within two passes.
+The work itself is conditional updates, so two replicas that both believed they led would
+still not double-assign anything: election only avoids wasted work.
+
+A pass that finds no reaper has run for ``outage_gap_s`` concludes the orchestrator was
+down (or cut off from its database) and renews every lease first: workers are never
+blamed for heartbeats nobody could receive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator import assignment as asg
+from orchestrator import events as ev
+from orchestrator import idempotency
+from orchestrator.errors import ApiError, as_api_error
+from orchestrator.models import ClusterRow, EventRow, WorkerRow
+from orchestrator.service import Orchestrator, mark_lost
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_EVERY_PASSES = 60
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class PassReport:
+    leader: bool = False
+    grace: bool = False
+    lost: list[str] = field(default_factory=list)
+    assigned: int = 0
+    reassigned: int = 0
+    moves: int = 0
+
+
+class Reaper:
+    def __init__(self, service: Orchestrator, *, replica_id: str | None = None) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.replica_id = replica_id or self.settings.replica_id or default_replica_id()
+        self.passes = 0
+
+    async def _claim(self, session: AsyncSession) -> bool:
+        now = self.service.clock()
+        row = await session.get(ClusterRow, 1, with_for_update=True)
+        if row is None:
+            session.add(
+                ClusterRow(
+                    id=1, leader=self.replica_id, leader_until=now + self.settings.leader_ttl_s
+                )
+            )
+            return True
+        if row.leader == self.replica_id or row.leader_until < now:
+            row.leader = self.replica_id
+            row.leader_until = now + self.settings.leader_ttl_s
+            return True
+        return False
+
+    async def _pass(self, session: AsyncSession) -> PassReport:
+        report = PassReport(leader=True)
+        now = self.service.clock()
+        cluster = await session.get(ClusterRow, 1, with_for_update=True)
+        assert cluster is not None
+        ttl = self.settings.lease_ttl_s
+        if (
+            cluster.last_reaper_at is not None
+            and now - cluster.last_reaper_at > self.settings.outage_gap_s
+        ):
+            gap = now - cluster.last_reaper_at
+            await session.execute(
+                update(WorkerRow)
+                .where(
+                    WorkerRow.state.in_(asg.LEASED_STATES), WorkerRow.lease_expires_at < now + ttl
+                )
+                .values(lease_expires_at=now + ttl)
+                .execution_options(synchronize_session=False)
+            )
+            await ev.record_one(session, ev.LEASE_GRACE, now, gap_s=round(gap, 3), lease_ttl_s=ttl)
+            log.warning("orchestrator.outage_grace", extra={"gap_s": round(gap, 3)})
+            report.grace = True
+        cluster.last_reaper_at = now
+        report.lost, freed = await mark_lost(session, now)
+        await asg.expire_revokes(session, now, self.settings.effective_revoke_timeout_s)
+        balance = await asg.balance(
+            session, now, max_moves=self.settings.max_moves_per_pass, previous_owner=freed
+        )
+        report.assigned = len(balance.assigned)
+        report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
+        report.moves = len(balance.moves)
+        if self.passes % HOUSEKEEPING_EVERY_PASSES == 0:
+            await self._housekeeping(session, now)
+        return report
+
+    async def _housekeeping(self, session: AsyncSession, now: float) -> None:
+        await idempotency.purge(session, now - self.settings.idempotency_ttl_s)
+        newest = (
+            await session.execute(select(EventRow.id).order_by(EventRow.id.desc()).limit(1))
+        ).scalar()
+        if newest is not None and newest > self.settings.events_retention:
+            await session.execute(
+                delete(EventRow).where(EventRow.id <= newest - self.settings.events_retention)
+            )
+
+    async def run_once(self) -> PassReport:
+        service = self.service
+        await service.book.flush(service.db)
+        if not await service.db.write(self._claim):
+            service.metrics.reaper_leader.set(0)
+            return PassReport()
+        service.metrics.reaper_leader.set(1)
+        self.passes += 1
+        report = await service.db.write(self._pass)
+        m = service.metrics
+        m.reaper_passes.inc()
+        m.lease_expiries.inc(len(report.lost))
+        m.assignments.inc(report.assigned)
+        m.reassignments.inc(report.reassigned)
+        m.rebalance_moves.inc(report.moves)
+        if report.grace:
+            m.outage_graces.inc()
+        for wid in report.lost:
+            log.warning("orchestrator.worker_lost", extra={"worker_id": wid})
+        if report.lost or report.assigned or report.moves:
+            service._changed()
+            service.wake.clear()  # this pass already did what the wake-up asked for
+        return report
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Pass, flush leases, sleep; until ``stop``. Database trouble is waited out."""
+        service = self.service
+        interval = self.settings.reaper_interval_s
+        flush_every = self.settings.lease_flush_interval_s
+        next_pass = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                if loop.time() >= next_pass or service.wake.is_set():
+                    service.wake.clear()
+                    await self.run_once()
+                    next_pass = loop.time() + interval
+                else:
+                    await service.book.flush(service.db)
+                service.metrics.database_up.set(1)
+            except Exception as exc:  # noqa: BLE001 - the detector must outlive any one failure
+                mapped = as_api_error(exc)
+                service.metrics.database_up.set(0)
+                if isinstance(mapped, ApiError):
+                    log.warning(
+                        "orchestrator.reaper_db_unavailable", extra={"error": type(exc).__name__}
+                    )
+                else:
+                    log.exception("orchestrator.reaper_failed")
+                next_pass = loop.time() + interval
+            timeout = max(0.0, min(flush_every, next_pass - loop.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(stop, service.wake), timeout=timeout)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -1,0 +1,29 @@
+"""Bounds on every field and list of the wire contract, in one place.
+
+The orchestrator enforces them on input; the worker keeps within them on output.
+"""
+
+from typing import Final
+
+WORKER_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+MAX_CAPACITY: Final = 100_000
+MAX_HELD: Final = MAX_CAPACITY
+MAX_HISTORY: Final = MAX_CAPACITY
+MAX_STREAM_IDS_PER_CALL: Final = 10_000
+MAX_STREAMS_PER_CREATE: Final = 1_000
+MAX_REQUEST_COUNT: Final = MAX_CAPACITY
+MAX_LABELS: Final = 64
+MAX_LABEL_KEY_LEN: Final = 128
+MAX_LABEL_VALUE_LEN: Final = 1_024
+MAX_NAME_LEN: Final = 512
+MAX_URL_LEN: Final = 4_096
+MAX_ERROR_LEN: Final = 4_096
+MAX_METADATA_KEYS: Final = 128
+MAX_METADATA_BYTES: Final = 16_384
+MAX_STATS_KEYS: Final = 128
+MAX_STATS_BYTES: Final = 16_384
+MAX_STREAM_ID: Final = 2**63 - 1
+MAX_PAGE_LIMIT: Final = 1_000
+DEFAULT_PAGE_LIMIT: Final = 100
+MAX_IDEMPOTENCY_KEY_LEN: Final = 200
+DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024

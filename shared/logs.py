@@ -1,0 +1,65 @@
+"""Logging set-up for the entry points: human-readable lines by default, JSON with one setting.
+
+Libraries only call ``logging.getLogger(__name__)``; handlers are configured here, once,
+by ``streamherd-orchestrator`` and ``streamherd-worker``. Structured fields travel as
+``extra={...}`` and are printed after the event name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+# Attributes every LogRecord has; anything else came in through ``extra=`` and is a field.
+_RECORD_ATTRS = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
+)
+# Never printed, whatever a caller passes in ``extra``.
+_SECRET_FIELDS = frozenset({"token", "session_token", "authorization", "password", "secret"})
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: ("<redacted>" if key.lower() in _SECRET_FIELDS else value)
+        for key, value in record.__dict__.items()
+        if key not in _RECORD_ATTRS and not key.startswith("_")
+    }
+
+
+class HumanFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        at = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        line = f"{at} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if fields:
+            line = f"{line} {fields}"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "at": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(*, level: str = "INFO", json_format: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_format else HumanFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Access logs at INFO would drown the heartbeat path; uvicorn's errors still come through.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

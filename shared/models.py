@@ -1,0 +1,306 @@
+"""Pydantic models of every request and answer in the v1 wire contract.
+
+Requests refuse unknown fields (a typo is an error, not a silent no-op); answers ignore
+them, so an older client keeps working against a newer orchestrator.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from shared import limits
+
+WorkerId = Annotated[str, StringConstraints(pattern=limits.WORKER_ID_PATTERN)]
+StreamId = Annotated[int, Field(ge=1, le=limits.MAX_STREAM_ID)]
+Token = Annotated[int, Field(ge=0, le=limits.MAX_STREAM_ID)]
+Epoch = Annotated[int, Field(ge=1, le=limits.MAX_STREAM_ID)]
+
+
+def _bounded_json(max_keys: int, max_bytes: int) -> AfterValidator:
+    def check(value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > max_keys:
+            raise ValueError(f"at most {max_keys} keys")
+        if len(json.dumps(value, default=str)) > max_bytes:
+            raise ValueError(f"at most {max_bytes} bytes when encoded as JSON")
+        return value
+
+    return AfterValidator(check)
+
+
+Metadata = Annotated[
+    dict[str, Any], _bounded_json(limits.MAX_METADATA_KEYS, limits.MAX_METADATA_BYTES)
+]
+Stats = Annotated[dict[str, Any], _bounded_json(limits.MAX_STATS_KEYS, limits.MAX_STATS_BYTES)]
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=limits.MAX_LABEL_KEY_LEN)]
+LabelValue = Annotated[str, StringConstraints(max_length=limits.MAX_LABEL_VALUE_LEN)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=limits.MAX_LABELS)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def from_timestamp(seconds: float | None) -> datetime | None:
+    """Our stores keep Unix seconds; the wire speaks RFC 3339 UTC."""
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StreamStatus(StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+    QUARANTINED = "quarantined"
+
+
+class WorkerState(StrEnum):
+    ACTIVE = "active"
+    SUSPECT = "suspect"
+    DRAINING = "draining"
+    LOST = "lost"
+    LEFT = "left"
+
+
+class DropReason(StrEnum):
+    REASSIGNED = "reassigned"
+    REMOVED = "removed"
+    DISABLED = "disabled"
+    QUARANTINED = "quarantined"
+    CAPACITY = "capacity"
+    NOT_OWNED = "not_owned"
+
+
+# --- pieces -------------------------------------------------------------------------
+
+
+class Held(Answer):
+    """A stream the worker runs, with the fencing token it was granted."""
+
+    stream_id: StreamId
+    token: Token
+
+
+class HistoryEntry(Answer):
+    """What a worker did with one stream while it could not reach the orchestrator."""
+
+    stream_id: StreamId
+    first_processed_at: datetime
+    last_processed_at: datetime
+    count: Annotated[int, Field(ge=0)]
+
+
+class Assignment(Answer):
+    stream_id: StreamId
+    token: Token
+    name: str
+    url: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    assigned_at: datetime
+
+
+class Drop(Answer):
+    stream_id: StreamId
+    reason: DropReason
+    owner: str | None = None
+
+
+HeldList = Annotated[list[Held], Field(max_length=limits.MAX_HELD)]
+HistoryList = Annotated[list[HistoryEntry], Field(max_length=limits.MAX_HISTORY)]
+
+
+# --- worker calls -------------------------------------------------------------------
+
+
+class RegisterRequest(Request):
+    worker_id: WorkerId
+    capacity: Annotated[int, Field(ge=0, le=limits.MAX_CAPACITY)]
+    labels: Labels = Field(default_factory=dict)
+    held: HeldList = Field(default_factory=list)
+    local_mode_since: datetime | None = None
+    history: HistoryList = Field(default_factory=list)
+
+
+class RegisterAnswer(Answer):
+    worker_id: str
+    epoch: int
+    session_token: str
+    heartbeat_interval_s: float
+    lease_ttl_s: float
+    assignments: list[Assignment] = Field(default_factory=list)
+    dropped: list[Drop] = Field(default_factory=list)
+
+
+class HeartbeatRequest(Request):
+    epoch: Epoch
+    held: HeldList = Field(default_factory=list)
+    stats: Stats | None = None
+
+
+class HeartbeatAnswer(Answer):
+    lease_expires_at: datetime
+    assignments: list[Assignment] = Field(default_factory=list)
+    revoke: list[int] = Field(default_factory=list)
+    dropped: list[Drop] = Field(default_factory=list)
+
+
+class StreamsRequest(Request):
+    count: Annotated[int, Field(ge=1, le=limits.MAX_REQUEST_COUNT)]
+
+
+class StreamsRequestAnswer(Answer):
+    assigned: list[Assignment] = Field(default_factory=list)
+
+
+class ReleaseRequest(Request):
+    stream_ids: Annotated[list[StreamId], Field(max_length=limits.MAX_STREAM_IDS_PER_CALL)]
+
+
+class ReleaseAnswer(Answer):
+    released: list[int] = Field(default_factory=list)
+
+
+class ReconcileRequest(Request):
+    epoch: Epoch
+    held: HeldList = Field(default_factory=list)
+    local_mode_since: datetime | None = None
+    history: HistoryList = Field(default_factory=list)
+
+
+class ReconcileAnswer(Answer):
+    keep: list[Assignment] = Field(default_factory=list)
+    drop: list[Drop] = Field(default_factory=list)
+    assign: list[Assignment] = Field(default_factory=list)
+
+
+class FailureReport(Request):
+    token: Token
+    error: Annotated[str, StringConstraints(max_length=limits.MAX_ERROR_LEN)]
+
+
+class FailureAnswer(Answer):
+    failures: int
+    quarantined: bool
+
+
+class LeaveAnswer(Answer):
+    released: list[int] = Field(default_factory=list)
+
+
+# --- admin calls --------------------------------------------------------------------
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=limits.MAX_NAME_LEN)]
+Url = Annotated[str, StringConstraints(max_length=limits.MAX_URL_LEN)]
+
+
+class StreamSpec(Request):
+    id: StreamId | None = None
+    name: Name
+    url: Url | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class CreateStreamsRequest(Request):
+    streams: Annotated[
+        list[StreamSpec], Field(min_length=1, max_length=limits.MAX_STREAMS_PER_CREATE)
+    ]
+
+
+class Stream(Answer):
+    id: int
+    name: str
+    url: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    status: StreamStatus
+    owner: str | None = None
+    token: int
+    failures: int = 0
+
+
+class CreateStreamsAnswer(Answer):
+    created: list[Stream]
+
+
+class StreamPage(Answer):
+    items: list[Stream]
+    next_cursor: str | None = None
+
+
+class StreamPatch(Request):
+    status: StreamStatus | None = None
+    name: Name | None = None
+    url: Url | None = None
+    metadata: Metadata | None = None
+
+
+class Worker(Answer):
+    worker_id: str
+    state: WorkerState
+    capacity: int
+    held: int
+    epoch: int
+    last_heartbeat_at: datetime | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    stats: dict[str, Any] = Field(default_factory=dict)
+    lease_expires_at: datetime | None = None
+    local_mode_since: datetime | None = None
+
+
+class WorkerList(Answer):
+    items: list[Worker]
+
+
+class Move(Answer):
+    stream_id: int
+    from_: str | None = Field(alias="from")
+    to: str | None = None
+
+
+class RebalanceAnswer(Answer):
+    moves: list[Move] = Field(default_factory=list)
+
+
+class ClusterAnswer(Answer):
+    workers: dict[str, int]
+    streams: dict[str, int]
+    assigned: int
+    unassigned: int
+    capacity: int = 0
+
+
+class Event(Answer):
+    id: int
+    type: str
+    at: datetime
+    worker_id: str | None = None
+    stream_id: int | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventPage(Answer):
+    items: list[Event]
+    next_after: int
+
+
+class ErrorDetail(Answer):
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorBody(Answer):
+    error: ErrorDetail
+
+
+class Health(Answer):
+    status: str

@@ -1,0 +1,177 @@
+"""Leases, failover, outage grace, restarts and reconcile, with an injected clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.utils.clock import FakeClock
+from tests.utils.harness import ADMIN, running
+
+
+async def elapse(h, seconds: float, step: float = 0.5) -> None:
+    """Let time pass with the reaper running every ``step`` (no outage in between)."""
+    while seconds > 0:
+        h.clock.advance(min(step, seconds))
+        seconds -= step
+        await h.reap()
+
+
+def held_of(answer: dict) -> list[dict[str, int]]:
+    return [{"stream_id": a["stream_id"], "token": a["token"]} for a in answer["assignments"]]
+
+
+async def test_streams_are_pushed_to_a_registered_worker(db_url: str, clock: FakeClock) -> None:
+    """A reaper pass gives unowned streams to live workers; the heartbeat lists them."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(4)
+        w = await h.register("w1", capacity=10)
+        await h.reap()
+        r = await h.heartbeat(w)
+        assert r.status_code == 200
+        assert len(r.json()["assignments"]) == 4
+        assert all(a["token"] == 1 for a in r.json()["assignments"])
+
+
+async def test_silent_worker_is_lost_and_its_streams_reassigned(
+    db_url: str, clock: FakeClock
+) -> None:
+    """After lease_ttl_s without a heartbeat the worker is lost, its streams move with new tokens."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(6)
+        a = await h.register("a", capacity=10)
+        b = await h.register("b", capacity=10)
+        await h.reap()
+        before = await h.owners()
+        assert set(before.values()) == {"a", "b"}
+        for _ in range(4):
+            clock.advance(1.0)
+            assert (await h.heartbeat(b, held_of((await h.heartbeat(b)).json()))).status_code == 200
+            await h.reap()
+        after = await h.owners()
+        assert set(after.values()) == {"b"}
+        streams = {s["id"]: s for s in await h.streams()}
+        moved = [sid for sid, owner in before.items() if owner == "a"]
+        assert moved and all(streams[sid]["token"] == 2 for sid in moved)
+        r = await h.heartbeat(a)
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "STALE_EPOCH"
+        worker = (await h.client.get("/api/v1/workers/a", headers=ADMIN)).json()
+        assert worker["state"] == "lost"
+
+
+async def test_orchestrator_outage_is_not_worker_failure(db_url: str, clock: FakeClock) -> None:
+    """After a reaper silence longer than the lease, every worker gets a fresh lease."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(4)
+        a = await h.register("a", capacity=10)
+        await h.reap()
+        before = await h.owners()
+        clock.advance(60.0)  # nobody ran a reaper: the orchestrator was down
+        report = await h.reap()
+        assert report.grace and report.lost == []
+        r = await h.heartbeat(a, held_of(a.answer))
+        assert r.status_code == 200
+        assert await h.owners() == before
+
+
+async def test_heartbeat_after_outage_before_first_pass_is_accepted(
+    db_url: str, clock: FakeClock
+) -> None:
+    """A worker back before the reaper's first pass after an outage is not turned away."""
+    async with running(db_url, clock) as h:
+        a = await h.register("a", capacity=1)
+        await h.reap()
+        clock.advance(60.0)
+        assert (await h.heartbeat(a)).status_code == 200
+
+
+async def test_restart_within_lease_keeps_streams(db_url: str, clock: FakeClock) -> None:
+    """Re-registering with the same id inside the lease keeps every stream and token."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(3)
+        a = await h.register("a", capacity=10)
+        await h.reap()
+        held = held_of((await h.heartbeat(a)).json())
+        clock.advance(2.0)
+        again = await h.register("a", capacity=10, held=held)
+        assert again.epoch == a.epoch + 1
+        assert held_of(again.answer) == held
+        assert again.answer["dropped"] == []
+        old = await h.heartbeat(a)
+        assert old.status_code == 409 and old.json()["error"]["code"] == "STALE_EPOCH"
+
+
+async def test_reregister_after_loss_drops_reassigned_and_takes_back_unowned(
+    db_url: str, clock: FakeClock
+) -> None:
+    """The current owner wins; unowned streams it held come back with a new token."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(2)
+        a = await h.register("a", capacity=10)
+        await h.reap()
+        held = held_of((await h.heartbeat(a)).json())
+        await elapse(h, 3.5)  # a is lost; nobody else can take its streams
+        b = await h.register("b", capacity=1)
+        await h.reap()  # b takes one of them
+        owners = await h.owners()
+        taken = [sid for sid, o in owners.items() if o == "b"]
+        assert len(taken) == 1
+        back = await h.register("a", capacity=10, held=held)
+        dropped = {d["stream_id"]: d for d in back.answer["dropped"]}
+        assert dropped[taken[0]]["reason"] == "reassigned"
+        assert dropped[taken[0]]["owner"] == "b"
+        kept = [x for x in back.answer["assignments"]]
+        assert len(kept) == 1 and kept[0]["token"] == 2
+
+
+async def test_reconcile_keeps_owned_and_drops_reassigned(db_url: str, clock: FakeClock) -> None:
+    """Reconcile: keep what is still owned, drop what an admin moved away."""
+    async with running(db_url, clock) as h:
+        created = await h.create_streams(3)
+        a = await h.register("a", capacity=10)
+        await h.reap()
+        held = held_of((await h.heartbeat(a)).json())
+        sid = created[0]["id"]
+        r = await h.client.patch(f"/api/v1/streams/{sid}", json={"status": "disabled"}, headers=ADMIN)
+        assert r.status_code == 200
+        r = await h.client.post(
+            "/api/v1/workers/a/reconcile",
+            json={"epoch": a.epoch, "held": held, "history": []},
+            headers=a.headers,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert sorted(k["stream_id"] for k in body["keep"]) == sorted(
+            x["id"] for x in created[1:]
+        )
+        assert body["drop"] == [{"stream_id": sid, "reason": "disabled", "owner": None}]
+
+
+@pytest.mark.parametrize("capacities", [(10, 10), (10, 5), (3, 3, 3)])
+async def test_join_rebalances_within_one_of_fair_share(
+    db_url: str, clock: FakeClock, capacities: tuple[int, ...]
+) -> None:
+    """A late joiner gets its capacity-weighted share through revokes, not a storm."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(9)
+        sessions = [await h.register("w0", capacity=capacities[0])]
+        await h.reap()
+        for i, cap in enumerate(capacities[1:], start=1):
+            sessions.append(await h.register(f"w{i}", capacity=cap))
+        for _ in range(6):
+            for s in sessions:
+                r = await h.heartbeat(s)
+                assert r.status_code == 200
+                body = r.json()
+                # Converge like a worker: hold assignments, hand back what was revoked.
+                held = [x for x in held_of(body) if x["stream_id"] not in body["revoke"]]
+                await h.heartbeat(s, held)
+            await h.reap()
+            clock.advance(0.5)
+        owners = await h.owners()
+        total = sum(capacities)
+        for i, cap in enumerate(capacities):
+            load = sum(1 for o in owners.values() if o == f"w{i}")
+            share = min(cap, 9 * cap / total)
+            assert abs(load - share) <= 1, (i, load, share, owners)
+        assert all(o is not None for o in owners.values())

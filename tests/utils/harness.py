@@ -1,0 +1,121 @@
+"""The orchestrator app in-process: real database, real HTTP semantics via ASGITransport,
+an injected clock, and the reaper driven by hand (``await h.reap()``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from orchestrator.app import create_app
+from orchestrator.config import Settings
+from tests.utils.clock import FakeClock
+
+ADMIN_TOKEN = "admin-token-for-tests"
+WORKER_TOKEN = "worker-token-for-tests"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+CLUSTER = {"Authorization": f"Bearer {WORKER_TOKEN}"}
+
+
+@dataclass
+class Session:
+    worker_id: str
+    epoch: int
+    token: str
+    answer: dict[str, Any]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+class Harness:
+    def __init__(self, app: Any, client: httpx.AsyncClient, clock: FakeClock) -> None:
+        self.app = app
+        self.client = client
+        self.clock = clock
+
+    @property
+    def service(self) -> Any:
+        return self.app.state.service
+
+    @property
+    def settings(self) -> Settings:
+        return self.app.state.settings  # type: ignore[no-any-return]
+
+    async def reap(self) -> Any:
+        return await self.app.state.reaper.run_once()
+
+    async def register(
+        self, worker_id: str, capacity: int = 10, **extra: Any
+    ) -> Session:
+        r = await self.client.post(
+            "/api/v1/workers/register",
+            json={"worker_id": worker_id, "capacity": capacity, **extra},
+            headers=CLUSTER,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        return Session(worker_id, body["epoch"], body["session_token"], body)
+
+    async def heartbeat(self, s: Session, held: list[dict[str, int]] | None = None) -> httpx.Response:
+        return await self.client.post(
+            f"/api/v1/workers/{s.worker_id}/heartbeat",
+            json={"epoch": s.epoch, "held": held or []},
+            headers=s.headers,
+        )
+
+    async def create_streams(self, n: int, **extra: Any) -> list[dict[str, Any]]:
+        r = await self.client.post(
+            "/api/v1/streams",
+            json={"streams": [{"name": f"stream-{i}", **extra} for i in range(n)]},
+            headers=ADMIN,
+        )
+        assert r.status_code == 201, r.text
+        return r.json()["created"]  # type: ignore[no-any-return]
+
+    async def streams(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 1000}
+            if cursor:
+                params["cursor"] = cursor
+            r = await self.client.get("/api/v1/streams", params=params, headers=ADMIN)
+            assert r.status_code == 200, r.text
+            page = r.json()
+            items.extend(page["items"])
+            cursor = page["next_cursor"]
+            if not cursor:
+                return items
+
+    async def owners(self) -> dict[int, str | None]:
+        return {s["id"]: s["owner"] for s in await self.streams()}
+
+
+def settings_for(db_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "admin_token": ADMIN_TOKEN,
+        "worker_token": WORKER_TOKEN,
+        "auto_migrate": False,
+        "heartbeat_interval_s": 1.0,
+        "lease_ttl_s": 3.0,
+        "reaper_interval_s": 0.5,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def running(
+    db_url: str, clock: FakeClock, **overrides: Any
+) -> AsyncIterator[Harness]:
+    app = create_app(settings_for(db_url, **overrides), clock=clock, run_reaper=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orchestrator") as client:
+            yield Harness(app, client, clock)
