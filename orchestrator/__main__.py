@@ -31,7 +31,7 @@ def _env_name(field: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Serve the streamherd orchestrator API. Each flag overrides its ORCH_* variable.",
+        description="Serve the streamherd orchestrator API. Flags override ORCH_* variables.",
     )
     for name, field in Settings.model_fields.items():
         default = field.default

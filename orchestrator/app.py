@@ -52,6 +52,7 @@ def create_app(
         app.state.reaper = reaper
         stop = asyncio.Event()
         task = asyncio.create_task(reaper.run(stop), name="reaper") if run_reaper else None
+        watcher = asyncio.create_task(service.views.watch(db, stop), name="view-watcher")
         log.info(
             "orchestrator.started",
             extra={
@@ -64,9 +65,10 @@ def create_app(
             yield
         finally:
             stop.set()
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(task, timeout=5)
+            for background in (task, watcher):
+                if background is not None:
+                    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                        await asyncio.wait_for(background, timeout=5)
             with contextlib.suppress(Exception):
                 await service.book.flush(db)
             await db.dispose()

@@ -383,9 +383,8 @@ async def _members(session: AsyncSession) -> dict[str, Member]:
     return members
 
 
-async def expire_revokes(session: AsyncSession, now: float, timeout: float) -> BalanceReport:
+async def expire_revokes(session: AsyncSession, now: float, timeout: float) -> int:
     """Revokes not honoured within ``timeout`` are carried out without the owner's help."""
-    report = BalanceReport()
     overdue = (
         await session.execute(
             select(StreamRow.id, StreamRow.owner_id, StreamRow.revoke_to)
@@ -408,7 +407,7 @@ async def expire_revokes(session: AsyncSession, now: float, timeout: float) -> B
             stream_id=sid,
             reason="revoke_timeout",
         )
-    return report
+    return len(overdue)
 
 
 async def balance(

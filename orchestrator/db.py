@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+GENERATION_SEQUENCE = "streamherd_generation"
 WRITE_RETRIES = 4
 # PostgreSQL SQLSTATEs worth running the transaction again for.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -97,6 +98,8 @@ class Database:
         # Only one writer at a time can hold SQLite's lock; queueing here is cheaper than
         # spinning in busy_timeout on a worker thread.
         self._sqlite_write_lock = asyncio.Lock() if self.is_sqlite else None
+        # Called after every committed write that may change what a heartbeat answers.
+        self.on_change: list[Callable[[], None]] = []
 
     @property
     def dialect(self) -> str:
@@ -114,14 +117,21 @@ class Database:
         except OSError as exc:
             raise Unavailable("the database is unavailable; retry shortly") from exc
 
-    async def write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        """Run ``work`` in one transaction and commit; ``work`` must not commit itself."""
+    async def write(
+        self, work: Callable[[AsyncSession], Awaitable[T]], *, changes: bool = True
+    ) -> T:
+        """Run ``work`` in one transaction and commit; ``work`` must not commit itself.
+
+        ``changes=False`` (or ``session.info["quiet"] = True`` set by ``work``) says the
+        transaction changed nothing a heartbeat answers with (lease renewals, leader
+        claims), so cached worker views stay valid.
+        """
         for attempt in range(1, WRITE_RETRIES + 1):
             try:
                 if self._sqlite_write_lock is not None:
                     async with self._sqlite_write_lock:
-                        return await self._write_once(work)
-                return await self._write_once(work)
+                        return await self._write_once(work, changes)
+                return await self._write_once(work, changes)
             except sa_exc.DBAPIError as exc:
                 if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
                     log.info("orchestrator.write_retried", extra={"attempt": attempt})
@@ -134,9 +144,32 @@ class Database:
                 raise Unavailable("the database is unavailable; retry shortly") from exc
         raise AssertionError("unreachable")
 
-    async def _write_once(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        async with self._writes() as session, session.begin():
-            return await work(session)
+    async def _write_once(self, work: Callable[[AsyncSession], Awaitable[T]], changes: bool) -> T:
+        async with self._writes() as session:
+            async with session.begin():
+                result = await work(session)
+            if changes and not session.info.get("quiet", False):
+                for listener in self.on_change:
+                    listener()
+                if not self.is_sqlite:
+                    await self._bump_generation(session)
+        return result
+
+    async def _bump_generation(self, session: AsyncSession) -> None:
+        """Tell other replicas their cached views are stale (after commit, outside it)."""
+        try:
+            await session.execute(text(f"SELECT nextval('{GENERATION_SEQUENCE}')"))
+            await session.commit()
+        except Exception:  # noqa: BLE001 - the write itself committed; views age out anyway
+            log.warning("orchestrator.generation_bump_failed")
+
+    async def generation(self) -> int:
+        """The cluster-wide change counter (PostgreSQL); 0 on SQLite, which has one replica."""
+        if self.is_sqlite:
+            return 0
+        async with self.read_engine.connect() as conn:
+            value = await conn.execute(text(f"SELECT last_value FROM {GENERATION_SEQUENCE}"))
+            return int(value.scalar_one())
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()

@@ -38,6 +38,9 @@ class LeaseBook:
 
     def __init__(self) -> None:
         self._pending: dict[str, Renewal] = {}
+        # The newest renewal per worker, kept after it was flushed: cached views hold the
+        # lease as it was when they were built, this holds it as it is now.
+        self._latest: dict[str, tuple[int, float]] = {}
 
     def renew(
         self, worker_id: str, epoch: int, now: float, ttl: float, stats: dict[str, Any] | None
@@ -46,14 +49,17 @@ class LeaseBook:
         if stats is None and previous is not None and previous.epoch == epoch:
             stats = previous.stats
         self._pending[worker_id] = Renewal(epoch, now, now + ttl, stats)
+        self._latest[worker_id] = (epoch, now + ttl)
         return now + ttl
 
-    def pending_expiry(self, worker_id: str, epoch: int) -> float | None:
-        renewal = self._pending.get(worker_id)
-        return renewal.expires if renewal is not None and renewal.epoch == epoch else None
+    def latest_expiry(self, worker_id: str, epoch: int) -> float | None:
+        """The lease this replica last granted the worker in ``epoch``, if any."""
+        latest = self._latest.get(worker_id)
+        return latest[1] if latest is not None and latest[0] == epoch else None
 
     def forget(self, worker_id: str) -> None:
         self._pending.pop(worker_id, None)
+        self._latest.pop(worker_id, None)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -76,7 +82,7 @@ class LeaseBook:
                 await session.execute(_renew_statement(with_stats=False), without)
 
         try:
-            await db.write(write)
+            await db.write(write, changes=False)
         except Exception:
             # Put them back (newer renewals win) so the next flush retries them.
             for wid, renewal in batch.items():
@@ -190,7 +196,7 @@ async def check_session(
         raise StaleEpoch(
             f"the worker is {row.state}: register again", details={"current_epoch": row.epoch}
         )
-    expires = max(row.lease_expires_at, book.pending_expiry(worker_id, row.epoch) or 0.0)
+    expires = max(row.lease_expires_at, book.latest_expiry(worker_id, row.epoch) or 0.0)
     if await lease_expired(session, expires, now, outage_gap):
         raise StaleEpoch(
             "the worker's lease expired: register again", details={"current_epoch": row.epoch}

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator import assignment as asg
 from orchestrator import events as ev
 from orchestrator import idempotency
-from orchestrator.errors import ApiError, as_api_error
+from orchestrator.errors import as_api_error
 from orchestrator.models import ClusterRow, EventRow, WorkerRow
 from orchestrator.service import Orchestrator, mark_lost
 
@@ -96,7 +96,7 @@ class Reaper:
             report.grace = True
         cluster.last_reaper_at = now
         report.lost, freed = await mark_lost(session, now)
-        await asg.expire_revokes(session, now, self.settings.effective_revoke_timeout_s)
+        overdue = await asg.expire_revokes(session, now, self.settings.effective_revoke_timeout_s)
         balance = await asg.balance(
             session, now, max_moves=self.settings.max_moves_per_pass, previous_owner=freed
         )
@@ -105,6 +105,8 @@ class Reaper:
         report.moves = len(balance.moves)
         if self.passes % HOUSEKEEPING_EVERY_PASSES == 0:
             await self._housekeeping(session, now)
+        if not (report.grace or report.lost or report.assigned or report.moves or overdue):
+            session.info["quiet"] = True  # nothing a heartbeat answers with has changed
         return report
 
     async def _housekeeping(self, session: AsyncSession, now: float) -> None:
@@ -120,7 +122,7 @@ class Reaper:
     async def run_once(self) -> PassReport:
         service = self.service
         await service.book.flush(service.db)
-        if not await service.db.write(self._claim):
+        if not await service.db.write(self._claim, changes=False):
             service.metrics.reaper_leader.set(0)
             return PassReport()
         service.metrics.reaper_leader.set(1)
@@ -142,34 +144,52 @@ class Reaper:
         return report
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Pass, flush leases, sleep; until ``stop``. Database trouble is waited out."""
+        """Pass, flush leases, sleep; until ``stop``. Database trouble is waited out.
+
+        A wake-up (streams freed or added, a worker joined) runs a pass early, but never
+        more often than every ``min_gap`` so a registration storm does not become a
+        storm of passes.
+        """
         service = self.service
         interval = self.settings.reaper_interval_s
         flush_every = self.settings.lease_flush_interval_s
-        next_pass = 0.0
+        min_gap = min(0.05, interval / 4)
         loop = asyncio.get_running_loop()
+        next_pass = loop.time()
+        last_pass = float("-inf")
         while not stop.is_set():
+            now = loop.time()
+            woken = service.wake.is_set() and now - last_pass >= min_gap
             try:
-                if loop.time() >= next_pass or service.wake.is_set():
+                if now >= next_pass or woken:
                     service.wake.clear()
+                    last_pass = now
+                    next_pass = now + interval
                     await self.run_once()
-                    next_pass = loop.time() + interval
                 else:
                     await service.book.flush(service.db)
                 service.metrics.database_up.set(1)
             except Exception as exc:  # noqa: BLE001 - the detector must outlive any one failure
-                mapped = as_api_error(exc)
                 service.metrics.database_up.set(0)
-                if isinstance(mapped, ApiError):
+                if as_api_error(exc) is not None:
                     log.warning(
                         "orchestrator.reaper_db_unavailable", extra={"error": type(exc).__name__}
                     )
                 else:
                     log.exception("orchestrator.reaper_failed")
-                next_pass = loop.time() + interval
-            timeout = max(0.0, min(flush_every, next_pass - loop.time()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(stop, service.wake), timeout=timeout)
+            now = loop.time()
+            timeout = max(0.0, min(flush_every, next_pass - now))
+            if service.wake.is_set():
+                # Woken too soon after a pass: wait out the gap, not the wake-up event.
+                await _sleep_unless(stop, max(0.0, min(timeout, last_pass + min_gap - now)))
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_first(stop, service.wake), timeout=timeout)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def _first(*events: asyncio.Event) -> None:

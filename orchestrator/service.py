@@ -8,9 +8,11 @@ is injected so lease behaviour can be tested without sleeping.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator import assignment as asg
 from orchestrator import events as ev
 from orchestrator import idempotency
-from orchestrator.auth import Caller, hash_token, new_session_token
+from orchestrator.auth import Caller, hash_token, new_session_token, same_hash
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, NotFound, ValidationFailed
@@ -35,6 +37,7 @@ from orchestrator.models import (
     WorkerRow,
     WorkerSessionRow,
 )
+from orchestrator.views import ViewCache, WorkerView, build_view
 from shared import models as m
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,10 @@ WORKER_COLUMNS = (
     WorkerRow.session_hash,
     WorkerRow.lease_expires_at,
 )
+
+
+def rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _ts(seconds: float | None) -> Any:
@@ -95,6 +102,8 @@ class Orchestrator:
         # Set when something freed or added streams: the reaper runs a pass at once.
         self.wake = asyncio.Event()
         self.listeners: list[Callable[[], None]] = []
+        self.views = ViewCache()
+        db.on_change.append(self.views.invalidate)
 
     def _changed(self) -> None:
         self.wake.set()
@@ -185,12 +194,60 @@ class Orchestrator:
         self._changed()
         return answer
 
-    async def heartbeat(
-        self, caller: Caller, worker_id: str, req: m.HeartbeatRequest
-    ) -> m.HeartbeatAnswer:
-        """The hot path: reads only; the lease renewal is buffered (see ``LeaseBook``)."""
+    async def heartbeat(self, caller: Caller, worker_id: str, req: m.HeartbeatRequest) -> bytes:
+        """The hot path: answered from a cached view; the lease renewal is buffered.
+
+        Returns the answer already encoded as JSON (a ``HeartbeatAnswer``): the owned
+        streams' part is serialised once per view, not once per beat.
+        """
         now = self.clock()
+        view = self.views.get(worker_id)
+        if view is None or not self._view_accepts(view, caller, req.epoch, now):
+            view = await self._load_view(caller, worker_id, req.epoch, now)
         held = {h.stream_id for h in req.held}
+        dropped: list[m.Drop] = []
+        missing = held - view.owned
+        if missing:
+            async with self.db.read() as session:
+                dropped = await asg.drops_for(session, worker_id, sorted(missing))
+        expires = self.book.renew(worker_id, view.epoch, now, self.settings.lease_ttl_s, req.stats)
+        self.metrics.heartbeats.inc()
+        revoke = sorted(view.revoking & held)
+        handed_back = sorted(view.revoking - held)
+        if handed_back:
+            # The worker already stopped these revoked streams: that is its release.
+            await self.db.write(
+                lambda s: asg.release(s, worker_id, handed_back, now, reason="revoked")
+            )
+            self._changed()
+        return b"".join(
+            (
+                b'{"lease_expires_at":"',
+                rfc3339(expires).encode(),
+                b'","assignments":',
+                view.assignments_json,
+                b',"revoke":',
+                json.dumps(revoke).encode(),
+                b',"dropped":',
+                json.dumps([d.model_dump(mode="json") for d in dropped]).encode(),
+                b"}",
+            )
+        )
+
+    def _view_accepts(self, view: WorkerView, caller: Caller, epoch: int, now: float) -> bool:
+        """Can the cached view vouch for this call? Anything doubtful goes to the database."""
+        token_hash = caller.token_hash
+        if caller.is_admin or token_hash is None or not same_hash(token_hash, view.session_hash):
+            return False
+        if epoch != view.epoch or view.state not in asg.LEASED_STATES:
+            return False
+        latest = self.book.latest_expiry(view.worker_id, view.epoch) or 0.0
+        return max(view.lease_expires_at, latest) >= now
+
+    async def _load_view(
+        self, caller: Caller, worker_id: str, epoch: int, now: float
+    ) -> WorkerView:
+        generation = self.views.generation
         async with self.db.read() as session:
             row = (
                 await session.execute(
@@ -202,32 +259,17 @@ class Orchestrator:
                 caller,
                 worker_id,
                 row,
-                epoch=req.epoch,
+                epoch=epoch,
                 now=now,
                 book=self.book,
                 outage_gap=self.settings.outage_gap_s,
             )
             assert row is not None
             streams = await asg.owned_streams(session, worker_id)
-            owned = {r.id for r in streams}
-            missing = sorted(held - owned)
-            dropped = await asg.drops_for(session, worker_id, missing) if missing else []
-        expires = self.book.renew(worker_id, row.epoch, now, self.settings.lease_ttl_s, req.stats)
-        self.metrics.heartbeats.inc()
-        revoke = [r.id for r in streams if r.revoke_at is not None and r.id in held]
-        handed_back = [r.id for r in streams if r.revoke_at is not None and r.id not in held]
-        if handed_back:
-            # The worker already stopped these revoked streams: that is its release.
-            await self.db.write(
-                lambda s: asg.release(s, worker_id, handed_back, now, reason="revoked")
-            )
-            self._changed()
-        return m.HeartbeatAnswer(
-            lease_expires_at=_ts(expires),
-            assignments=[asg.to_assignment(r) for r in streams if r.revoke_at is None],
-            revoke=revoke,
-            dropped=dropped,
-        )
+        assignments = [asg.to_assignment(r) for r in streams if r.revoke_at is None]
+        view = build_view(row, streams, assignments, self.views.now())
+        self.views.put(view, generation)
+        return view
 
     async def _worker_call(
         self,
@@ -466,7 +508,7 @@ class Orchestrator:
 
     def _worker_out(self, row: WorkerRow, held: int, now: float) -> m.Worker:
         state = row.state
-        pending = self.book.pending_expiry(row.worker_id, row.epoch)
+        pending = self.book.latest_expiry(row.worker_id, row.epoch)
         lease = max(row.lease_expires_at, pending or 0.0)
         last = row.last_heartbeat_at
         if pending is not None:
