@@ -10,7 +10,7 @@ import asyncio
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -44,6 +44,10 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Any constant: replicas starting together queue on it instead of racing the DDL.
+MIGRATION_LOCK_KEY = 0x5354524D48455244
+
+
 def do_run_migrations(connection: Connection) -> None:
     context.configure(
         connection=connection,
@@ -51,6 +55,11 @@ def do_run_migrations(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Held until this transaction ends; the next replica then finds us at head.
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY % 2**63}
+            )
         context.run_migrations()
 
 

@@ -77,13 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra={"host": settings.host},
         )
 
-    import uvicorn
-
     from orchestrator.app import create_app
+    from orchestrator.live import run_server
 
     app = create_app(settings)
     try:
-        uvicorn.run(
+        run_server(
             app,
             host=settings.host,
             port=settings.port,

@@ -16,10 +16,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from orchestrator.api.routes import admin, health, workers
+from orchestrator.api.routes import admin, events_ws, health, workers
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.errors import install_error_handlers
+from orchestrator.live import LiveHub
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.middleware import BodyLimitMiddleware, MetricsMiddleware
 from orchestrator.migrations import upgrade_to_head
@@ -40,6 +41,7 @@ def create_app(
     """Build the app. ``run_reaper=False`` lets tests drive ``app.state.reaper`` by hand."""
     settings = settings or Settings()
     metrics = OrchestratorMetrics()
+    live = LiveHub.for_settings(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +54,7 @@ def create_app(
         app.state.reaper = reaper
         stop = asyncio.Event()
         task = asyncio.create_task(reaper.run(stop), name="reaper") if run_reaper else None
+        await live.start(service)
         watcher = asyncio.create_task(service.views.watch(db, stop), name="view-watcher")
         log.info(
             "orchestrator.started",
@@ -64,6 +67,7 @@ def create_app(
         try:
             yield
         finally:
+            await live.close()
             stop.set()
             for background in (task, watcher):
                 if background is not None:
@@ -84,11 +88,13 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.live = live
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(health.router, prefix=API_PREFIX, include_in_schema=False)
     app.include_router(workers.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
+    app.include_router(events_ws.router, prefix=API_PREFIX)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

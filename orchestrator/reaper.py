@@ -183,13 +183,16 @@ class Reaper:
                 # Woken too soon after a pass: wait out the gap, not the wake-up event.
                 await _sleep_unless(stop, max(0.0, min(timeout, last_pass + min_gap - now)))
             else:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_first(stop, service.wake), timeout=timeout)
+                    async with asyncio.timeout(timeout):
+                        await _first(stop, service.wake)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 async def _first(*events: asyncio.Event) -> None:

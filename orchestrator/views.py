@@ -118,4 +118,5 @@ class ViewCache:
                 self.invalidate()
                 self._remote = None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await stop.wait()

@@ -35,7 +35,7 @@ async def test_streams_are_pushed_to_a_registered_worker(db_url: str, clock: Fak
 async def test_silent_worker_is_lost_and_its_streams_reassigned(
     db_url: str, clock: FakeClock
 ) -> None:
-    """After lease_ttl_s without a heartbeat the worker is lost, its streams move with new tokens."""
+    """After lease_ttl_s without a heartbeat the worker is lost; its streams get new tokens."""
     async with running(db_url, clock) as h:
         await h.create_streams(6)
         a = await h.register("a", capacity=10)
@@ -111,7 +111,7 @@ async def test_reregister_after_loss_drops_reassigned_and_takes_back_unowned(
         await h.reap()
         held = held_of((await h.heartbeat(a)).json())
         await elapse(h, 3.5)  # a is lost; nobody else can take its streams
-        b = await h.register("b", capacity=1)
+        await h.register("b", capacity=1)
         await h.reap()  # b takes one of them
         owners = await h.owners()
         taken = [sid for sid, o in owners.items() if o == "b"]
@@ -132,7 +132,9 @@ async def test_reconcile_keeps_owned_and_drops_reassigned(db_url: str, clock: Fa
         await h.reap()
         held = held_of((await h.heartbeat(a)).json())
         sid = created[0]["id"]
-        r = await h.client.patch(f"/api/v1/streams/{sid}", json={"status": "disabled"}, headers=ADMIN)
+        r = await h.client.patch(
+            f"/api/v1/streams/{sid}", json={"status": "disabled"}, headers=ADMIN
+        )
         assert r.status_code == 200
         r = await h.client.post(
             "/api/v1/workers/a/reconcile",
@@ -141,9 +143,7 @@ async def test_reconcile_keeps_owned_and_drops_reassigned(db_url: str, clock: Fa
         )
         assert r.status_code == 200, r.text
         body = r.json()
-        assert sorted(k["stream_id"] for k in body["keep"]) == sorted(
-            x["id"] for x in created[1:]
-        )
+        assert sorted(k["stream_id"] for k in body["keep"]) == sorted(x["id"] for x in created[1:])
         assert body["drop"] == [{"stream_id": sid, "reason": "disabled", "owner": None}]
 
 

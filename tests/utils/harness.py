@@ -49,9 +49,7 @@ class Harness:
     async def reap(self) -> Any:
         return await self.app.state.reaper.run_once()
 
-    async def register(
-        self, worker_id: str, capacity: int = 10, **extra: Any
-    ) -> Session:
+    async def register(self, worker_id: str, capacity: int = 10, **extra: Any) -> Session:
         r = await self.client.post(
             "/api/v1/workers/register",
             json={"worker_id": worker_id, "capacity": capacity, **extra},
@@ -61,7 +59,9 @@ class Harness:
         body = r.json()
         return Session(worker_id, body["epoch"], body["session_token"], body)
 
-    async def heartbeat(self, s: Session, held: list[dict[str, int]] | None = None) -> httpx.Response:
+    async def heartbeat(
+        self, s: Session, held: list[dict[str, int]] | None = None
+    ) -> httpx.Response:
         return await self.client.post(
             f"/api/v1/workers/{s.worker_id}/heartbeat",
             json={"epoch": s.epoch, "held": held or []},
@@ -111,9 +111,7 @@ def settings_for(db_url: str, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def running(
-    db_url: str, clock: FakeClock, **overrides: Any
-) -> AsyncIterator[Harness]:
+async def running(db_url: str, clock: FakeClock, **overrides: Any) -> AsyncIterator[Harness]:
     app = create_app(settings_for(db_url, **overrides), clock=clock, run_reaper=False)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

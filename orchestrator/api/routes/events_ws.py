@@ -1,0 +1,102 @@
+"""``WebSocket /api/v1/events/ws``: the live event feed (admin token), served by ``LiveHub``.
+
+The token comes as ``?token=`` (browsers cannot set headers on a WebSocket) or as
+``Authorization: Bearer``. A missing or wrong token is refused before the handshake
+completes with HTTP 401 and the usual error body; a server without the ASGI
+denial-response extension accepts and closes at once with code 4401 instead. A bad
+``?after=`` is refused the same way with 422 (close code 1008 as the fallback).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
+
+from orchestrator.auth import same_secret
+from orchestrator.errors import error_body
+from orchestrator.live import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_UNAUTHORIZED, LiveHub
+from shared import limits
+from shared.errors import ErrorCode
+
+router = APIRouter(tags=["admin"])
+
+
+def _presented_token(websocket: WebSocket) -> str | None:
+    token = websocket.query_params.get("token")
+    if token:
+        return token
+    scheme, _, value = websocket.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+def _parse_after(raw: str | None) -> int | None:
+    """None when absent; raises ValueError unless a non-negative integer id."""
+    if raw is None or raw == "":
+        return None
+    value = int(raw)
+    if not 0 <= value <= limits.MAX_STREAM_ID:
+        raise ValueError(raw)
+    return value
+
+
+async def _refuse(
+    websocket: WebSocket,
+    code: ErrorCode,
+    message: str,
+    *,
+    close_code: int,
+    details: dict[str, Any] | None = None,
+) -> None:
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        headers = {"WWW-Authenticate": "Bearer"} if code is ErrorCode.UNAUTHORIZED else None
+        if code is ErrorCode.UNAVAILABLE:
+            headers = {"Retry-After": "1"}
+        await websocket.send_denial_response(
+            JSONResponse(
+                error_body(code, message, details), status_code=code.status, headers=headers
+            )
+        )
+        return
+    await websocket.accept()
+    await websocket.close(close_code, message[:120])
+
+
+@router.websocket("/events/ws")
+async def events_ws(websocket: WebSocket) -> None:
+    settings = websocket.app.state.settings
+    hub: LiveHub = websocket.app.state.live
+    if settings.admin_token is not None and not same_secret(
+        _presented_token(websocket), settings.admin_token
+    ):
+        await _refuse(
+            websocket,
+            ErrorCode.UNAUTHORIZED,
+            "an admin token is required (?token= or Authorization: Bearer)",
+            close_code=CLOSE_UNAUTHORIZED,
+        )
+        return
+    try:
+        after = _parse_after(websocket.query_params.get("after"))
+    except ValueError:
+        await _refuse(
+            websocket,
+            ErrorCode.VALIDATION_ERROR,
+            "after must be an event id (an integer >= 0)",
+            close_code=CLOSE_POLICY_VIOLATION,
+            details={"field": "after"},
+        )
+        return
+    if hub.closed:
+        await _refuse(
+            websocket,
+            ErrorCode.UNAVAILABLE,
+            "the server is shutting down",
+            close_code=CLOSE_GOING_AWAY,
+        )
+        return
+    await websocket.accept()
+    await hub.serve(websocket, after=after)
