@@ -432,10 +432,13 @@ async def balance(
         ).scalar_one()
     )
     goal = targets(total, list(members.values()))
+    # Room is bounded twice: by the target, and by capacity over what the worker holds
+    # right now (streams revoked from it still count until it hands them back).
     deficits = {
-        wid: goal[wid] - m.settled_load
+        wid: room
         for wid, m in members.items()
-        if m.state == ACTIVE and goal[wid] - m.settled_load > 0
+        if m.state == ACTIVE
+        and (room := min(goal[wid] - m.settled_load, m.capacity - m.load - m.arriving)) > 0
     }
 
     # 1. Unowned streams go to the workers furthest below target.

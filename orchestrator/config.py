@@ -7,6 +7,7 @@ with one line naming the setting instead of failing later under load.
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -53,6 +54,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unsupported scheme {scheme!r}; use one of {', '.join(SUPPORTED_SCHEMES)}"
             )
+        if scheme.startswith("sqlite"):
+            path = value.split(":///", 1)[1] if ":///" in value else ""
+            if not path or path.startswith(":memory:") or path.startswith("file::memory"):
+                raise ValueError("needs a SQLite file path (an in-memory database is not shared)")
+            parent = Path(path.split("?", 1)[0]).expanduser().parent
+            if not parent.is_dir():
+                raise ValueError(f"the directory {str(parent)!r} of the SQLite file does not exist")
         return value
 
     @field_validator("log_level")

@@ -121,7 +121,13 @@ def is_database_trouble(exc: BaseException) -> bool:
         return True
     if isinstance(exc, _DB_TROUBLE):
         return True
+    # A schema that is not there (yet): a migration is missing, not a bug in the call.
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) == "42P01" or "no such table" in str(orig or ""):
+        return True
     # asyncpg raises its own hierarchy when the server restarts or refuses connections.
+    if getattr(exc, "sqlstate", None) == "42P01":
+        return True
     module = type(exc).__module__ or ""
     if module.startswith("asyncpg") and type(exc).__name__ in {
         "ConnectionDoesNotExistError",

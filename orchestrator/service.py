@@ -26,7 +26,7 @@ from orchestrator import idempotency
 from orchestrator.auth import Caller, hash_token, new_session_token, same_hash
 from orchestrator.config import Settings
 from orchestrator.db import Database
-from orchestrator.errors import Conflict, NotFound, ValidationFailed
+from orchestrator.errors import Conflict, NotFound, StaleEpoch, ValidationFailed
 from orchestrator.leases import LeaseBook, check_session
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.models import (
@@ -39,6 +39,7 @@ from orchestrator.models import (
 )
 from orchestrator.views import ViewCache, WorkerView, build_view
 from shared import models as m
+from shared.limits import MAX_STREAM_ID
 
 log = logging.getLogger(__name__)
 
@@ -287,16 +288,25 @@ class Orchestrator:
         async def txn(session: AsyncSession) -> dict[str, Any]:
             now = self.clock()
             row = await asg.lock_worker(session, worker_id)
-            await check_session(
-                session,
-                caller,
-                worker_id,
-                row,
-                epoch=epoch,
-                now=now,
-                book=self.book,
-                outage_gap=self.settings.outage_gap_s,
-            )
+            try:
+                await check_session(
+                    session,
+                    caller,
+                    worker_id,
+                    row,
+                    epoch=epoch,
+                    now=now,
+                    book=self.book,
+                    outage_gap=self.settings.outage_gap_s,
+                )
+            except StaleEpoch:
+                # STALE_EPOCH means the token is one of this worker's sessions: a retry of a
+                # call whose answer was lost (a DELETE that ended the session) replays it.
+                if key is not None:
+                    replayed = await idempotency.replay(session, worker_id, key, fingerprint)
+                    if replayed is not None:
+                        return replayed[1]
+                raise
             assert row is not None
             if key is not None:
                 replayed = await idempotency.replay(session, worker_id, key, fingerprint)
@@ -640,6 +650,11 @@ class Orchestrator:
             rows = await self.db.write(work)
         except sa_exc.IntegrityError as exc:
             raise Conflict("a stream with one of these ids already exists") from exc
+        except sa_exc.DBAPIError as exc:
+            # The id sequence ran out (an explicit id at the top of the range): not a 500.
+            if "sequence" in str(exc).lower() or "overflow" in str(exc).lower():
+                raise Conflict("no stream ids are left above the largest existing id") from exc
+            raise
         self._changed()
         return m.CreateStreamsAnswer(created=[stream_out(r) for r in rows])
 
@@ -652,6 +667,8 @@ class Orchestrator:
                 after = int(cursor)
             except ValueError as exc:
                 raise ValidationFailed("invalid cursor") from exc
+            if not 0 <= after <= MAX_STREAM_ID:
+                raise ValidationFailed("invalid cursor")
         async with self.db.read() as session:
             stmt = select(StreamRow).where(StreamRow.id > after).order_by(StreamRow.id).limit(limit)
             if status is not None:

@@ -23,6 +23,8 @@ MAX_METADATA_BYTES: Final = 16_384
 MAX_STATS_KEYS: Final = 128
 MAX_STATS_BYTES: Final = 16_384
 MAX_STREAM_ID: Final = 2**63 - 1
+# Deeper JSON than this in metadata or stats is refused: answers must be able to echo it.
+MAX_JSON_DEPTH: Final = 32
 MAX_PAGE_LIMIT: Final = 1_000
 DEFAULT_PAGE_LIMIT: Final = 100
 MAX_IDEMPOTENCY_KEY_LEN: Final = 200

@@ -21,10 +21,38 @@ Token = Annotated[int, Field(ge=0, le=limits.MAX_STREAM_ID)]
 Epoch = Annotated[int, Field(ge=1, le=limits.MAX_STREAM_ID)]
 
 
+def storable_text(value: str) -> str:
+    """Text every store and every answer can hold: valid UTF-8 (no lone surrogates), no NUL."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from exc
+    return value
+
+
+def _check_tree(value: Any, depth: int) -> None:
+    if depth > limits.MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {limits.MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        storable_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable_text(str(key))
+            _check_tree(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_tree(item, depth + 1)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63 - 1:
+        raise ValueError("integers must fit in 64 bits")
+
+
 def _bounded_json(max_keys: int, max_bytes: int) -> AfterValidator:
     def check(value: dict[str, Any]) -> dict[str, Any]:
         if len(value) > max_keys:
             raise ValueError(f"at most {max_keys} keys")
+        _check_tree(value, 1)
         if len(json.dumps(value, default=str)) > max_bytes:
             raise ValueError(f"at most {max_bytes} bytes when encoded as JSON")
         return value
@@ -32,12 +60,25 @@ def _bounded_json(max_keys: int, max_bytes: int) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _wire_time(value: datetime) -> datetime:
+    """A timestamp we can store as Unix seconds: naive means UTC, 1970 to 9999."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    if value.year < 1970:
+        raise ValueError("must not be before 1970")
+    return value
+
+
+Text = Annotated[str, AfterValidator(storable_text)]
+WireTime = Annotated[datetime, AfterValidator(_wire_time)]
+
+
 Metadata = Annotated[
     dict[str, Any], _bounded_json(limits.MAX_METADATA_KEYS, limits.MAX_METADATA_BYTES)
 ]
 Stats = Annotated[dict[str, Any], _bounded_json(limits.MAX_STATS_KEYS, limits.MAX_STATS_BYTES)]
-LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=limits.MAX_LABEL_KEY_LEN)]
-LabelValue = Annotated[str, StringConstraints(max_length=limits.MAX_LABEL_VALUE_LEN)]
+LabelKey = Annotated[Text, StringConstraints(min_length=1, max_length=limits.MAX_LABEL_KEY_LEN)]
+LabelValue = Annotated[Text, StringConstraints(max_length=limits.MAX_LABEL_VALUE_LEN)]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=limits.MAX_LABELS)]
 
 
@@ -95,9 +136,9 @@ class HistoryEntry(Answer):
     """What a worker did with one stream while it could not reach the orchestrator."""
 
     stream_id: StreamId
-    first_processed_at: datetime
-    last_processed_at: datetime
-    count: Annotated[int, Field(ge=0)]
+    first_processed_at: WireTime
+    last_processed_at: WireTime
+    count: Annotated[int, Field(ge=0, le=limits.MAX_STREAM_ID)]
 
 
 class Assignment(Answer):
@@ -127,7 +168,7 @@ class RegisterRequest(Request):
     capacity: Annotated[int, Field(ge=0, le=limits.MAX_CAPACITY)]
     labels: Labels = Field(default_factory=dict)
     held: HeldList = Field(default_factory=list)
-    local_mode_since: datetime | None = None
+    local_mode_since: WireTime | None = None
     history: HistoryList = Field(default_factory=list)
 
 
@@ -173,7 +214,7 @@ class ReleaseAnswer(Answer):
 class ReconcileRequest(Request):
     epoch: Epoch
     held: HeldList = Field(default_factory=list)
-    local_mode_since: datetime | None = None
+    local_mode_since: WireTime | None = None
     history: HistoryList = Field(default_factory=list)
 
 
@@ -185,7 +226,7 @@ class ReconcileAnswer(Answer):
 
 class FailureReport(Request):
     token: Token
-    error: Annotated[str, StringConstraints(max_length=limits.MAX_ERROR_LEN)]
+    error: Annotated[Text, StringConstraints(max_length=limits.MAX_ERROR_LEN)]
 
 
 class FailureAnswer(Answer):
@@ -199,8 +240,8 @@ class LeaveAnswer(Answer):
 
 # --- admin calls --------------------------------------------------------------------
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=limits.MAX_NAME_LEN)]
-Url = Annotated[str, StringConstraints(max_length=limits.MAX_URL_LEN)]
+Name = Annotated[Text, StringConstraints(min_length=1, max_length=limits.MAX_NAME_LEN)]
+Url = Annotated[Text, StringConstraints(max_length=limits.MAX_URL_LEN)]
 
 
 class StreamSpec(Request):

@@ -111,8 +111,16 @@ def settings_for(db_url: str, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def running(db_url: str, clock: FakeClock, **overrides: Any) -> AsyncIterator[Harness]:
-    app = create_app(settings_for(db_url, **overrides), clock=clock, run_reaper=False)
+async def running(
+    db_url: str, clock: FakeClock, *, unchecked_url: bool = False, **overrides: Any
+) -> AsyncIterator[Harness]:
+    """``unchecked_url`` skips the URL's validation (to test what start-up would refuse)."""
+    if unchecked_url:
+        valid = settings_for("sqlite+aiosqlite:///./unused.db", **overrides)
+        settings = valid.model_copy(update={"database_url": db_url})
+    else:
+        settings = settings_for(db_url, **overrides)
+    app = create_app(settings, clock=clock, run_reaper=False)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://orchestrator") as client:

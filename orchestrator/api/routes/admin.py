@@ -28,7 +28,7 @@ async def list_streams(
     _: AdminDep,
     service: ServiceDep,
     status: m.StreamStatus | None = None,
-    owner: Annotated[str | None, Query(max_length=63)] = None,
+    owner: Annotated[str | None, Query(pattern=limits.WORKER_ID_PATTERN)] = None,
     limit: Limit = limits.DEFAULT_PAGE_LIMIT,
     cursor: Annotated[str | None, Query(max_length=32)] = None,
 ) -> Any:

@@ -1,0 +1,499 @@
+"""The resilient client against a fake orchestrator over httpx.MockTransport: normal work,
+outages and local mode, reconcile, stale epochs, idempotent retries, persisted state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.models import StreamsRequestAnswer
+from tests.worker.conftest import (
+    CLUSTER_TOKEN,
+    LOSE_RESPONSE,
+    FakeOrchestrator,
+    FakeTime,
+    MakeClient,
+    body_of,
+    error,
+)
+from worker.client import ClientConfig, ResilientWorkerClient, build_ssl_context
+from worker.errors import ConnectFailed
+from worker.retry import Operation
+
+
+def state_file(client: ResilientWorkerClient) -> Any:
+    assert client.state_path is not None
+    return json.loads(client.state_path.read_text())
+
+
+async def go_down(client: ResilientWorkerClient, orchestrator: FakeOrchestrator) -> None:
+    """Take the orchestrator away and beat until the breaker has opened."""
+    orchestrator.down = True
+    for _ in range(5):
+        assert await client.send_heartbeat() is False
+    assert client.breaker.state == "open"
+
+
+async def test_register_uses_the_cluster_token_then_the_session(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """Register presents the cluster token; later calls carry the session and the epoch."""
+    client = make_client(labels={"zone": "eu"})
+    assert await client.register() is True
+    assert client.is_registered and client.epoch == 1
+    assert client.heartbeat_interval_s == 5.0 and client.lease_ttl_s == 15.0
+    assert await client.send_heartbeat() is True
+    register, beat = orchestrator.requests
+    assert register.headers["Authorization"] == f"Bearer {CLUSTER_TOKEN}"
+    assert body_of(register)["labels"] == {"zone": "eu"}
+    assert beat.headers["Authorization"] == "Bearer session-w1-1"
+    assert body_of(beat)["epoch"] == 1
+
+
+async def test_normal_operation_requests_processes_and_releases(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """Streams come with tokens, heartbeats keep them, release hands them back."""
+    client = make_client()
+    await client.register()
+    assert await client.request_streams() == [1, 2, 3]
+    assert {sid: a.token for sid, a in client.assignments().items()} == orchestrator.owned_by("w1")
+    assert await client.request_streams() == []  # at capacity: nothing asked
+    assert len(orchestrator.calls("/streams/request")) == 1
+    assert client.can_process_stream(2) and not client.can_process_stream(9)
+    assert await client.send_heartbeat() is True
+    assert body_of(orchestrator.calls("/heartbeat")[-1])["held"] == [
+        {"stream_id": sid, "token": token} for sid, token in orchestrator.owned_by("w1").items()
+    ]
+    assert await client.release_streams([2]) is True
+    assert set(client.assignments()) == {1, 3}
+    assert orchestrator.owned_by("w1").keys() == {1, 3}
+    assert client.local_mode_active is False
+
+
+async def test_heartbeat_answer_is_authoritative(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """A heartbeat adopts new assignments, drops lost ones, records revokes until released."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(2)
+    orchestrator.reassign(1, to="w2")
+    orchestrator.reassign(5, to="w1")
+    orchestrator.revokes.add(2)
+    assert await client.send_heartbeat()
+    assert set(client.assignments()) == {2, 5}
+    assert client.revoked() == {2}
+    assert not client.can_process_stream(2)
+    assert client.assigned_streams == [5]
+    assert await client.release_streams(sorted(client.revoked()))
+    assert client.revoked() == set()
+    assert set(client.assignments()) == {5}
+    assert state_file(client)["held"].keys() == {"5"}
+
+
+async def test_a_lost_answer_is_retried_with_the_same_idempotency_key(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """The answer to request_streams is lost; the retry replays it instead of assigning twice."""
+    client = make_client()
+    await client.register()
+    orchestrator.faults.append(LOSE_RESPONSE)
+    assert await client.request_streams(2) == [1, 2]
+    first, retry = orchestrator.calls("/streams/request")
+    assert first.headers["Idempotency-Key"] == retry.headers["Idempotency-Key"]
+    assert orchestrator.owned_by("w1").keys() == {1, 2}
+    assert client.metrics.summary()["retry_attempts"] == 1
+
+
+async def test_every_mutating_call_carries_its_own_key(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """Each call has an Idempotency-Key, and two calls never share one."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(1)
+    await client.send_heartbeat()
+    await client.release_streams([1])
+    await client.leave()
+    keys = [r.headers.get("Idempotency-Key") for r in orchestrator.requests]
+    assert None not in keys and len(set(keys)) == len(keys)
+
+
+async def test_unreachable_orchestrator_means_local_mode_and_nothing_raises(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+) -> None:
+    """Connection errors put the client in local mode: state persisted, calls fail fast."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(2)
+    orchestrator.down = True
+    assert await client.send_heartbeat() is False
+    assert client.local_mode_active
+    saved = state_file(client)
+    assert saved["held"].keys() == {"1", "2"} and saved["local_mode_since"] is not None
+    assert saved["held"]["1"]["metadata"] == {"genre": "news"}
+    for _ in range(5):
+        await client.send_heartbeat()
+    assert client.breaker.state == "open"
+    sent = len(orchestrator.requests)
+    assert await client.send_heartbeat() is False
+    assert await client.request_streams() == [1, 2]  # the cached held ids, as in seed 001
+    assert await client.report_failure(1, "boom") is None
+    assert len(orchestrator.requests) == sent  # the breaker kept them all off the wire
+    assert set(client.assignments()) == {1, 2}
+    health = await client.health_check()
+    assert health["circuit_breaker_state"] == "open"
+    assert health["orchestrator_available"] is False and health["local_mode_active"] is True
+    assert health["metrics"]["local_mode_activations"] == 1
+    assert health["metrics"]["circuit_breaker_trips"] == 1
+
+
+async def test_coming_back_reconciles_and_leaves_local_mode(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+) -> None:
+    """After the recovery timeout the first call is a reconcile carrying history; then normal."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(2)
+    await go_down(client, orchestrator)
+    client.record_stream_processing(1)
+    client.record_stream_processing(1)
+    orchestrator.down = False
+    fake_time.advance(60)
+    assert await client.send_heartbeat() is True
+    assert not client.local_mode_active
+    reconcile = body_of(orchestrator.calls("/reconcile")[-1])
+    assert reconcile["local_mode_since"] is not None
+    assert [(h["stream_id"], h["count"]) for h in reconcile["history"]] == [(1, 2)]
+    assert {h["stream_id"] for h in reconcile["held"]} == {1, 2}
+    assert set(client.assignments()) == {1, 2}
+    assert state_file(client)["local_mode_since"] is None
+    assert state_file(client)["history"] == {}
+
+
+async def test_reconcile_drops_reassigned_and_takes_back_unowned(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+) -> None:
+    """The current owner wins; an unowned stream comes back with a new token."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(3)
+    old_token = client.assignments()[3].token
+    await go_down(client, orchestrator)
+    orchestrator.reassign(1, to="w2")
+    orchestrator.reassign(3, to=None)
+    orchestrator.down = False
+    fake_time.advance(60)
+    assert await client.send_heartbeat()
+    assert set(client.assignments()) == {2, 3}
+    assert client.assignments()[3].token > old_token
+    assert orchestrator.streams[1].owner == "w2"
+
+
+async def test_stale_epoch_registers_again_presenting_what_it_holds(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """A 409 STALE_EPOCH makes the client register again with its held streams."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(2)
+    held = {sid: a.token for sid, a in client.assignments().items()}
+    orchestrator.end_session("w1")
+    orchestrator.reassign(2, to="w2")
+    assert await client.send_heartbeat() is True
+    presented = orchestrator.workers["w1"].registrations[-1]
+    assert {h["stream_id"]: h["token"] for h in presented["held"]} == held
+    assert client.epoch == 3
+    assert set(client.assignments()) == {1}
+
+
+async def test_a_rejected_request_does_not_trip_the_breaker(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """4xx answers are our fault: neutral for the breaker, no local mode, no retry."""
+    client = make_client()
+    await client.register()
+    for _ in range(10):
+        orchestrator.faults.append(error(422, "VALIDATION_ERROR"))
+        assert await client.request_streams(1) == []
+    assert client.breaker.state == "closed"
+    assert not client.local_mode_active
+    assert len(orchestrator.calls("/streams/request")) == 10
+    assert client.metrics.summary()["failed_requests"] == 10
+
+
+async def test_rate_limited_call_waits_as_told(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+) -> None:
+    """A 429 with Retry-After is retried after exactly that wait."""
+    client = make_client()
+    await client.register()
+    orchestrator.faults.append(error(429, "RATE_LIMITED", **{"Retry-After": "7"}))
+    assert await client.request_streams(1) == [1]
+    assert fake_time.sleeps == [7.0]
+
+
+async def test_a_retry_after_beyond_the_heartbeat_deadline_fails_fast(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+) -> None:
+    """The next beat supersedes this one: a 503 asking for 30 s is not waited for."""
+    client = make_client()
+    await client.register()
+    orchestrator.faults.append(error(503, "UNAVAILABLE", **{"Retry-After": "30"}))
+    assert await client.send_heartbeat() is False
+    assert len(orchestrator.calls("/heartbeat")) == 1
+    assert fake_time.sleeps == []
+
+
+async def test_restart_during_an_outage_resumes_from_the_state_file(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+) -> None:
+    """A new process with the same state dir runs what the file held, then re-registers."""
+    first = make_client()
+    await first.register()
+    await first.request_streams(2)
+    tokens = {sid: a.token for sid, a in first.assignments().items()}
+    await go_down(first, orchestrator)
+    await first.aclose()
+
+    second = make_client()
+    await second.load_state()
+    assert {sid: a.token for sid, a in second.assignments().items()} == tokens
+    assert second.local_mode_active and not second.is_registered
+    assert await second.register() is False  # still down: nothing raises
+    second.record_stream_processing(2)
+    orchestrator.down = False
+    fake_time.advance(60)  # its own breaker opened during those register attempts
+    assert await second.send_heartbeat() is True
+    presented = orchestrator.workers["w1"].registrations[-1]
+    assert {h["stream_id"] for h in presented["held"]} == {1, 2}
+    assert presented["local_mode_since"] is not None
+    assert [h["stream_id"] for h in presented["history"]] == [2]
+    assert not second.local_mode_active
+    assert {sid: a.token for sid, a in second.assignments().items()} == tokens
+
+
+async def test_release_while_unreachable_is_sent_on_reconnect(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+) -> None:
+    """A release the orchestrator cannot hear is queued (and persisted), then delivered."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(2)
+    await go_down(client, orchestrator)
+    assert await client.release_streams([2]) is False
+    assert set(client.assignments()) == {1}
+    assert state_file(client)["pending_release"] == [2]
+    orchestrator.down = False
+    fake_time.advance(60)
+    assert await client.send_heartbeat()
+    assert orchestrator.owned_by("w1").keys() == {1}
+    assert set(client.assignments()) == {1}
+    assert state_file(client)["pending_release"] == []
+
+
+async def test_report_failure_uses_the_token_and_honours_quarantine(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """Failures go out with the grant's token; a quarantined stream leaves the held set."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(1)
+    orchestrator.quarantine_after = 2
+    first = await client.report_failure(1, "decoder crashed")
+    assert first is not None and first.failures == 1 and not first.quarantined
+    assert body_of(orchestrator.calls("/failures")[0])["token"] == client.assignments()[1].token
+    second = await client.report_failure(1, "decoder crashed again")
+    assert second is not None and second.quarantined
+    assert client.assignments() == {}
+    assert await client.report_failure(42, "not ours") is None
+
+
+async def test_a_corrupt_state_file_does_not_stop_the_client(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A torn file is moved aside with worker.state_corrupt and the client registers anyway."""
+    client = make_client()
+    assert client.state_path is not None
+    client.state_path.parent.mkdir(parents=True)
+    client.state_path.write_text('{"version": 1, "worker_id": "w1", "held": {"1": ')
+    with caplog.at_level(logging.ERROR):
+        assert await client.register() is True
+    assert "worker.state_corrupt" in caplog.messages
+    assert list(client.state_path.parent.glob("*.corrupt-*"))
+    assert await client.request_streams(1) == [1]
+    assert state_file(client)["held"].keys() == {"1"}
+
+
+async def test_an_unwritable_state_dir_does_not_stop_the_client(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, tmp_path: Path
+) -> None:
+    """The client works on (and into local mode) when it cannot write its state."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    client = make_client(state_dir=blocker / "state")
+    assert await client.register()
+    assert await client.request_streams(2) == [1, 2]
+    orchestrator.down = True
+    assert await client.send_heartbeat() is False
+    assert client.local_mode_active and set(client.assignments()) == {1, 2}
+
+
+async def test_answers_in_flight_do_not_undo_concurrent_changes(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """Streams obtained while a heartbeat is in flight survive its (older) answer."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(1)
+    orchestrator.heartbeat_gate = asyncio.Event()
+    beat = asyncio.create_task(client.send_heartbeat())
+    while not orchestrator.calls("/heartbeat"):
+        await asyncio.sleep(0)
+    assert await client.request_streams(1) == [2]
+    await client.release_streams([1])
+    orchestrator.heartbeat_gate.set()
+    assert await beat is True
+    assert set(client.assignments()) == {2}
+
+
+async def test_forced_open_reads_as_open_and_disabled_as_closed(make_client: MakeClient) -> None:
+    """The seed's field knows three states; the detailed status shows the real one."""
+    client = make_client()
+    client.breaker.force_open()
+    assert (await client.health_check())["circuit_breaker_state"] == "open"
+    assert client.get_detailed_status()["circuit_breaker"]["state"] == "forced_open"
+    client.breaker.disable()
+    assert (await client.health_check())["circuit_breaker_state"] == "closed"
+    assert client.get_detailed_status()["circuit_breaker"]["state"] == "disabled"
+
+
+async def test_metrics_render_in_the_client_registry(make_client: MakeClient) -> None:
+    """Prometheus text carries the client's figures under the worker prefix."""
+    client = make_client()
+    await client.register()
+    text = client.metrics.render().decode()
+    assert 'streamherd_worker_requests_total{operation="register",outcome="success"} 1.0' in text
+    assert "streamherd_worker_breaker_state 0.0" in text
+    assert "streamherd_worker_request_duration_seconds_count" in text
+    other = make_client(worker_id="w2")
+    assert other.metrics.registry is not client.metrics.registry
+
+
+async def test_leave_releases_everything_and_shutdown_never_raises(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """leave() answers the released ids; shutdown against a dead orchestrator is quiet."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(2)
+    assert sorted(await client.leave()) == [1, 2]
+    assert client.assignments() == {} and not client.is_registered
+    assert state_file(client)["held"] == {}  # a restart must not resume them
+    again = make_client()
+    await again.register()
+    await again.request_streams(1)
+    orchestrator.down = True
+    await again.shutdown()
+    assert state_file(again)["held"].keys() == {"1"}  # kept for the restart
+    assert await again.send_heartbeat() is False  # closed: still no exception
+
+
+async def test_the_session_token_never_reaches_the_logs(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No log record, message or field, mentions a token."""
+    client = make_client()
+    with caplog.at_level(logging.DEBUG):
+        await client.register()
+        orchestrator.end_session("w1")
+        await client.send_heartbeat()
+        orchestrator.down = True
+        await client.send_heartbeat()
+    text = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "session-w1" not in text and CLUSTER_TOKEN not in text
+
+
+def test_config_refuses_nonsense() -> None:
+    """A bad worker id, capacity or breaker number fails at construction."""
+    base = {"orchestrator_url": "http://x", "worker_id": "w1", "capacity": 1}
+    for bad in (
+        {"worker_id": "-bad id"},
+        {"capacity": -1},
+        {"circuit_failure_threshold": 0},
+        {"retry_max_attempts": 0},
+        {"client_key": "k.pem"},
+    ):
+        with pytest.raises(ValueError):
+            ClientConfig(**{**base, **bad})  # type: ignore[arg-type]
+    assert "secret" not in repr(ClientConfig(**base, token="secret"))  # type: ignore[arg-type]
+
+
+def test_tls_context_uses_the_ca_file_and_client_certificate(tmp_path: Path) -> None:
+    """ca_file is trusted and the client certificate is loaded; a missing file is an error."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    config = ClientConfig(
+        orchestrator_url="https://orch",
+        worker_id="w1",
+        capacity=1,
+        ca_file=str(cert),
+        client_cert=str(cert),
+        client_key=str(key),
+    )
+    context = build_ssl_context(config)
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    assert any(c.get("subject") == ((("commonName", "test"),),) for c in context.get_ca_certs())
+    missing = ClientConfig(
+        orchestrator_url="https://orch", worker_id="w1", capacity=1, ca_file=str(tmp_path / "no")
+    )
+    with pytest.raises(OSError):
+        build_ssl_context(missing)
+
+
+async def test_transport_errors_become_ours(make_client: MakeClient) -> None:
+    """Whatever httpx raises, the client only ever sees its own error tree."""
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("garbled", request=request)
+
+    client = make_client(transport=httpx.MockTransport(broken), retry_max_attempts=1)
+    with pytest.raises(ConnectFailed) as caught:
+        # The one translation point, called directly to see the exception itself.
+        await client._call(
+            Operation.REQUEST, "POST", "/api/v1/workers/w1/streams/request", StreamsRequestAnswer
+        )
+    assert isinstance(caught.value.__cause__, httpx.RemoteProtocolError)

@@ -1,0 +1,168 @@
+"""Seed 001's application keeps working: its factory, its calls in its order, its health shape."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.worker.conftest import CLUSTER_TOKEN, ORCH_URL, FakeOrchestrator, FakeTime
+from worker import create_resilient_worker_client
+from worker.client import ResilientWorkerClient
+
+SEED_METRICS = {
+    "total_requests",
+    "successful_requests",
+    "failed_requests",
+    "circuit_breaker_trips",
+    "local_mode_activations",
+    "retry_attempts",
+}
+
+
+def seed_client(
+    orchestrator: FakeOrchestrator, fake_time: FakeTime, state_dir: Path
+) -> ResilientWorkerClient:
+    """The factory call of seed 001's fingerv7.py, plus the test seams and our token/state_dir."""
+    return create_resilient_worker_client(
+        orchestrator_url=ORCH_URL,
+        server_id="worker-01",
+        max_streams=3,
+        circuit_failure_threshold=5,
+        circuit_recovery_timeout=60,
+        retry_max_attempts=3,
+        retry_base_delay=1.0,
+        token=CLUSTER_TOKEN,
+        state_dir=state_dir,
+        transport=httpx.MockTransport(orchestrator),
+        clock=fake_time.monotonic,
+        wall_clock=fake_time.wall,
+        sleep=fake_time.sleep,
+        rand=random.Random(1),
+    )
+
+
+def assert_seed_health_shape(health: dict[str, Any]) -> None:
+    assert health["server_id"] == "worker-01"
+    assert isinstance(health["orchestrator_available"], bool)
+    assert isinstance(health["local_mode_active"], bool)
+    assert isinstance(health["assigned_streams"], int)
+    assert health["circuit_breaker_state"] in {"closed", "open", "half_open"}
+    contact = health["last_orchestrator_contact"]
+    assert contact is None or isinstance(contact, str)
+    assert SEED_METRICS <= health["metrics"].keys()
+    assert all(isinstance(health["metrics"][k], int) for k in SEED_METRICS)
+
+
+async def test_the_seed_factory_call_works_as_written() -> None:
+    """Exactly the keyword arguments fingerv7.py passes build a client with the seed's API."""
+    client = create_resilient_worker_client(
+        orchestrator_url="http://orchestrator:8001",
+        server_id="worker-prod-01",
+        max_streams=50,
+        circuit_failure_threshold=3,
+        circuit_recovery_timeout=30,
+        retry_max_attempts=5,
+        retry_base_delay=0.5,
+    )
+    assert client.is_registered is False
+    assert client.assigned_streams == []
+    assert client.get_all_assigned_streams() == []
+    for name in (
+        "register",
+        "send_heartbeat",
+        "request_streams",
+        "release_streams",
+        "health_check",
+        "shutdown",
+    ):
+        assert callable(getattr(client, name))
+    status = client.get_detailed_status()
+    assert status["circuit_breaker"]["state"] == "closed"
+    assert status["config"]["capacity"] == 50
+    await client.aclose()
+
+
+async def test_the_seed_flow_against_a_live_orchestrator(
+    orchestrator: FakeOrchestrator, fake_time: FakeTime, tmp_path: Path
+) -> None:
+    """register → request → process → heartbeat → health → release → shutdown, all succeed."""
+    client = seed_client(orchestrator, fake_time, tmp_path)
+    assert await client.register() is True
+    assert client.is_registered
+    streams = await client.request_streams()
+    assert streams == [1, 2, 3]
+    for sid in streams:
+        assert client.can_process_stream(sid)
+        client.record_stream_processing(sid)
+    assert client.assigned_streams == [1, 2, 3]
+    assert await client.send_heartbeat() is True
+    health = await client.health_check()
+    assert_seed_health_shape(health)
+    assert health["orchestrator_available"] is True and health["assigned_streams"] == 3
+    assert health["circuit_breaker_state"] == "closed"
+    assert await client.release_streams([3]) is True
+    assert client.get_all_assigned_streams() == [1, 2]
+    await client.shutdown()
+    assert orchestrator.owned_by("worker-01") == {}
+    assert client.is_registered is False
+
+
+async def test_the_seed_flow_with_the_orchestrator_unreachable(
+    orchestrator: FakeOrchestrator, fake_time: FakeTime, tmp_path: Path
+) -> None:
+    """The same calls with nobody answering: no exception, honest answers, local mode."""
+    orchestrator.down = True
+    client = seed_client(orchestrator, fake_time, tmp_path)
+    assert await client.register() is False
+    assert client.is_registered is False
+    assert await client.request_streams() == []
+    assert client.can_process_stream(1) is False
+    client.record_stream_processing(1)
+    assert await client.send_heartbeat() is False
+    health = await client.health_check()
+    assert_seed_health_shape(health)
+    assert health["local_mode_active"] is True and health["orchestrator_available"] is False
+    assert health["circuit_breaker_state"] == "open"
+    assert health["metrics"]["failed_requests"] >= 1
+    assert await client.release_streams([1]) is False
+    await client.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["refused", "timeout", "500", "garbage"])
+async def test_no_seed_call_raises_whatever_the_orchestrator_does(
+    fake_time: FakeTime, tmp_path: Path, kind: str
+) -> None:
+    """Refused connections, timeouts, 5xx and nonsense bodies all end in False/[]/None."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if kind == "refused":
+            raise httpx.ConnectError("refused", request=request)
+        if kind == "timeout":
+            raise httpx.ReadTimeout("slow", request=request)
+        if kind == "500":
+            return httpx.Response(500, text="<html>oops</html>")
+        return httpx.Response(200, text="not json at all")
+
+    client = create_resilient_worker_client(
+        orchestrator_url=ORCH_URL,
+        server_id="worker-01",
+        max_streams=2,
+        token=CLUSTER_TOKEN,
+        state_dir=tmp_path,
+        transport=httpx.MockTransport(handler),
+        clock=fake_time.monotonic,
+        wall_clock=fake_time.wall,
+        sleep=fake_time.sleep,
+    )
+    assert await client.register() is False
+    assert await client.send_heartbeat() is False
+    assert await client.request_streams(2) == []
+    assert await client.release_streams([1]) is False
+    assert await client.report_failure(1, "x") is None
+    assert_seed_health_shape(await client.health_check())
+    assert isinstance(client.get_detailed_status(), dict)
+    await client.shutdown()

@@ -1,0 +1,299 @@
+"""The worker's settings: one pydantic-settings class, ``WORKER_*`` variables and ``--flags``.
+
+Validators refuse nonsense at start, and ``load_settings`` turns any refusal into one
+line naming the setting (``invalid setting WORKER_MAX_STREAMS: ...``), never a traceback.
+
+Defaults worth knowing:
+- ``WORKER_ID``: the host name, with anything outside ``[A-Za-z0-9._-]`` replaced by
+  ``-`` and cut to 63 characters, so one worker per host needs no configuration.
+- ``WORKER_STATE_DIR``: ``./state`` under the working directory; the client names its file
+  after the worker (``worker-<id>.json``), so workers started from one directory never
+  share a state file.
+- ``WORKER_HEALTH_HOST``: ``127.0.0.1``, like the orchestrator's own default: nothing is
+  served beyond the machine unless asked. Set ``0.0.0.0`` for probes from elsewhere
+  (a Kubernetes kubelet, a Prometheus on another host); the server only reads.
+
+Flags are the settings' names in kebab case (``--max-streams``, ``--health-port``; the
+worker id is ``--id`` or ``--worker-id``). A flag beats the environment. We map flags with
+argparse rather than pydantic-settings' CLI source: its help output and its handling of
+negative numbers (``--max-streams -1``) are ours to control, and an unknown flag becomes the
+same one-line error as any other setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Self
+
+from pydantic import (
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from shared.limits import MAX_CAPACITY, WORKER_ID_PATTERN
+from shared.models import Labels
+from worker.processors import ProcessorSpecError, parse_processor_spec, resolve_callable
+
+if TYPE_CHECKING:
+    from worker.client import ClientConfig
+
+ENV_PREFIX = "WORKER_"
+PROG = "streamherd-worker"
+DEFAULT_ORCHESTRATOR_URL = "http://127.0.0.1:8000"
+DEFAULT_STATE_DIR = Path("state")
+DEFAULT_HEALTH_HOST = "127.0.0.1"
+DEFAULT_HEALTH_PORT = 8081
+DEFAULT_MAX_STREAMS = 10
+FALLBACK_WORKER_ID = "worker"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_WORKER_ID_RE = re.compile(WORKER_ID_PATTERN)
+_LABELS = TypeAdapter(Labels)
+
+
+class ConfigError(Exception):
+    """A setting that makes no sense; ``str()`` is the one line printed at start."""
+
+
+def default_worker_id(hostname: str | None = None) -> str:
+    """The host name bent into the worker-id pattern (dots survive, anything else becomes -)."""
+    raw = socket.gethostname() if hostname is None else hostname
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", raw).lstrip("._-")[:63]
+    return cleaned or FALLBACK_WORKER_ID
+
+
+def parse_labels(value: object) -> dict[str, str]:
+    """``{"zone": "eu"}`` as JSON, or ``zone=eu,tier=gold``; empty means no labels."""
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    if not isinstance(value, str):
+        raise ValueError("expected a JSON object or k=v,k=v")
+    text = value.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            decoded = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON: {exc.msg}") from None
+        if not isinstance(decoded, dict) or not all(isinstance(v, str) for v in decoded.values()):
+            raise ValueError("expected a JSON object of strings")
+        return decoded
+    labels: dict[str, str] = {}
+    for pair in text.split(","):
+        key, sep, val = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected k=v, got {pair.strip()!r}")
+        labels[key.strip()] = val.strip()
+    return labels
+
+
+def _existing_file(value: str | None) -> str | None:
+    if value is not None and not Path(value).is_file():
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    orchestrator_url: str = DEFAULT_ORCHESTRATOR_URL
+    id: str = Field(default_factory=default_worker_id, pattern=WORKER_ID_PATTERN)
+    max_streams: int = Field(default=DEFAULT_MAX_STREAMS, ge=0, le=MAX_CAPACITY)
+    # The cluster worker token: only sent to register. SecretStr keeps it out of reprs.
+    token: SecretStr | None = None
+    state_dir: Path | None = None
+    health_host: str = DEFAULT_HEALTH_HOST
+    health_port: int = Field(default=DEFAULT_HEALTH_PORT, ge=0, le=65535)
+    processor: str = "demo"
+    labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    log_level: str = "INFO"
+    log_json: bool = False
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    processor_restart_base_s: float = Field(default=1.0, gt=0)
+    processor_restart_max_s: float = Field(default=60.0, gt=0)
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_recovery_timeout_s: float = Field(default=60.0, gt=0)
+    circuit_success_threshold: int = Field(default=3, ge=1)
+    circuit_half_open_max_calls: int = Field(default=1, ge=1)
+    circuit_max_recovery_timeout_s: float = Field(default=600.0, gt=0)
+    retry_max_attempts: int = Field(default=3, ge=1)
+    retry_base_delay_s: float = Field(default=1.0, ge=0)
+    retry_max_delay_s: float = Field(default=30.0, ge=0)
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    @field_validator("orchestrator_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("processor")
+    @classmethod
+    def _known_processor(cls, value: str) -> str:
+        try:
+            spec = parse_processor_spec(value)
+            if spec.kind == "module":
+                resolve_callable(spec.argument)
+        except ProcessorSpecError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value: object) -> dict[str, str]:
+        try:
+            return _LABELS.validate_python(parse_labels(value))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"{where}: {first['msg']}" if where else first["msg"]) from None
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
+    @field_validator("token")
+    @classmethod
+    def _empty_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is not None and not value.get_secret_value() else value
+
+    @field_validator("ca_file", "client_cert", "client_key")
+    @classmethod
+    def _file_exists(cls, value: str | None) -> str | None:
+        return _existing_file(value or None)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.processor_restart_max_s < self.processor_restart_base_s:
+            raise ValueError(
+                "WORKER_PROCESSOR_RESTART_MAX_S must be at least WORKER_PROCESSOR_RESTART_BASE_S "
+                f"({self.processor_restart_max_s} < {self.processor_restart_base_s})"
+            )
+        if self.retry_max_delay_s < self.retry_base_delay_s:
+            raise ValueError(
+                "WORKER_RETRY_MAX_DELAY_S must be at least WORKER_RETRY_BASE_DELAY_S "
+                f"({self.retry_max_delay_s} < {self.retry_base_delay_s})"
+            )
+        if self.circuit_max_recovery_timeout_s < self.circuit_recovery_timeout_s:
+            raise ValueError(
+                "WORKER_CIRCUIT_MAX_RECOVERY_TIMEOUT_S must be at least "
+                "WORKER_CIRCUIT_RECOVERY_TIMEOUT_S "
+                f"({self.circuit_max_recovery_timeout_s} < {self.circuit_recovery_timeout_s})"
+            )
+        if self.client_key and not self.client_cert:
+            raise ValueError("WORKER_CLIENT_KEY needs WORKER_CLIENT_CERT")
+        return self
+
+    @property
+    def worker_id(self) -> str:
+        return self.id
+
+    @property
+    def effective_state_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else DEFAULT_STATE_DIR
+
+    def client_config(self) -> ClientConfig:
+        # Imported here so the settings load (and --help answers) without the HTTP stack.
+        from worker.client import ClientConfig
+
+        return ClientConfig(
+            orchestrator_url=self.orchestrator_url,
+            worker_id=self.id,
+            capacity=self.max_streams,
+            token=self.token.get_secret_value() if self.token else None,
+            state_dir=self.effective_state_dir,
+            labels=dict(self.labels),
+            circuit_failure_threshold=self.circuit_failure_threshold,
+            circuit_recovery_timeout=self.circuit_recovery_timeout_s,
+            circuit_success_threshold=self.circuit_success_threshold,
+            circuit_half_open_max_calls=self.circuit_half_open_max_calls,
+            circuit_max_recovery_timeout=self.circuit_max_recovery_timeout_s,
+            retry_max_attempts=self.retry_max_attempts,
+            retry_base_delay=self.retry_base_delay_s,
+            retry_max_delay=self.retry_max_delay_s,
+            request_timeout=self.request_timeout_s,
+            ca_file=self.ca_file,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
+        )
+
+
+# --- the command line ---------------------------------------------------------------
+
+_EXTRA_FLAGS: dict[str, tuple[str, ...]] = {"id": ("--worker-id",)}
+_HELP_DEFAULTS: dict[str, object] = {
+    "token": "unset; prefer the environment, flags show up in ps",
+    "state_dir": f"./{DEFAULT_STATE_DIR}",
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage and exits on a bad flag; we want our single line instead."""
+
+    def error(self, message: str) -> Any:  # noqa: D401 - argparse's signature
+        raise ConfigError(message)
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog=PROG,
+        description="Run one streamherd worker. Every flag also reads from its WORKER_* "
+        "environment variable; a flag wins over the environment.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in WorkerSettings.model_fields.items():
+        flags = (f"--{name.replace('_', '-')}", *_EXTRA_FLAGS.get(name, ()))
+        default = _HELP_DEFAULTS.get(name, field.get_default(call_default_factory=True))
+        parser.add_argument(
+            *flags,
+            dest=name,
+            metavar="VALUE",
+            help=f"env {env_name(name)}; default: {default}",
+        )
+    return parser
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        loc = error["loc"]
+        if loc:
+            parts.append(f"invalid setting {env_name(str(loc[0]))}: {message}")
+        else:
+            parts.append(f"invalid settings: {message}")
+    return "; ".join(parts)
+
+
+def load_settings(argv: Sequence[str] | None = None) -> WorkerSettings:
+    """Environment plus flags, validated; any nonsense raises ``ConfigError`` with one line."""
+    flags = vars(build_parser().parse_args(argv))
+    try:
+        return WorkerSettings(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+    except SettingsError as exc:
+        # pydantic-settings fails this way on an environment value it cannot even decode.
+        raise ConfigError(f"invalid settings: {exc}") from None

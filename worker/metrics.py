@@ -1,0 +1,115 @@
+"""Prometheus metrics of one worker: its orchestrator client and its stream runtime.
+
+Each ``WorkerMetrics`` owns a ``CollectorRegistry`` (never the global one), so several
+workers or clients in one process, as in the tests, do not collide.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+from worker.breaker import BreakerState
+
+PREFIX: Final = "streamherd_worker_"
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+# The gauge's encoding of the breaker state; documented in the metric's help text.
+BREAKER_STATE_VALUES: Final[dict[BreakerState, int]] = {
+    BreakerState.CLOSED: 0,
+    BreakerState.OPEN: 1,
+    BreakerState.HALF_OPEN: 2,
+    BreakerState.FORCED_OPEN: 3,
+    BreakerState.DISABLED: 4,
+}
+
+# requests_total's outcome label.
+OUTCOME_SUCCESS: Final = "success"
+OUTCOME_UNAVAILABLE: Final = "unavailable"
+OUTCOME_CIRCUIT_OPEN: Final = "circuit_open"
+OUTCOME_REJECTED: Final = "rejected"
+OUTCOME_INVALID: Final = "invalid"
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        # The runtime's figures.
+        self.streams_running = Gauge(
+            f"{PREFIX}streams_running", "Stream processors running now.", registry=r
+        )
+        self.processor_restarts_total = Counter(
+            f"{PREFIX}processor_restarts",
+            "Processor restarts after an exit or a crash.",
+            registry=r,
+        )
+        self.processor_failures_total = Counter(
+            f"{PREFIX}processor_failures", "Processor runs that ended in an error.", registry=r
+        )
+        # The client's figures.
+        self.requests_total = Counter(
+            f"{PREFIX}requests",
+            "Orchestrator calls by operation and outcome (retries of one call count once).",
+            ["operation", "outcome"],
+            registry=r,
+        )
+        self.request_duration_seconds = Histogram(
+            f"{PREFIX}request_duration_seconds",
+            "Duration of each HTTP attempt to the orchestrator.",
+            ["operation"],
+            registry=r,
+        )
+        self.retries_total = Counter(
+            f"{PREFIX}retries", "Retried attempts by operation.", ["operation"], registry=r
+        )
+        self.breaker_state = Gauge(
+            f"{PREFIX}breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half_open, 3 forced_open, 4 disabled.",
+            registry=r,
+        )
+        self.breaker_trips_total = Counter(
+            f"{PREFIX}breaker_trips", "Times failures opened the circuit breaker.", registry=r
+        )
+        self.local_mode_active = Gauge(
+            f"{PREFIX}local_mode_active", "1 while the orchestrator is unreachable.", registry=r
+        )
+        self.local_mode_activations_total = Counter(
+            f"{PREFIX}local_mode_activations", "Times local mode was entered.", registry=r
+        )
+        self.assigned_streams = Gauge(
+            f"{PREFIX}assigned_streams", "Streams the worker holds.", registry=r
+        )
+
+    def set_breaker_state(self, state: BreakerState) -> None:
+        self.breaker_state.set(BREAKER_STATE_VALUES[state])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def summary(self) -> dict[str, int]:
+        """The seed's ``metrics`` block of ``health_check()``, read from the counters above."""
+        total = _sum(self.requests_total)
+        successful = _sum(self.requests_total, outcome=OUTCOME_SUCCESS)
+        return {
+            "total_requests": total,
+            "successful_requests": successful,
+            "failed_requests": total - successful,
+            "circuit_breaker_trips": _sum(self.breaker_trips_total),
+            "local_mode_activations": _sum(self.local_mode_activations_total),
+            "retry_attempts": _sum(self.retries_total),
+        }
+
+
+def _sum(metric: MetricWrapperBase, **labels: str) -> int:
+    """Sum of a counter's ``_total`` samples whose labels match ``labels``."""
+    value = 0.0
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                value += sample.value
+    return int(value)
