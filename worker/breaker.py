@@ -154,6 +154,8 @@ class CircuitBreaker:
         self._half_open_in_flight = 0
         self._window: deque[bool] = deque(maxlen=self.config.window_size)  # True = failure
         self._recovery_timeout = self.config.recovery_timeout
+        # An upper bound on the open period set by the owner (see ``cap_open_period``).
+        self._open_cap: float | None = None
         self._opened_at: float | None = None
         self._history: deque[StateChange] = deque(maxlen=self.config.history_size)
         self._listeners: list[Listener] = []
@@ -166,6 +168,23 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         self._maybe_half_open()
         return self._state
+
+    @property
+    def open_period(self) -> float:
+        """How long the breaker stays open before a probe: the (grown) recovery timeout,
+        bounded by the owner's cap."""
+        if self._open_cap is None:
+            return self._recovery_timeout
+        return min(self._recovery_timeout, self._open_cap)
+
+    def cap_open_period(self, seconds: float | None) -> None:
+        """Never stay open longer than ``seconds`` (None: no cap).
+
+        The worker client caps it at the heartbeat interval: a worker that does not call
+        back within its lease loses its streams, and one probe per interval costs the
+        orchestrator no more than the heartbeats of a healthy fleet.
+        """
+        self._open_cap = seconds
 
     @property
     def history(self) -> tuple[StateChange, ...]:
@@ -182,7 +201,7 @@ class CircuitBreaker:
         if state is BreakerState.FORCED_OPEN:
             return None
         if state is BreakerState.OPEN and self._opened_at is not None:
-            return max(0.0, self._opened_at + self._recovery_timeout - self._clock())
+            return max(0.0, self._opened_at + self.open_period - self._clock())
         return 0.0
 
     def stats(self) -> dict[str, Any]:
@@ -308,7 +327,7 @@ class CircuitBreaker:
         if (
             self._state is BreakerState.OPEN
             and self._opened_at is not None
-            and self._clock() >= self._opened_at + self._recovery_timeout
+            and self._clock() >= self._opened_at + self.open_period
         ):
             self._transition(BreakerState.HALF_OPEN, "recovery_timeout_elapsed")
 

@@ -191,6 +191,7 @@ class ResilientWorkerClient:
         self._rand = rand if rand is not None else random.Random()
         self._breaker = CircuitBreaker(config.breaker_config(), clock=clock)
         self._breaker.add_listener(self._on_breaker_change)
+        self._breaker.cap_open_period(DEFAULT_HEARTBEAT_INTERVAL_S)
         self.metrics.set_breaker_state(self._breaker.state)
         self._budget = RetryBudget()
         self._policies = self._make_policies(DEFAULT_HEARTBEAT_INTERVAL_S)
@@ -530,6 +531,9 @@ class ResilientWorkerClient:
         self._state.epoch = answer.epoch
         self.heartbeat_interval_s = answer.heartbeat_interval_s
         self.lease_ttl_s = answer.lease_ttl_s
+        # Probe at least once a heartbeat interval while open, so a worker is back inside
+        # the grace lease the orchestrator grants after an outage (contract semantic 5).
+        self._breaker.cap_open_period(answer.heartbeat_interval_s)
         self._policies = self._make_policies(answer.heartbeat_interval_s)
         self.is_registered = True
         self._replace(answer.assignments, body.held)

@@ -272,3 +272,13 @@ def test_nonsense_configuration_is_refused(bad: dict[str, float]) -> None:
     """Settings that make no sense fail at construction."""
     with pytest.raises(ValueError):
         BreakerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_open_period_never_exceeds_the_owners_cap(fake_time: FakeTime) -> None:
+    """With a cap (the heartbeat interval) a 60 s recovery timeout probes after 5 s."""
+    breaker = make(fake_time, recovery_timeout=60)
+    breaker.cap_open_period(5.0)
+    open_breaker(breaker)
+    assert breaker.retry_after() == 5.0
+    fake_time.advance(5.0)
+    assert breaker.state is BreakerState.HALF_OPEN
