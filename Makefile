@@ -37,3 +37,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+soak: install
+	$(PY) -m scripts.soak --minutes 5

@@ -39,13 +39,19 @@ _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # We issue BEGIN ourselves (below); the driver must not open transactions on its own.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+    try:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+    except BaseException:
+        # SQLAlchemy drops a connection whose set-up failed without closing it; its
+        # aiosqlite thread would outlive the event loop.
+        dbapi_connection.close()
+        raise
 
 
 def _make_engine(settings: Settings, *, immediate: bool) -> AsyncEngine:

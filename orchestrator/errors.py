@@ -115,30 +115,55 @@ _DB_TROUBLE = (
 )
 
 
+# SQLSTATE classes and codes that mean "the database is not there right now": connection
+# exceptions, shutdown or start-up in progress, too many connections, no schema (yet).
+_TROUBLE_SQLSTATE_PREFIXES = ("08", "57P", "53")
+_TROUBLE_SQLSTATES = {"42P01"}
+_ASYNCPG_TROUBLE = {
+    "ConnectionDoesNotExistError",
+    "CannotConnectNowError",
+    "ConnectionFailureError",
+    "AdminShutdownError",
+    "CrashShutdownError",
+    "TooManyConnectionsError",
+    "InterfaceError",
+    "InternalClientError",
+}
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception, what it wraps (``.orig``) and its causes, a few links deep."""
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo and len(chain) < 8:
+        item = todo.pop(0)
+        if item is None or item in chain:
+            continue
+        chain.append(item)
+        orig = getattr(item, "orig", None)
+        todo.extend(
+            [orig if isinstance(orig, BaseException) else None, item.__cause__, item.__context__]
+        )
+    return chain
+
+
 def is_database_trouble(exc: BaseException) -> bool:
     """True for failures that go away when the database comes back: answer 503, not 500."""
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, _DB_TROUBLE):
-        return True
-    # A schema that is not there (yet): a migration is missing, not a bug in the call.
-    orig = getattr(exc, "orig", None)
-    if getattr(orig, "sqlstate", None) == "42P01" or "no such table" in str(orig or ""):
-        return True
-    # asyncpg raises its own hierarchy when the server restarts or refuses connections.
-    if getattr(exc, "sqlstate", None) == "42P01":
-        return True
-    module = type(exc).__module__ or ""
-    if module.startswith("asyncpg") and type(exc).__name__ in {
-        "ConnectionDoesNotExistError",
-        "CannotConnectNowError",
-        "ConnectionFailureError",
-        "AdminShutdownError",
-        "TooManyConnectionsError",
-        "InterfaceError",
-        "InternalClientError",
-    }:
-        return True
+    for item in _causes(exc):
+        if isinstance(item, sa_exc.DBAPIError) and item.connection_invalidated:
+            return True
+        if isinstance(item, _DB_TROUBLE):
+            return True
+        state = getattr(item, "sqlstate", None) or getattr(item, "pgcode", None)
+        if state and (
+            str(state).startswith(_TROUBLE_SQLSTATE_PREFIXES) or state in _TROUBLE_SQLSTATES
+        ):
+            return True
+        module = type(item).__module__ or ""
+        if "no such table" in str(item) and module.startswith(("sqlite3", "sqlalchemy")):
+            return True
+        if module.startswith("asyncpg") and type(item).__name__ in _ASYNCPG_TROUBLE:
+            return True
     return False
 
 

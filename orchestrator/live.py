@@ -390,7 +390,9 @@ class LiveHub:
 
     async def _tail(self) -> None:
         next_poll = 0.0
-        while True:
+        # Checked every turn as well as cancelled: on 3.11 a cancellation that races a
+        # timeout can surface as TimeoutError and be swallowed; the flag still ends us.
+        while not self._closed:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
             # that arrives as the wake-up does, and close() would wait on us forever.
             with contextlib.suppress(TimeoutError):
@@ -401,7 +403,7 @@ class LiveHub:
             if spacing > 0:
                 await asyncio.sleep(spacing)
             more = True
-            while more:
+            while more and not self._closed:
                 next_poll = self.monotonic() + MIN_POLL_SPACING_S
                 more = await self._poll_once()
 

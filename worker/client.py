@@ -729,7 +729,9 @@ class ResilientWorkerClient:
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
 
-        async def attempt(timeout: float) -> A:
+        async def attempt(left: float) -> A:
+            # Each attempt gets the request timeout, cut to what is left of the deadline.
+            timeout = min(left, self.config.request_timeout)
             with self._breaker.acquire() as permit:
                 try:
                     answer = await self._send(

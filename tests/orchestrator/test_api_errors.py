@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -181,6 +184,22 @@ async def test_unreachable_database_is_unavailable_with_retry_after(
         r = await client.get("/ready")
         assert_error(r, 503, "UNAVAILABLE")
         assert "Retry-After" in r.headers
+    await reap_leaked_sqlite_connections()
+
+
+async def reap_leaked_sqlite_connections(deadline_s: float = 10.0) -> None:
+    """Collect aiosqlite connections a failed connect left open, while the loop still runs.
+
+    When the ``connect`` listener (the SQLite pragmas) fails, SQLAlchemy drops the new
+    DBAPI connection without closing it; its aiosqlite thread ends only when the object
+    is garbage-collected, and if that happens after this test's loop closed, the thread
+    raises "Event loop is closed" into whichever test runs next.
+    """
+    gc.collect()
+    deadline = time.monotonic() + deadline_s
+    while any("_connection_worker_thread" in t.name for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "aiosqlite threads outlived the app"
+        await asyncio.sleep(0.02)
 
 
 # --- authentication of every endpoint -----------------------------------------------

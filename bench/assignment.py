@@ -1,0 +1,474 @@
+"""2. Assignment at scale: a full balanced assignment, a join, a death; and replicas on PG.
+
+One real orchestrator per database. Simulated workers (``bench.sim``) register, beat
+every few seconds presenting what they hold, and hand revoked streams back at once, as
+the real runtime does. References measured in the same run: a bare bulk INSERT of the
+same number of stream rows (same driver, same 1000-row transactions) for the time to
+assign, and the computed minimum number of moves for the join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+from bench import pg
+from bench.context import Context
+from bench.procs import Orchestrator
+from bench.report import Section, Table, fmt
+from bench.sim import Beater, Cluster, SimWorker, balanced, wait_until
+
+GOAL_MOVES_RATIO = 1.05
+ISSUE_STREAMS = 100_000
+REAPER_INTERVAL_S = 1.0
+POLL_S = 0.1
+
+
+@dataclass
+class ScaleFigures:
+    database: str
+    workers: int
+    streams: int
+    register_s: float = 0.0
+    create_s: float = 0.0
+    full_s: float = 0.0  # from the first create to balanced with nothing unassigned
+    bare_insert_s: float = 0.0
+    join_workers: int = 0
+    join_moves: int = 0
+    join_minimum: int = 0
+    join_forced: int = 0  # revokes carried out by timeout instead of the owner
+    join_lost: int = 0  # workers declared lost while the join settled (late beats)
+    join_lost_streams: int = 0
+    join_settle_s: float = 0.0
+    die_workers: int = 0
+    die_streams: int = 0
+    die_after_expiry_s: float = 0.0
+    die_after_first_s: float = 0.0
+    beat_errors: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def minimum_moves(
+    loads: dict[str, int], capacities: dict[str, int], total_streams: int
+) -> tuple[int, dict[str, int]]:
+    """Fewest moves to reach the orchestrator's own fair-share targets from ``loads``.
+
+    Uses ``orchestrator.assignment.targets`` (floor of the capacity-weighted share, the
+    remainder to workers already holding more): every stream above a worker's target must
+    move, and nothing else has to.
+    """
+    from orchestrator.assignment import Member, targets
+
+    members = [
+        Member(worker_id=wid, capacity=cap, state="active", load=loads.get(wid, 0))
+        for wid, cap in capacities.items()
+    ]
+    goal = targets(total_streams, members)
+    return sum(max(0, loads.get(w, 0) - goal[w]) for w in capacities), goal
+
+
+def bare_insert_sqlite_seconds(path: str, rows: int) -> float:
+    """The same rows through sqlite3 executemany, 1000 per transaction, WAL like ours."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(pg.BARE_TABLE_SQL.replace("BIGSERIAL", "INTEGER"))
+        data = pg.bare_rows(rows)
+        started = time.perf_counter()
+        for start in range(0, rows, 1000):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(pg.BARE_INSERT_SQLITE, data[start : start + 1000])
+            conn.execute("COMMIT")
+        return time.perf_counter() - started
+    finally:
+        conn.close()
+
+
+async def bare_insert_seconds(ctx: Context, database: str, rows: int) -> float:
+    if database == "sqlite":
+        path = ctx.workdir / "bare-insert.db"
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        return await asyncio.to_thread(bare_insert_sqlite_seconds, str(path), rows)
+    return await pg.bare_insert_seconds(rows)
+
+
+async def loads_and_capacities(cluster: Cluster) -> tuple[dict[str, int], dict[str, int]]:
+    items = [w for w in await cluster.workers() if w["state"] in ("active", "suspect")]
+    return {w["worker_id"]: w["held"] for w in items}, {
+        w["worker_id"]: w["capacity"] for w in items
+    }
+
+
+async def wait_balanced(cluster: Cluster, total: int, *, timeout: float, what: str) -> float:
+    async def done() -> bool:
+        state = await cluster.cluster()
+        if state["unassigned"] != 0:
+            return False
+        return balanced(await cluster.workers(), total)
+
+    return await wait_until(done, timeout=timeout, interval=0.25, what=what)
+
+
+async def count_moves(cluster: Cluster, after: int) -> tuple[int, int, int, int]:
+    """Since event ``after``: streams revoked for balance, revokes carried out by timeout,
+    workers declared lost, and streams those lost workers had to give up."""
+    events = await cluster.events_after(after)
+    revoked = sum(1 for e in events if e["type"] == "stream_revoked")
+    reasons = [e["data"].get("reason") for e in events if e["type"] == "stream_released"]
+    lost = sum(1 for e in events if e["type"] == "worker_lost")
+    return revoked, reasons.count("revoke_timeout"), lost, reasons.count("lease_expired")
+
+
+async def scale(ctx: Context, database: str) -> ScaleFigures:
+    s = ctx.sizes
+    f = ScaleFigures(database=database, workers=s.asg_workers, streams=s.asg_streams)
+    ctx.say(f"assignment: bare insert reference ({database})")
+    f.bare_insert_s = await bare_insert_seconds(ctx, database, s.asg_streams)
+    url = await ctx.database_url(database, f"assignment-{database}")
+    orch = Orchestrator.create(
+        ctx.workdir,
+        {
+            "ORCH_DATABASE_URL": url,
+            "ORCH_LEASE_TTL_S": str(s.asg_lease_ttl_s),
+            "ORCH_HEARTBEAT_INTERVAL_S": str(s.asg_beat_interval_s),
+            "ORCH_REAPER_INTERVAL_S": str(REAPER_INTERVAL_S),
+            "ORCH_LOG_LEVEL": "WARNING",
+        },
+        name=f"assignment-{database}",
+    )
+    await orch.astart()
+    cluster = Cluster(orch.url, connections=32)
+    beater: Beater | None = None
+    try:
+        ctx.say(f"assignment: registering {s.asg_workers} workers ({database})")
+        started = time.perf_counter()
+        sims = await cluster.register_many(
+            [f"w-{i:05d}" for i in range(s.asg_workers)], s.asg_capacity
+        )
+        f.register_s = time.perf_counter() - started
+        beater = Beater(cluster, sims, s.asg_beat_interval_s)
+        beater.start()
+
+        ctx.say(f"assignment: creating {s.asg_streams} streams ({database})")
+        started = time.perf_counter()
+        await cluster.create_streams(s.asg_streams)
+        f.create_s = time.perf_counter() - started
+        await wait_balanced(
+            cluster, s.asg_streams, timeout=s.asg_timeout_s, what="full balanced assignment"
+        )
+        f.full_s = time.perf_counter() - started
+
+        # --- join ---------------------------------------------------------------------
+        ctx.say(f"assignment: {s.asg_join} workers join ({database})")
+        loads, caps = await loads_and_capacities(cluster)
+        mark = await cluster.last_event_id()
+        newcomers = [f"j-{i:05d}" for i in range(s.asg_join)]
+        caps.update({wid: s.asg_capacity for wid in newcomers})
+        f.join_minimum, _ = minimum_moves(loads, caps, s.asg_streams)
+        f.join_workers = s.asg_join
+        started = time.perf_counter()
+        joined = await cluster.register_many(newcomers, s.asg_capacity)
+        beater.add(joined)
+        await wait_balanced(
+            cluster, s.asg_streams, timeout=s.asg_timeout_s, what="balance after join"
+        )
+        f.join_settle_s = time.perf_counter() - started
+        f.join_moves, f.join_forced, f.join_lost, f.join_lost_streams = await count_moves(
+            cluster, mark
+        )
+
+        # --- death --------------------------------------------------------------------
+        ctx.say(f"assignment: {s.asg_die} workers stop beating ({database})")
+        victims = sims[: s.asg_die]
+        f.die_workers = len(victims)
+        f.die_streams = sum(len(v.held) for v in victims)
+        # Stop beating once any beat in flight has landed: its answer sets the expiry.
+        beater.silenced.update(v.worker_id for v in victims)
+        await asyncio.sleep(0.5)
+        expiry = max(v.lease_expires_at for v in victims)
+        first_expiry = min(v.lease_expires_at for v in victims)
+        victim_ids = {v.worker_id for v in victims}
+
+        async def reassigned() -> bool:
+            state = await cluster.cluster()
+            if state["unassigned"] != 0 or state["workers"].get("lost", 0) < len(victims):
+                return False
+            held = {w["worker_id"]: w["held"] for w in await cluster.workers()}
+            return all(held.get(v, 0) == 0 for v in victim_ids)
+
+        await wait_until(
+            reassigned,
+            timeout=s.asg_lease_ttl_s + s.asg_timeout_s,
+            interval=POLL_S,
+            what="streams of dead workers reassigned",
+        )
+        done = time.time()
+        f.die_after_expiry_s = done - expiry
+        f.die_after_first_s = done - first_expiry
+        f.beat_errors = beater.errors
+        if beater.first_error:
+            f.notes.append(f"{database}: {beater.errors} failed beats, first: {beater.first_error}")
+        if beater.late:
+            f.notes.append(
+                f"{database}: {beater.late} of {beater.beats} beats started more than one "
+                "beat interval late (the orchestrator answered too slowly)."
+            )
+        return f
+    finally:
+        if beater is not None:
+            await beater.stop()
+        await cluster.aclose()
+        await orch.astop()
+
+
+# --- replicas on PostgreSQL -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CycleJob:
+    """A load process's share of join cycles: register, request, leave, per connection."""
+
+    urls: tuple[tuple[str, int], ...]  # (host, port) per connection
+    worker_ids: tuple[tuple[str, ...], ...]  # worker ids per connection
+    capacity: int
+    start_at: float
+    warmup_s: float
+    duration_s: float
+
+
+def cycle_process_main(job: CycleJob) -> tuple[int, int, list[float], str | None]:
+    """(cycles completed in the window, failures, cycle latencies ms, first error)."""
+    from bench.rawhttp import _install_fast_loop
+
+    _install_fast_loop()
+    return asyncio.run(_cycles(job))
+
+
+async def _cycles(job: CycleJob) -> tuple[int, int, list[float], str | None]:
+    from bench.rawhttp import HTTPFailure
+
+    completed = 0
+    failed = 0
+    latencies: list[float] = []
+    first_error: str | None = None
+    await asyncio.sleep(max(0.0, job.start_at - time.time()))
+    begin = time.perf_counter() + job.warmup_s
+    end = begin + job.duration_s
+
+    async def one(host: str, port: int, ids: tuple[str, ...]) -> None:
+        nonlocal completed, failed, first_error
+        cluster = Cluster(f"http://{host}:{port}", connections=1)
+        i = 0
+        try:
+            while (sent := time.perf_counter()) < end:
+                worker = SimWorker(ids[i % len(ids)], job.capacity)
+                i += 1
+                try:
+                    await cluster.register(worker)
+                    await cluster.request(worker, job.capacity)
+                    await cluster.leave(worker)
+                except HTTPFailure as exc:
+                    failed += 1
+                    first_error = first_error or str(exc)
+                    await asyncio.sleep(0.01)
+                    continue
+                done = time.perf_counter()
+                # Throughput counts every cycle that ends inside the window; latency only
+                # those that also started inside it.
+                if begin <= done <= end:
+                    completed += 1
+                    if sent >= begin:
+                        latencies.append((done - sent) * 1000)
+        finally:
+            await cluster.aclose()
+
+    await asyncio.gather(
+        *(one(h, p, ids) for (h, p), ids in zip(job.urls, job.worker_ids, strict=True))
+    )
+    return completed, failed, latencies, first_error
+
+
+async def replica_throughput(ctx: Context, replicas: int) -> tuple[float, float, int, str | None]:
+    """Join cycles per second (register + request + leave) with ``replicas`` orchestrators."""
+    s = ctx.sizes
+    assert ctx.pg is not None
+    url = await ctx.pg.new()
+    settings = {"ORCH_DATABASE_URL": url, "ORCH_LOG_LEVEL": "WARNING"}
+    orchs = [
+        Orchestrator.create(ctx.workdir, settings, name=f"replica{replicas}-{i}")
+        for i in range(replicas)
+    ]
+    try:
+        # The first migrates the empty database; the others find it at head.
+        await orchs[0].astart()
+        await asyncio.gather(*(o.astart() for o in orchs[1:]))
+        admin = Cluster(orchs[0].url)
+        try:
+            await admin.create_streams(s.replica_workers * 5 + 100)
+        finally:
+            await admin.aclose()
+        connections = min(s.hb_connections, s.replica_workers)
+        ids = [f"r-{i:05d}" for i in range(s.replica_workers)]
+        per_conn = [tuple(ids[i::connections]) for i in range(connections)]
+        urls = [("127.0.0.1", orchs[i % replicas].port) for i in range(connections)]
+        start_at = time.time() + 0.5
+        jobs = []
+        for p in range(ctx.load_processes):
+            mine = list(range(p, connections, ctx.load_processes))
+            if mine:
+                jobs.append(
+                    CycleJob(
+                        urls=tuple(urls[i] for i in mine),
+                        worker_ids=tuple(per_conn[i] for i in mine),
+                        capacity=5,
+                        start_at=start_at,
+                        warmup_s=1.0,
+                        duration_s=s.replica_duration_s,
+                    )
+                )
+        results = await asyncio.gather(*(ctx.pool.acall(cycle_process_main, job) for job in jobs))
+        completed = sum(r[0] for r in results)
+        failed = sum(r[1] for r in results)
+        latencies = [x for r in results for x in r[2]]
+        first_error = next((r[3] for r in results if r[3]), None)
+        from bench.report import percentile
+
+        return completed / s.replica_duration_s, percentile(latencies, 50), failed, first_error
+    finally:
+        await asyncio.gather(*(o.astop() for o in orchs))
+
+
+# --- the section ------------------------------------------------------------------------
+
+
+async def run(ctx: Context) -> Section:
+    s = ctx.sizes
+    section = Section(
+        key="assignment",
+        title="2. Assignment at scale",
+        intro=f"""
+{s.asg_workers:,} simulated workers (capacity {s.asg_capacity}) register with a real
+orchestrator, then {s.asg_streams:,} streams are created through `POST /api/v1/streams`
+in batches of 1000. The clock runs from the first batch until `GET /api/v1/cluster` shows
+nothing unassigned and `GET /api/v1/workers` shows every worker within one stream of its
+fair share. The workers beat every {s.asg_beat_interval_s:g} s (lease
+{s.asg_lease_ttl_s:g} s, reaper every {REAPER_INTERVAL_S:g} s, default
+`ORCH_MAX_MOVES_PER_PASS`) presenting what they hold and handing revoked streams back
+at once. Then {s.asg_join} workers join (moves = `stream_revoked` events, against the
+minimum: the sum over workers of max(0, load before − target after)), then
+{s.asg_die} of the original workers stop beating (time from their lease expiry until
+every one of their streams has a new owner, polled every {POLL_S:g} s). Reference for
+the time: a bare bulk INSERT of the same number of stream rows through the same driver
+in the same 1000-row transactions, measured in the same run.
+""",
+    )
+    table = Table(
+        [
+            "database",
+            "register all (s)",
+            "create all (s)",
+            "full + balanced (s)",
+            "µs / stream",
+            "bare INSERT (s)",
+            "× bare INSERT",
+            "join: moves / minimum",
+            "join settles (s)",
+            "death: streams",
+            "reassigned after expiry (s)",
+        ]
+    )
+    for database in ctx.databases():
+        ctx.say(f"assignment: {database}")
+        f = await scale(ctx, database)
+        ratio = f.full_s / f.bare_insert_s if f.bare_insert_s else float("nan")
+        moves_ratio = f.join_moves / f.join_minimum if f.join_minimum else float("nan")
+        table.add(
+            database,
+            f.register_s,
+            f.create_s,
+            f.full_s,
+            f.full_s / f.streams * 1e6,
+            f.bare_insert_s,
+            fmt(ratio, 1),
+            f"{f.join_moves:,} / {f.join_minimum:,} = {fmt(moves_ratio)}",
+            f.join_settle_s,
+            f.die_streams,
+            f.die_after_expiry_s,
+        )
+        section.goal(
+            f"full balanced assignment of {f.streams:,} streams ({database})",
+            "(informational: × a bare INSERT of the rows)",
+            f"{fmt(f.full_s, 1)} s = {fmt(ratio, 1)} × bare INSERT",
+            None,
+        )
+        section.goal(
+            f"moves when {f.join_workers} join ({database})",
+            f"<= {GOAL_MOVES_RATIO} × minimum",
+            f"{f.join_moves:,} / {f.join_minimum:,} = {fmt(moves_ratio)}",
+            f.join_moves <= GOAL_MOVES_RATIO * f.join_minimum and not f.join_lost,
+        )
+        section.goal(
+            f"{f.die_workers} die: all their streams reassigned after lease expiry ({database})",
+            f"<= one reaper pass ({REAPER_INTERVAL_S:g} s)",
+            f"{fmt(f.die_after_expiry_s)} s",
+            f.die_after_expiry_s <= REAPER_INTERVAL_S,
+        )
+        if f.streams < ISSUE_STREAMS and f.create_s > 0:
+            rate = f.streams / f.create_s
+            section.notes.append(
+                f"{database}: sized down from the issue's {ISSUE_STREAMS:,} streams: with "
+                f"{f.workers:,} beating workers streams were created at {rate:,.0f}/s here, so "
+                f"{ISSUE_STREAMS:,} would take at least {ISSUE_STREAMS / rate / 60:.0f} min "
+                "for this database alone (more: each balancing pass grows with the "
+                "catalogue). `python -m bench --size issue` runs the issue's sizes."
+            )
+        if f.join_lost:
+            section.notes.append(
+                f"{database}: {f.join_lost} workers were declared lost while the join settled "
+                f"(their beats came too late), giving up {f.join_lost_streams} streams; those "
+                "moves are not counted as `stream_revoked` and make the ratio unreliable."
+            )
+        if f.join_forced:
+            section.notes.append(
+                f"{database}: {f.join_forced} revokes were carried out by timeout, "
+                "not by the owner."
+            )
+        section.notes.extend(f.notes)
+
+    if ctx.pg is not None:
+        rows: list[tuple[int, float, float, int, str | None]] = []
+        for n in s.replica_counts:
+            ctx.say(f"assignment: {n} replica(s) on PostgreSQL")
+            rate, p50, failed, err = await replica_throughput(ctx, n)
+            rows.append((n, rate, p50, failed, err))
+        base = rows[0][1] if rows and rows[0][1] else float("nan")
+        replica_table = Table(
+            ["replicas", "join cycles/s", "× one replica", "cycle p50 ms", "failed cycles"],
+            title=(
+                "Replicas on PostgreSQL: join cycles (register + request 5 + leave) per second, "
+                f"{min(s.hb_connections, s.replica_workers)} connections spread over the replicas"
+            ),
+        )
+        for n, rate, p50, failed, err in rows:
+            replica_table.add(str(n), rate, fmt(rate / base), p50, failed)
+            if err:
+                section.notes.append(f"{n} replica(s): first failure: {err}")
+        section.tables.append(table)
+        section.tables.append(replica_table)
+        if len(rows) > 1:
+            section.goal(
+                "join cycles/s with more replicas (PostgreSQL)",
+                "(informational: × one replica)",
+                ", ".join(f"{n}: {fmt(r / base)}" for n, r, *_ in rows),
+                None,
+            )
+    else:
+        section.tables.append(table)
+        section.notes.append(
+            "PostgreSQL was not reachable: its rows and the replica runs were not run."
+        )
+    return section

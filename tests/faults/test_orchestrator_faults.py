@@ -1,0 +1,78 @@
+"""The orchestrator killed with SIGKILL and restarted on its SQLite file, briefly and for
+longer than the lease, while real workers run: an outage is not a worker failure."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.faults.cluster import Cluster, poll
+from tests.faults.conftest import MakeCluster
+from tests.faults.probe import read_running
+
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+
+
+async def _all_local(cluster: Cluster) -> bool:
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        for worker in cluster.workers.values():
+            try:
+                health = (await client.get(worker.health_url)).json()
+            except httpx.HTTPError:
+                return False
+            if not health["local_mode_active"]:
+                return False
+    return True
+
+
+async def test_orchestrator_kill_9_and_an_outage_past_the_lease_lose_no_assignment(
+    make_cluster: MakeCluster,
+) -> None:
+    """kill -9 of the orchestrator, short and longer than the lease: zero ownership changes."""
+    cluster = await make_cluster()
+    check = cluster.check
+    await cluster.create_streams(10)
+    await asyncio.gather(*(cluster.add_worker(f"w{i}", 5) for i in (1, 2, 3)))
+    [orch] = cluster.orchestrators
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(check.run(stop))
+    try:
+        await cluster.settle()
+        before = await cluster.owners()
+        epochs = {
+            w["worker_id"]: w["epoch"]
+            for w in (await cluster.admin("GET", "/workers")).json()["items"]
+        }
+
+        # 1. kill -9 and straight back up on the same file and port.
+        await orch.kill()
+        await orch.start()
+        await cluster.settle()
+        assert await cluster.owners() == before
+
+        # 2. Down for three leases: every worker goes to local mode and keeps running what
+        #    it holds; back up, nobody is declared lost and nothing changes hands.
+        await orch.kill()
+        await poll(lambda: _all_local(cluster), deadline_s=20, what="workers in local mode")
+        outage_until = asyncio.get_running_loop().time() + 3 * cluster.timing.lease_s
+        while asyncio.get_running_loop().time() < outage_until:
+            for worker in cluster.workers.values():
+                published = read_running(cluster.probe_dir, worker.worker_id)
+                assert published is not None and published[0] == worker.pid
+                mine = {s: t for s, (o, t) in before.items() if o == worker.worker_id}
+                assert published[1] == mine, (worker.worker_id, published[1], mine)
+            await asyncio.sleep(0.2)
+        await orch.start()
+        await cluster.settle()
+        assert await cluster.owners() == before
+        workers = (await cluster.admin("GET", "/workers")).json()["items"]
+        # Reconnected through reconcile: the same sessions, no new registration.
+        assert {w["worker_id"]: w["epoch"] for w in workers} == epochs
+        assert await cluster.events("worker_lost") == []
+    finally:
+        stop.set()
+        await watcher
+    check.assert_clean()
+    assert check.unreadable > 0  # the checker did see the outage
