@@ -56,7 +56,14 @@ class Sizes:
 # the 2-core reference machine they take well over half an hour (see docs/benchmarks.md).
 ISSUE = Sizes(name="issue", asg_timeout_s=1800.0)
 # The largest sizes whose whole run fits in about ten minutes on that machine.
-FULL = Sizes(name="full", asg_streams=20_000, growth_workers=(10, 1000, 3000))
+FULL = Sizes(
+    name="full",
+    asg_workers=500,
+    asg_streams=10_000,
+    asg_join=50,
+    asg_die=50,
+    growth_workers=(10, 1000, 3000),
+)
 QUICK = Sizes(
     name="quick",
     hb_pairs=2,

@@ -24,7 +24,7 @@ import pytest
 
 from tests.faults.cluster import API, WORKER_TOKEN, poll
 from tests.faults.conftest import MakeCluster
-from tests.faults.load import hammer, unacceptable
+from tests.faults.load import ServerErrorSeen, hammer, unacceptable
 from tests.utils.pg import PgDatabases, admin_url
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.postgres, pytest.mark.pg_restart]
@@ -160,9 +160,5 @@ async def test_postgres_restart_under_load_is_503_then_recovers_without_a_restar
     bad = unacceptable(seen)
     internal = [v for v in check.violations if " 500 " in v]
     if bad or internal:
-        # Seen only when a call lands in PostgreSQL's short "starting up / shutting down"
-        # window; test_database_faults.py pins the cause down deterministically.
-        pytest.xfail(
-            f"BUG (errors.py is_database_trouble misses SQLSTATE 57P03): {bad} {internal[:3]}"
-        )
+        raise ServerErrorSeen(f"load saw {bad}; checker saw {internal[:3]}")
     check.assert_clean()
