@@ -180,7 +180,8 @@ class RawClient:
         raw = encode_request(
             method, path, host=self.host, body=body, headers={**self.headers, **(headers or {})}
         )
-        conn = await self._idle.get()
+        # Bounded like the request itself: a wedged pool fails loudly instead of waiting.
+        conn = await asyncio.wait_for(self._idle.get(), self.timeout)
         try:
             status, answer = await conn.request(raw)
         finally:
@@ -288,6 +289,13 @@ def _noop() -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """A load process must not outlive a benchmark that was killed."""
+    from bench.procs import _die_with_parent as arrange
+
+    arrange()
+
+
 class LoadPool:
     """Warm load processes (``spawn``: nothing of the driver's event loop leaks in)."""
 
@@ -296,7 +304,9 @@ class LoadPool:
 
         self.processes = processes
         self._pool = ProcessPoolExecutor(
-            max_workers=processes, mp_context=multiprocessing.get_context("spawn")
+            max_workers=processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_die_with_parent,
         )
         for future in [self._pool.submit(_noop) for _ in range(processes * 2)]:
             future.result(timeout=60)

@@ -233,12 +233,17 @@ async def wait_until(
     """Poll ``check`` until true; the seconds it took. Raises past ``timeout``."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    while True:
-        if await check():
-            return loop.time() - started
-        if loop.time() - started > timeout:
-            raise DeadlinePassed(f"{what} not reached within {timeout:.0f} s")
-        await asyncio.sleep(interval)
+    try:
+        # The deadline also bounds a check that itself never returns.
+        async with asyncio.timeout(timeout + interval + 30):
+            while True:
+                if await check():
+                    return loop.time() - started
+                if loop.time() - started > timeout:
+                    raise DeadlinePassed(f"{what} not reached within {timeout:.0f} s")
+                await asyncio.sleep(interval)
+    except TimeoutError as exc:
+        raise DeadlinePassed(f"{what}: a check did not return within the deadline") from exc
 
 
 def balanced(workers: Sequence[dict[str, Any]], total_streams: int) -> bool:

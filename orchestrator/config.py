@@ -123,7 +123,11 @@ class Settings(BaseSettings):
         Longer than a leader handover (a replica dying is not an outage), short enough that
         any real outage gives every worker a fresh lease when the orchestrator returns.
         """
-        return self.leader_ttl_s + 2 * self.reaper_interval_s + 0.5
+        natural = self.leader_ttl_s + 2 * self.reaper_interval_s + 0.5
+        # Never longer than the lease's slack: a silence long enough to expire a healthy
+        # worker's lease must count as an outage, or that worker would be blamed for it.
+        slack = self.lease_ttl_s - self.heartbeat_interval_s - self.lease_flush_interval_s
+        return max(min(natural, slack), 1.5 * self.reaper_interval_s)
 
     @property
     def effective_revoke_timeout_s(self) -> float:

@@ -4,11 +4,13 @@ longer than the lease, while real workers run: an outage is not a worker failure
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import httpx
 import pytest
 
-from tests.faults.cluster import Cluster, poll
+from tests.faults.cluster import Cluster, Timing, poll
 from tests.faults.conftest import MakeCluster
 from tests.faults.probe import read_running
 
@@ -31,7 +33,9 @@ async def test_orchestrator_kill_9_and_an_outage_past_the_lease_lose_no_assignme
     make_cluster: MakeCluster,
 ) -> None:
     """kill -9 of the orchestrator, short and longer than the lease: zero ownership changes."""
-    cluster = await make_cluster()
+    # Reaper every 0.1 s keeps the outage gap (0.9 s) inside the lease's slack, so however
+    # long the restart takes it is judged an outage (see the frozen test below).
+    cluster = await make_cluster(timing=Timing(reaper_s=0.1))
     check = cluster.check
     await cluster.create_streams(10)
     await asyncio.gather(*(cluster.add_worker(f"w{i}", 5) for i in (1, 2, 3)))
@@ -41,10 +45,7 @@ async def test_orchestrator_kill_9_and_an_outage_past_the_lease_lose_no_assignme
     try:
         await cluster.settle()
         before = await cluster.owners()
-        epochs = {
-            w["worker_id"]: w["epoch"]
-            for w in (await cluster.admin("GET", "/workers")).json()["items"]
-        }
+        epochs = await _epochs(cluster)
 
         # 1. kill -9 and straight back up on the same file and port.
         await orch.kill()
@@ -67,12 +68,44 @@ async def test_orchestrator_kill_9_and_an_outage_past_the_lease_lose_no_assignme
         await orch.start()
         await cluster.settle()
         assert await cluster.owners() == before
-        workers = (await cluster.admin("GET", "/workers")).json()["items"]
         # Reconnected through reconcile: the same sessions, no new registration.
-        assert {w["worker_id"]: w["epoch"] for w in workers} == epochs
+        assert await _epochs(cluster) == epochs
         assert await cluster.events("worker_lost") == []
     finally:
         stop.set()
         await watcher
     check.assert_clean()
     assert check.unreadable > 0  # the checker did see the outage
+
+
+async def test_a_frozen_orchestrator_ends_no_session(make_cluster: MakeCluster) -> None:
+    """SIGSTOP past the lease: an outage of the orchestrator; no session may end."""
+    # Reaper every 0.5 s: the natural outage gap (2.5 s) would exceed the 1.5 s lease;
+    # Settings caps it at the lease's slack, so a 1.8 s freeze is judged an outage.
+    cluster = await make_cluster(timing=Timing(reaper_s=0.5))
+    check = cluster.check
+    await cluster.create_streams(6)
+    await asyncio.gather(*(cluster.add_worker(f"w{i}", 4) for i in (1, 2)))
+    [orch] = cluster.orchestrators
+    assert orch.proc is not None
+    await cluster.settle()
+    before = await cluster.owners()
+    epochs = await _epochs(cluster)
+    os.kill(orch.proc.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(1.8)  # the fault's length: past the 1.5 s lease, under 2.5 s
+    finally:
+        os.kill(orch.proc.pid, signal.SIGCONT)
+    await cluster.settle()
+    check.assert_clean()
+    assert await cluster.events("worker_lost") == []
+    assert await cluster.owners() == before
+    # An outage is not a worker failure: the sessions outlive it (reconcile, no register).
+    assert await _epochs(cluster) == epochs
+    for worker in cluster.workers.values():
+        assert "worker.session_over" not in worker.log_text(), worker.worker_id
+
+
+async def _epochs(cluster: Cluster) -> dict[str, int]:
+    workers = (await cluster.admin("GET", "/workers")).json()["items"]
+    return {w["worker_id"]: w["epoch"] for w in workers}
