@@ -447,7 +447,11 @@ async def test_reaper_never_grants_beyond_capacity_while_a_revoke_is_pending(
         held = [{"stream_id": a["stream_id"], "token": a["token"]} for a in hb["assignments"]]
         assert len(held) == 4
         await h.register("w1", capacity=4)  # never heartbeats
-        clock.advance(2.0)
+        # Steps shorter than the outage gap: the reaper keeps watching throughout.
+        clock.advance(1.0)
+        assert (await h.heartbeat(w0, held)).status_code == 200
+        await h.reap()
+        clock.advance(1.0)
         assert (await h.heartbeat(w0, held)).status_code == 200
         await h.reap()  # w1 gets the 2 idle streams; one of w0's is revoked towards w1
         assert len((await h.heartbeat(w0, held)).json()["revoke"]) == 1
