@@ -33,9 +33,7 @@ async def test_orchestrator_kill_9_and_an_outage_past_the_lease_lose_no_assignme
     make_cluster: MakeCluster,
 ) -> None:
     """kill -9 of the orchestrator, short and longer than the lease: zero ownership changes."""
-    # Reaper every 0.1 s keeps the outage gap (0.9 s) inside the lease's slack, so however
-    # long the restart takes it is judged an outage (see the frozen test below).
-    cluster = await make_cluster(timing=Timing(reaper_s=0.1))
+    cluster = await make_cluster()
     check = cluster.check
     await cluster.create_streams(10)
     await asyncio.gather(*(cluster.add_worker(f"w{i}", 5) for i in (1, 2, 3)))
@@ -47,8 +45,10 @@ async def test_orchestrator_kill_9_and_an_outage_past_the_lease_lose_no_assignme
         before = await cluster.owners()
         epochs = await _epochs(cluster)
 
-        # 1. kill -9 and straight back up on the same file and port.
+        # 1. kill -9 and back up on the same file and port. Down for a lease, so the
+        #    restart is always judged an outage (a shorter one: the xfail test below).
         await orch.kill()
+        await asyncio.sleep(cluster.timing.lease_s)  # the fault's length
         await orch.start()
         await cluster.settle()
         assert await cluster.owners() == before
@@ -109,3 +109,46 @@ async def test_a_frozen_orchestrator_ends_no_session(make_cluster: MakeCluster) 
 async def _epochs(cluster: Cluster) -> dict[str, int]:
     workers = (await cluster.admin("GET", "/workers")).json()["items"]
     return {w["worker_id"]: w["epoch"] for w in workers}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: an outage shorter than outage_gap_s (orchestrator/config.py) gets no grace "
+        "(reaper.py _pass), so leases that the outage left with less than the workers' "
+        "reconnection time run out after the orchestrator returns and the reaper declares "
+        "the workers lost, though spec 5 promises every stream to a worker back within "
+        "lease_ttl_s of the return"
+    ),
+)
+async def test_workers_back_within_the_lease_after_a_short_outage_keep_everything(
+    make_cluster: MakeCluster,
+) -> None:
+    """Spec 5: reconnecting within lease_ttl_s of the orchestrator's return keeps it all."""
+    cluster = await make_cluster()
+    check = cluster.check
+    await cluster.create_streams(6)
+    await asyncio.gather(*(cluster.add_worker(f"w{i}", 4) for i in (1, 2)))
+    [orch] = cluster.orchestrators
+    assert orch.proc is not None
+    await cluster.settle()
+    before = await cluster.owners()
+    # The orchestrator is away 0.7 s (shorter than its outage gap); the workers are held
+    # back 1.0 s more, as a worker's breaker or a slow network would: they are back 1.0 s
+    # after the orchestrator returned, within the 1.5 s lease.
+    os.kill(orch.proc.pid, signal.SIGSTOP)
+    for worker in cluster.workers.values():
+        worker.pause()
+    try:
+        await asyncio.sleep(0.7)
+    finally:
+        os.kill(orch.proc.pid, signal.SIGCONT)
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        for worker in cluster.workers.values():
+            worker.resume()
+    await cluster.settle()
+    check.assert_clean()
+    assert await cluster.events("worker_lost") == []
+    assert await cluster.owners() == before
