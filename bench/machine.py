@@ -73,7 +73,12 @@ def git_revision() -> str:
     return f"{rev} (with uncommitted changes)" if dirty else rev
 
 
-def describe(pg_version: str | None, load_at_start: str) -> list[tuple[str, str]]:
+def describe(
+    pg_version: str | None, load_at_start: str, revision_at_start: str
+) -> list[tuple[str, str]]:
+    revision = git_revision()
+    if revision != revision_at_start:
+        revision = f"{revision_at_start} at start, {revision} at end (the tree changed mid-run)"
     return [
         ("cores (nproc)", cores()),
         ("CPU", cpu_model()),
@@ -83,5 +88,5 @@ def describe(pg_version: str | None, load_at_start: str) -> list[tuple[str, str]
         ("SQLite", sqlite3.sqlite_version),
         ("PostgreSQL", pg_version or "not reachable (its rows were not run)"),
         ("load average at start (1/5/15 min)", load_at_start),
-        ("revision", git_revision()),
+        ("revision", revision),
     ]

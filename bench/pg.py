@@ -28,14 +28,22 @@ def with_database(url: str, name: str) -> str:
     return f"{url.rpartition('/')[0]}/{name}"
 
 
-async def _execute(sql: str) -> str:
+async def _execute(sql: str, *, attempts: int = 6) -> str:
+    """One admin statement; retried while the server restarts (others' tests restart it)."""
     import asyncpg
 
-    conn = await asyncpg.connect(dsn(admin_url()), timeout=5)
-    try:
-        return str(await conn.execute(sql))
-    finally:
-        await conn.close()
+    for attempt in range(1, attempts + 1):
+        try:
+            conn = await asyncpg.connect(dsn(admin_url()), timeout=10)
+            try:
+                return str(await conn.execute(sql))
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError):
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(2.0)
+    raise AssertionError("unreachable")
 
 
 async def server_version(attempts: int = 5) -> str | None:
@@ -64,9 +72,14 @@ class ScratchDatabases:
         self.created: list[str] = []
 
     async def new(self) -> str:
+        import asyncpg
+
         name = f"{self.prefix}_{len(self.created)}"
-        await _execute(f'CREATE DATABASE "{name}"')
         self.created.append(name)
+        try:
+            await _execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.DuplicateDatabaseError:
+            pass  # an attempt cut short by a server restart had created it: it is ours
         return with_database(admin_url(), name)
 
     async def drop_all(self) -> None:
