@@ -68,7 +68,9 @@ def _settings(request: Request):  # type: ignore[no-untyped-def]
     return request.app.state.settings
 
 
-def require_admin(request: Request) -> Caller:
+# The dependencies are ``async def`` although they never wait: FastAPI runs a plain
+# ``def`` dependency on the threadpool, a thread hop per request.
+async def require_admin(request: Request) -> Caller:
     settings = _settings(request)
     token = bearer_token(request)
     if settings.admin_token is None or same_secret(token, settings.admin_token):
@@ -76,7 +78,7 @@ def require_admin(request: Request) -> Caller:
     raise Unauthorized("an admin token is required")
 
 
-def require_cluster(request: Request) -> Caller:
+async def require_cluster(request: Request) -> Caller:
     """Register: the cluster worker token (or the admin token)."""
     settings = _settings(request)
     token = bearer_token(request)
@@ -87,7 +89,7 @@ def require_cluster(request: Request) -> Caller:
     raise Unauthorized("the cluster worker token is required")
 
 
-def worker_caller(request: Request) -> Caller:
+def session_caller(request: Request) -> Caller:
     """Calls under /workers/{id}/: a session token, checked against the worker's row later."""
     settings = _settings(request)
     token = bearer_token(request)
@@ -96,6 +98,10 @@ def worker_caller(request: Request) -> Caller:
     if settings.admin_token is not None and same_secret(token, settings.admin_token):
         return Caller(is_admin=True, token=token)
     return Caller(is_admin=False, token=token)
+
+
+async def worker_caller(request: Request) -> Caller:
+    return session_caller(request)
 
 
 AdminDep = Annotated[Caller, Depends(require_admin)]

@@ -87,6 +87,20 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: OrchestratorMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Label lookups cost more than the observation itself; routes are few and fixed.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _metrics_for(self, path: str, method: str, status: int) -> tuple[Any, Any]:
+        key = (path, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.metrics.latency.labels(path, method),
+                self.metrics.requests.labels(path, method, str(status)),
+            )
+            if len(self._children) < 10_000:  # paths are route templates: bounded anyway
+                self._children[key] = children
+        return children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,5 +121,6 @@ class MetricsMiddleware:
             route: Any = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            self.metrics.latency.labels(path, method).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(path, method, str(status)).inc()
+            latency, requests = self._metrics_for(path, method, status)
+            latency.observe(time.perf_counter() - started)
+            requests.inc()

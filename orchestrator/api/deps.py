@@ -9,7 +9,8 @@ from fastapi import Depends, Header, Request
 from orchestrator.service import Orchestrator
 
 
-def get_service(request: Request) -> Orchestrator:
+async def get_service(request: Request) -> Orchestrator:
+    # async: a plain ``def`` dependency would be run on the threadpool, a thread hop per call.
     service: Orchestrator = request.app.state.service
     return service
 

@@ -456,12 +456,46 @@ async def test_wrong_types_are_validation_errors(
 async def test_bodies_that_are_not_objects_are_validation_errors(
     db_url: str, clock: FakeClock, content: bytes
 ) -> None:
-    """An empty, non-object, truncated or undecodable body is 422, never 500."""
+    """An empty, non-object, truncated or undecodable body is 422, never 500: on a plain
+    route and on the heartbeat, which has its own hand-written request handling."""
     async with running(db_url, clock) as h:
         r = await h.client.post(
             f"{API}/workers/register", content=content, headers={**CLUSTER, **JSON}
         )
         assert_error(r, 422, "VALIDATION_ERROR")
+        s = await h.register("w1", capacity=1)
+        r = await h.client.post(
+            f"{API}/workers/w1/heartbeat", content=content, headers={**s.headers, **JSON}
+        )
+        assert_error(r, 422, "VALIDATION_ERROR")
+        assert (await h.heartbeat(s)).status_code == 200
+
+
+async def test_heartbeat_checks_token_path_and_body_like_every_other_route(
+    db_url: str, clock: FakeClock
+) -> None:
+    """The heartbeat skips FastAPI's parameter solving for speed; what callers see is the
+    same: no token is 401 before the body is looked at, a bad worker id is a 422 at
+    ``path``, a bad field a 422 at ``body``, and OpenAPI still documents the call."""
+    async with running(db_url, clock) as h:
+        s = await h.register("w1", capacity=1)
+        r = await h.client.post(f"{API}/workers/w1/heartbeat", content=b"{not json", headers=JSON)
+        assert_error(r, 401, "UNAUTHORIZED")
+        r = await h.client.post(
+            f"{API}/workers/-w1/heartbeat", json={"epoch": s.epoch}, headers=s.headers
+        )
+        body = assert_error(r, 422, "VALIDATION_ERROR")
+        assert ["path", "worker_id"] in [e["loc"] for e in body["details"]["errors"]]
+        r = await h.client.post(
+            f"{API}/workers/w1/heartbeat", json={"epoch": s.epoch, "extra": 1}, headers=s.headers
+        )
+        body = assert_error(r, 422, "VALIDATION_ERROR")
+        assert ["body", "extra"] in [e["loc"] for e in body["details"]["errors"]]
+        spec = (await h.client.get("/openapi.json")).json()
+        op = spec["paths"][f"{API}/workers/{{worker_id}}/heartbeat"]["post"]
+        schema = op["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith("/HeartbeatRequest")
+        assert [p["name"] for p in op["parameters"]] == ["worker_id"]
 
 
 @pytest.mark.parametrize(
