@@ -130,5 +130,15 @@ class Settings(BaseSettings):
         return max(min(natural, slack), 1.5 * self.reaper_interval_s)
 
     @property
+    def stall_gap_s(self) -> float:
+        """A silence this long since the end of this replica's own last pass is an outage.
+
+        This replica was frozen (SIGSTOP, a paused VM, a starved event loop) or cut off from
+        its database, and nobody could renew a lease meanwhile. Measured from the end of the
+        pass, so a pass that is merely slow (a large fleet) is never mistaken for one.
+        """
+        return min(max(2 * self.reaper_interval_s, 0.5), self.outage_gap_s)
+
+    @property
     def effective_revoke_timeout_s(self) -> float:
         return self.revoke_timeout_s if self.revoke_timeout_s is not None else self.lease_ttl_s

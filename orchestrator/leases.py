@@ -128,16 +128,19 @@ async def last_reaper_at(session: AsyncSession) -> float | None:
 async def lease_expired(
     session: AsyncSession, expires_at: float, now: float, outage_gap: float
 ) -> bool:
-    """Has the lease run out while some replica was watching?
+    """Has the lease run out, and has a reaper pass judged it since?
 
+    Only the reaper declares a worker lost. A heartbeat that arrives after the lease ran
+    out but before any pass looked at it (the orchestrator was frozen or just restarted,
+    and the grace pass is about to run) renews it: the worker could not have been faster.
     If no reaper has run for longer than ``outage_gap`` the orchestrator itself was down
-    (or cut off from its database): the worker is not at fault, and the next reaper pass
+    (or cut off from its database): the worker is not at fault either, and the next pass
     grants every worker a fresh lease.
     """
     if expires_at >= now:
         return False
     seen = await last_reaper_at(session)
-    return seen is not None and now - seen <= outage_gap
+    return seen is not None and seen >= expires_at and now - seen <= outage_gap
 
 
 async def reject_session(

@@ -5,9 +5,17 @@ Every replica runs this loop; a row in ``cluster_state`` elects one of them per 
 The work itself is conditional updates, so two replicas that both believed they led would
 still not double-assign anything: election only avoids wasted work.
 
-A pass that finds no reaper has run for ``outage_gap_s`` concludes the orchestrator was
-down (or cut off from its database) and renews every lease first: workers are never
-blamed for heartbeats nobody could receive.
+A pass that finds nobody watched the leases for a while concludes the orchestrator was
+down (or cut off from its database) and first extends every lease to a full ``lease_ttl_s``
+from now: workers are never blamed for heartbeats nobody could receive, and each has a
+whole lease to come back (spec, semantics 5). "Nobody watched" is one of:
+
+- this replica ran the last pass and has been silent ``stall_gap_s`` since it *ended*:
+  it was frozen or could not reach the database (a slow pass is not a silence);
+- another replica ran the last pass and nobody has run one for ``outage_gap_s``, longer
+  than a leader handover takes;
+- this replica started after the last leader's claim had run out: no replica was
+  leading when it came up, however short the gap.
 """
 
 from __future__ import annotations
@@ -55,10 +63,15 @@ class Reaper:
         self.settings = service.settings
         self.replica_id = replica_id or self.settings.replica_id or default_replica_id()
         self.passes = 0
+        self.started_at = service.clock()
+        # The claim this replica last replaced (leader, leader_until), read by ``_claim``.
+        self._previous_claim: tuple[str | None, float] | None = None
+        self._last_pass_end: float | None = None
 
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.service.clock()
         row = await session.get(ClusterRow, 1, with_for_update=True)
+        self._previous_claim = None if row is None else (row.leader, row.leader_until)
         if row is None:
             session.add(
                 ClusterRow(
@@ -78,11 +91,9 @@ class Reaper:
         cluster = await session.get(ClusterRow, 1, with_for_update=True)
         assert cluster is not None
         ttl = self.settings.lease_ttl_s
-        if (
-            cluster.last_reaper_at is not None
-            and now - cluster.last_reaper_at > self.settings.outage_gap_s
-        ):
-            gap = now - cluster.last_reaper_at
+        outage = self._outage(cluster.last_reaper_at, now)
+        if outage is not None:
+            cause, gap = outage
             await session.execute(
                 update(WorkerRow)
                 .where(
@@ -91,8 +102,10 @@ class Reaper:
                 .values(lease_expires_at=now + ttl)
                 .execution_options(synchronize_session=False)
             )
-            await ev.record_one(session, ev.LEASE_GRACE, now, gap_s=round(gap, 3), lease_ttl_s=ttl)
-            log.warning("orchestrator.outage_grace", extra={"gap_s": round(gap, 3)})
+            await ev.record_one(
+                session, ev.LEASE_GRACE, now, gap_s=round(gap, 3), lease_ttl_s=ttl, cause=cause
+            )
+            log.warning("orchestrator.outage_grace", extra={"gap_s": round(gap, 3), "cause": cause})
             report.grace = True
         cluster.last_reaper_at = now
         report.lost, freed = await mark_lost(session, now)
@@ -108,6 +121,21 @@ class Reaper:
         if not (report.grace or report.lost or report.assigned or report.moves or overdue):
             session.info["quiet"] = True  # nothing a heartbeat answers with has changed
         return report
+
+    def _outage(self, last_reaper_at: float | None, now: float) -> tuple[str, float] | None:
+        """(cause, seconds) if nobody watched the leases before this pass, else None."""
+        if last_reaper_at is None:
+            return None  # a new database: no lease was ever granted before
+        previous_leader, previous_until = self._previous_claim or (None, now)
+        if previous_leader == self.replica_id and self._last_pass_end is not None:
+            silence = now - self._last_pass_end
+            return ("stall", silence) if silence > self.settings.stall_gap_s else None
+        silence = now - last_reaper_at
+        if silence > self.settings.outage_gap_s:
+            return ("silence", silence)
+        if previous_until < self.started_at:
+            return ("restart", silence)
+        return None
 
     async def _housekeeping(self, session: AsyncSession, now: float) -> None:
         await idempotency.purge(session, now - self.settings.idempotency_ttl_s)
@@ -128,6 +156,7 @@ class Reaper:
         service.metrics.reaper_leader.set(1)
         self.passes += 1
         report = await service.db.write(self._pass)
+        self._last_pass_end = service.clock()
         m = service.metrics
         m.reaper_passes.inc()
         m.lease_expiries.inc(len(report.lost))

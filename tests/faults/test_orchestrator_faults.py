@@ -111,16 +111,6 @@ async def _epochs(cluster: Cluster) -> dict[str, int]:
     return {w["worker_id"]: w["epoch"] for w in workers}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: an outage shorter than outage_gap_s (orchestrator/config.py) gets no grace "
-        "(reaper.py _pass), so leases that the outage left with less than the workers' "
-        "reconnection time run out after the orchestrator returns and the reaper declares "
-        "the workers lost, though spec 5 promises every stream to a worker back within "
-        "lease_ttl_s of the return"
-    ),
-)
 async def test_workers_back_within_the_lease_after_a_short_outage_keep_everything(
     make_cluster: MakeCluster,
 ) -> None:

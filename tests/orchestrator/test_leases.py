@@ -74,6 +74,110 @@ async def test_orchestrator_outage_is_not_worker_failure(db_url: str, clock: Fak
         assert await h.owners() == before
 
 
+async def test_a_short_stall_gives_every_worker_a_whole_lease_after_it(
+    db_url: str, clock: FakeClock
+) -> None:
+    """Spec 5 for an outage shorter than the outage gap: a replica frozen for 1.5 s (3
+    reaper intervals) extends every lease to a full TTL from its return, so a worker back
+    2.9 s later, after its old lease (3 s from its last beat) ran out, keeps everything."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(4)
+        a = await h.register("a", capacity=10)
+        await h.reap()
+        held = held_of((await h.heartbeat(a)).json())
+        before = await h.owners()
+        assert h.settings.stall_gap_s < 1.5 < h.settings.outage_gap_s
+        clock.advance(1.5)  # the process was frozen: no pass, no heartbeat
+        report = await h.reap()
+        assert report.grace and report.lost == []
+        await elapse(h, 2.9)  # the worker is still away; its old lease ended 1.5 s ago
+        r = await h.heartbeat(a, held)
+        assert r.status_code == 200, r.text
+        assert await h.owners() == before
+        events = (await h.client.get("/api/v1/events", headers=ADMIN)).json()["items"]
+        [grace] = [e for e in events if e["type"] == "lease_grace"]
+        assert grace["data"]["cause"] == "stall"
+        await elapse(h, 3.5)  # grace is one lease, not forever: silence now means lost
+        assert (await h.client.get("/api/v1/workers/a", headers=ADMIN)).json()["state"] == "lost"
+
+
+async def test_a_slow_pass_is_not_an_outage(
+    db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that takes longer than the outage gap (a huge fleet) grants no grace: the
+    replica's silence is measured from the end of its last pass, not from its start."""
+    from orchestrator import reaper as reaper_module
+
+    async with running(db_url, clock) as h:
+        await h.register("a", capacity=1)
+        await h.reap()
+        balance = reaper_module.asg.balance
+
+        async def slow_balance(*args, **kwargs):  # type: ignore[no-untyped-def]
+            clock.advance(2 * h.settings.outage_gap_s)
+            return await balance(*args, **kwargs)
+
+        monkeypatch.setattr(reaper_module.asg, "balance", slow_balance)
+        lost: list[str] = []
+        for _ in range(3):
+            clock.advance(0.5)
+            report = await h.reap()
+            assert not report.grace
+            lost += report.lost
+        assert lost == ["a"]  # the slow passes did not hide a silent worker
+
+
+async def test_a_restarted_orchestrator_grants_grace_however_short_the_gap(
+    db_url: str, clock: FakeClock
+) -> None:
+    """A replica that starts after the last leader's claim ran out knows no replica was
+    leading: it grants grace even when the silence is shorter than the outage gap."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(2)
+        a = await h.register("a", capacity=10)
+        await h.reap()
+        held = held_of((await h.heartbeat(a)).json())
+        gap = h.settings.leader_ttl_s + 0.25
+        assert gap < h.settings.outage_gap_s
+    clock.advance(gap)  # killed and restarted
+    async with running(db_url, clock) as h:
+        report = await h.reap()
+        assert report.grace and report.lost == []
+        await elapse(h, h.settings.lease_ttl_s - 0.1)
+        assert (await h.heartbeat(a, held)).status_code == 200
+
+
+async def test_a_replica_taking_over_from_a_live_cluster_grants_no_grace(
+    db_url: str, clock: FakeClock
+) -> None:
+    """A replica already running when the leader died takes over without grace: the
+    cluster was watching all along (the handover is not an outage)."""
+    async with running(db_url, clock) as h1, running(db_url, clock) as h2:
+        await h1.register("a", capacity=1)
+        assert (await h1.reap()).leader
+        assert not (await h2.reap()).leader  # h1 holds the claim
+        clock.advance(h1.settings.leader_ttl_s + 0.1)  # h1 died: its claim runs out
+        report = await h2.reap()
+        assert report.leader and not report.grace
+
+
+async def test_a_late_heartbeat_no_pass_has_judged_yet_is_accepted(
+    db_url: str, clock: FakeClock
+) -> None:
+    """Only the reaper declares a worker lost: a beat after the lease ran out but before
+    any pass looked at it renews it, and the next pass finds the worker alive."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(1)
+        a = await h.register("a", capacity=1)
+        await h.reap()
+        held = held_of((await h.heartbeat(a)).json())
+        await elapse(h, h.settings.lease_ttl_s - 0.5)  # last pass before the lease ends
+        clock.advance(0.75)  # the lease ran out 0.25 s ago; the next pass is due
+        assert (await h.heartbeat(a, held)).status_code == 200
+        report = await h.reap()
+        assert report.lost == [] and not report.grace
+
+
 async def test_heartbeat_after_outage_before_first_pass_is_accepted(
     db_url: str, clock: FakeClock
 ) -> None:
