@@ -1,8 +1,9 @@
 """5. Client overhead: the resilient client's cost per call against two references.
 
-Three callers do the same job, one heartbeat: build the body from what the worker holds,
-POST it with its session and an ``Idempotency-Key``, check the status, parse the answer
-into ``HeartbeatAnswer``, count and time the call:
+Three callers do the same job, one heartbeat: build the body from what the worker holds
+(with the same ``stats`` block the resilient client reports, so the orchestrator does the
+same work for each), POST it with its session and an ``Idempotency-Key``, check the
+status, parse the answer into ``HeartbeatAnswer``, count and time the call:
 
 - bare: ``httpx.AsyncClient.post`` and nothing else (no breaker, no retry, no metrics);
 - resilient: ``ResilientWorkerClient.send_heartbeat()`` (breaker, retry policy and
@@ -120,12 +121,24 @@ def asgi(app: Any) -> httpx.AsyncBaseTransport:
     return httpx.ASGITransport(app=app)
 
 
-def heartbeat_body(epoch: int, held: dict[int, Any]) -> dict[str, Any]:
+def heartbeat_body(epoch: int, held: dict[int, Any], calls: int) -> dict[str, Any]:
+    """The body the resilient client sends: held grants plus its stats block (the same
+    keys; every call of the references succeeds, so the failure figures stay 0)."""
     from shared.models import HeartbeatRequest, Held
 
-    return HeartbeatRequest(
+    body = HeartbeatRequest(
         epoch=epoch, held=[Held(stream_id=a.stream_id, token=a.token) for a in held.values()]
     ).model_dump(mode="json")
+    body["stats"] = {
+        "held": len(held),
+        "total_requests": calls,
+        "successful_requests": calls,
+        "failed_requests": 0,
+        "circuit_breaker_trips": 0,
+        "local_mode_activations": 0,
+        "retry_attempts": 0,
+    }
+    return body
 
 
 # --- the three callers ---------------------------------------------------------------------
@@ -148,15 +161,18 @@ async def bare_caller(transport: Transport, worker_id: str) -> Caller:
     path = f"/api/v1/workers/{worker_id}/heartbeat"
     auth = f"Bearer {reg.session_token}"
 
+    calls = 1  # the registration
+
     async def call() -> HeartbeatAnswer:
-        nonlocal held
-        body = heartbeat_body(reg.epoch, held)
+        nonlocal held, calls
+        body = heartbeat_body(reg.epoch, held, calls)
         response = await http.post(
             path, json=body, headers={"Authorization": auth, "Idempotency-Key": uuid.uuid4().hex}
         )
         if response.status_code != 200:
             raise RuntimeError(f"heartbeat answered {response.status_code}")
         answer = HeartbeatAnswer.model_validate_json(response.content)
+        calls += 1
         held = {a.stream_id: a for a in answer.assignments}
         return answer
 
@@ -238,11 +254,14 @@ async def tenacity_caller(transport: Transport, worker_id: str) -> Caller:
             raise RuntimeError(f"heartbeat answered {response.status_code}")
         return HeartbeatAnswer.model_validate_json(response.content)
 
+    calls = 1  # the registration
+
     async def call() -> HeartbeatAnswer:
-        nonlocal held
-        body = heartbeat_body(reg.epoch, held)
+        nonlocal held, calls
+        body = heartbeat_body(reg.epoch, held, calls)
         answer = await send(body, uuid.uuid4().hex)
         requests.labels("heartbeat", "success").inc()
+        calls += 1
         held = {a.stream_id: a for a in answer.assignments}
         return answer
 
@@ -296,6 +315,7 @@ parsed; `ResilientWorkerClient.send_heartbeat()` (breaker, retry policy and budg
 metrics, held-set bookkeeping, no state dir); and the same POST wrapped in
 `tenacity.retry` (3 attempts, jittered exponential wait) around a `circuitbreaker`
 breaker (5 failures, 60 s recovery) with the same Prometheus counter and histogram.
+All three send the same body: the held grants and the client's stats block.
 Two targets: canned answers through `httpx.MockTransport` (the client's own cost, nothing
 else) and `create_app` on a SQLite file through `httpx.ASGITransport` (a real heartbeat,
 {STREAMS} streams held). {s.client_rounds} interleaved rounds of {s.client_calls}

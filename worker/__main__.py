@@ -1,8 +1,9 @@
 """``streamherd-worker`` / ``python -m worker``: settings, logging, signals, then the runtime.
 
 Exit status: 0 after a graceful stop, 2 for a setting that makes no sense (one line on
-stderr, no traceback), 1 when start-up fails (port taken, orchestrator refuses us),
-128+signal when a second signal cuts the graceful stop short.
+stderr, no traceback), including a ``WORKER_TOKEN`` the orchestrator refuses at the first
+registration, 1 when start-up fails otherwise (port taken), 128+signal when a second signal
+cuts the graceful stop short.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from shared.logs import configure_logging
 from worker.config import PROG, ConfigError, WorkerSettings, load_settings
 from worker.health import HealthServer
 from worker.processors import build_processor
-from worker.runtime import Runtime, describe
+from worker.runtime import RegistrationRefused, Runtime, describe
 
 logger = logging.getLogger("worker")
 
@@ -71,6 +72,8 @@ async def serve(settings: WorkerSettings) -> int:
     _install_signal_handlers(stop, runtime)
     try:
         await runtime.run(stop)
+    except RegistrationRefused as exc:
+        raise ConfigError(_refused_token_message(settings, exc)) from None
     except Exception as exc:
         logger.error(
             "worker.failed", extra={"worker_id": settings.worker_id, "error": describe(exc)}
@@ -80,6 +83,14 @@ async def serve(settings: WorkerSettings) -> int:
         _remove_signal_handlers()
         await health.close()
     return EXIT_OK
+
+
+def _refused_token_message(settings: WorkerSettings, exc: RegistrationRefused) -> str:
+    """The one line for a refused first registration, naming the setting to fix."""
+    where = f"the orchestrator at {settings.orchestrator_url}"
+    if settings.token is None:
+        return f"invalid setting WORKER_TOKEN: not set, and {where} requires one ({exc})"
+    return f"invalid setting WORKER_TOKEN: {where} refused it ({exc})"
 
 
 def _install_signal_handlers(stop: asyncio.Event, runtime: Runtime) -> None:
@@ -129,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

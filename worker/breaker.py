@@ -6,7 +6,8 @@ answer that arrives after the breaker moved on (a slow call from before it opene
 neither reopen it nor count as a half-open probe.
 
     closed --N consecutive failures or failure rate over the window--> open
-    open --recovery timeout elapsed (read lazily on the next acquire/state)--> half_open
+    open --recovery timeout elapsed (read lazily on the next acquire/state),
+           or allow_probe()--> half_open
     half_open --M successes--> closed;  half_open --any failure--> open (timeout grows)
     forced_open / disabled: set by an operator, left only through reset()
 """
@@ -185,6 +186,18 @@ class CircuitBreaker:
         orchestrator no more than the heartbeats of a healthy fleet.
         """
         self._open_cap = seconds
+
+    def allow_probe(self) -> bool:
+        """End the open period now, so the next call goes through as a half-open probe.
+
+        For an owner that knows a probe is due whatever the period says (the worker's
+        heartbeat in local mode). Only ``open`` moves; ``forced_open`` is an operator's.
+        True when it moved.
+        """
+        if self.state is not BreakerState.OPEN:
+            return False
+        self._transition(BreakerState.HALF_OPEN, "probe_due")
+        return True
 
     @property
     def history(self) -> tuple[StateChange, ...]:

@@ -101,6 +101,15 @@ DEFAULT_LEASE_TTL_S = 15.0
 # Grants (stream, token) we released lately: an answer computed before the release landed
 # must not hand them back to us. Tokens only grow, so a later grant is never mistaken.
 RELEASED_GRANTS_REMEMBERED = 4096
+URLS_REMEMBERED = 64
+# In local mode a heartbeat probes when the last probing one began at least this share of
+# an interval ago: beats one interval apart (a little jitter allowed) all probe, and a
+# caller beating faster still probes only about once per interval.
+BEAT_PROBE_SHARE = 0.9
+# A refused registration is logged as an error at most this often (one beat after another
+# would flood the log); each line says how many refusals it stands for.
+REFUSAL_LOG_INTERVAL_S = 60.0
+JSON_CONTENT_TYPE = "application/json"
 
 A = TypeVar("A", bound=Answer)
 Sent = TypeVar("Sent", bound=BaseModel)
@@ -219,6 +228,12 @@ class ResilientWorkerClient:
         self.lease_ttl_s = DEFAULT_LEASE_TTL_S
         self._revoked: set[int] = set()
         self._released: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._urls: dict[str, httpx.URL] = {}
+        self._last_probe_beat: float | None = None
+        # The last registration's refusal of our credentials (401/403), None otherwise.
+        self.registration_refused: RequestRejected | None = None
+        self._refusals_unlogged = 0
+        self._refusal_logged_at: float | None = None
         self._register_lock = asyncio.Lock()
         self._reconnect_lock = asyncio.Lock()
         self._closed = False
@@ -319,7 +334,12 @@ class ResilientWorkerClient:
         return ok
 
     async def send_heartbeat(self) -> bool:
-        """Renew the lease and converge to the answer; False (quickly) while unreachable."""
+        """Renew the lease and converge to the answer; False (quickly) while unreachable.
+
+        In local mode each beat probes the orchestrator (see ``_probe_on_beat``).
+        """
+        if self.local_mode_active:
+            self._probe_on_beat()
         if not self.is_registered:
             ok = await self.register()
         elif self.local_mode_active:
@@ -525,8 +545,16 @@ class ResilientWorkerClient:
                 cluster_auth=True,
             )
         except OrchestratorError as exc:
-            self._log_failed(Operation.REGISTER, exc)
+            if isinstance(exc, RequestRejected) and exc.status in (401, 403):
+                self.registration_refused = exc
+                self._log_refused(exc)
+            else:
+                self.registration_refused = None
+                self._log_failed(Operation.REGISTER, exc)
             return False
+        self.registration_refused = None
+        self._refusal_logged_at = None
+        self._refusals_unlogged = 0
         self._session_token = answer.session_token
         self._state.epoch = answer.epoch
         self.heartbeat_interval_s = answer.heartbeat_interval_s
@@ -589,11 +617,11 @@ class ResilientWorkerClient:
 
     def _heartbeat_body(self) -> HeartbeatRequest:
         assert self.epoch is not None  # only called once registered
-        return HeartbeatRequest(
-            epoch=self.epoch,
-            held=self._held_list(),
-            stats={"held": len(self._state.held), **self.metrics.summary()},
-        )
+        body = HeartbeatRequest(epoch=self.epoch, held=self._held_list())
+        # Set after validation: the stats are our own flat counters, and the check meant
+        # for any stats (a JSON dump and a tree walk) cost more than all the rest of the body.
+        body.stats = {"held": len(self._state.held), **self.metrics.summary()}
+        return body
 
     async def _reconnect(self) -> bool:
         """Leave local mode: the first call that gets through is a reconcile."""
@@ -722,9 +750,14 @@ class ResilientWorkerClient:
     ) -> A:
         if self._closed:
             raise ClientClosed("the client is closed")
-        payload = body.model_dump(mode="json") if body is not None else None
+        url = self._url(path)
+        # Encoded once, by pydantic, for every attempt (rather than dumped to a dict and
+        # then to JSON again by httpx on each attempt).
+        content = body.model_dump_json().encode() if body is not None else None
         # One key for every attempt of this call: a retry after a lost answer is a replay.
         headers = {"Idempotency-Key": uuid.uuid4().hex}
+        if content is not None:
+            headers["Content-Type"] = JSON_CONTENT_TYPE
         bearer = self.config.token if cluster_auth else self._session_token
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
@@ -735,7 +768,7 @@ class ResilientWorkerClient:
             with self._breaker.acquire() as permit:
                 try:
                     answer = await self._send(
-                        op, method, path, answer_type, payload, headers, timeout
+                        op, method, url, answer_type, content, headers, timeout
                     )
                 except OrchestratorUnavailable:
                     permit.failure()
@@ -756,11 +789,11 @@ class ResilientWorkerClient:
                 on_retry=self._on_retry,
             )
         except OrchestratorError as exc:
-            self.metrics.requests_total.labels(op.value, _outcome(exc)).inc()
+            self.metrics.count_request(op.value, _outcome(exc))
             if isinstance(exc, OrchestratorUnavailable) and op is not Operation.LEAVE:
                 await self._enter_local_mode(op, exc)
             raise
-        self.metrics.requests_total.labels(op.value, OUTCOME_SUCCESS).inc()
+        self.metrics.count_request(op.value, OUTCOME_SUCCESS)
         self._state.last_contact = self._now()
         return result
 
@@ -768,9 +801,9 @@ class ResilientWorkerClient:
         self,
         op: Operation,
         method: str,
-        path: str,
+        url: httpx.URL,
         answer_type: type[A],
-        payload: Any,
+        content: bytes | None,
         headers: dict[str, str],
         timeout: float,
     ) -> A:
@@ -778,16 +811,14 @@ class ResilientWorkerClient:
         started = self._clock()
         try:
             response = await self._http.request(
-                method, path, json=payload, headers=headers, timeout=timeout
+                method, url, content=content, headers=headers, timeout=timeout
             )
         except httpx.TimeoutException as exc:
             raise RequestTimedOut(f"{op.value}: {type(exc).__name__}") from exc
         except (httpx.TransportError, OSError) as exc:
             raise ConnectFailed(f"{op.value}: {type(exc).__name__}") from exc
         finally:
-            self.metrics.request_duration_seconds.labels(op.value).observe(
-                max(0.0, self._clock() - started)
-            )
+            self.metrics.observe_request(op.value, max(0.0, self._clock() - started))
         status = response.status_code
         if 200 <= status < 300:
             try:
@@ -810,7 +841,7 @@ class ResilientWorkerClient:
         if self.local_mode_active:
             return
         self._state.local_mode_since = self._now()
-        self.metrics.local_mode_activations_total.inc()
+        self.metrics.count_local_mode_activation()
         self.metrics.local_mode_active.set(1)
         log.warning(
             "worker.local_mode_entered",
@@ -823,11 +854,27 @@ class ResilientWorkerClient:
         )
         await self._persist()
 
+    def _probe_on_beat(self) -> None:
+        """Let this beat through to the orchestrator, whatever is left of the open period.
+
+        The breaker opens when a beat's call fails, partway through that beat, so its open
+        period (capped at the interval) ends just after the next beat is due: on its own it
+        lets every other beat through, and a worker would come back up to two intervals
+        after the orchestrator did, a large part of the grace lease it is given.
+        """
+        now = self._clock()
+        last = self._last_probe_beat
+        if last is not None and now - last < BEAT_PROBE_SHARE * self.heartbeat_interval_s:
+            return
+        self._last_probe_beat = now
+        self._breaker.allow_probe()
+
     def _leave_local_mode(self) -> None:
         since = self._state.local_mode_since
         if since is None:
             return
         self._state.local_mode_since = None
+        self._last_probe_beat = None
         self.metrics.local_mode_active.set(0)
         log.info(
             "worker.local_mode_left",
@@ -922,11 +969,23 @@ class ResilientWorkerClient:
     def _worker_path(self, suffix: str) -> str:
         return f"{API_PREFIX}/workers/{self.config.worker_id}{suffix}"
 
+    def _url(self, path: str) -> httpx.URL:
+        """``path`` under the base URL, as httpx would merge it, but parsed once per path
+        instead of on every request."""
+        url = self._urls.get(path)
+        if url is None:
+            base = self._http.base_url
+            url = base.copy_with(raw_path=base.raw_path + path.lstrip("/").encode("ascii"))
+            if len(self._urls) >= URLS_REMEMBERED:
+                self._urls.clear()  # failure reports name streams: keep the cache bounded
+            self._urls[path] = url
+        return url
+
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._wall_clock(), UTC)
 
     def _on_retry(self, details: RetryDetails) -> None:
-        self.metrics.retries_total.labels(details.operation).inc()
+        self.metrics.count_retry(details.operation)
         log.info(
             "worker.retry",
             extra={
@@ -941,7 +1000,31 @@ class ResilientWorkerClient:
     def _on_breaker_change(self, change: StateChange) -> None:
         self.metrics.set_breaker_state(change.state)
         if change.state is BreakerState.OPEN:
-            self.metrics.breaker_trips_total.inc()
+            self.metrics.count_breaker_trip()
+
+    def _log_refused(self, exc: RequestRejected) -> None:
+        """Our credentials were refused: an error every time, but at most one line per
+        ``REFUSAL_LOG_INTERVAL_S``, counting the refusals it stands for."""
+        self._refusals_unlogged += 1
+        now = self._clock()
+        if (
+            self._refusal_logged_at is not None
+            and now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL_S
+        ):
+            return
+        log.error(
+            "worker.registration_refused",
+            extra={
+                "worker_id": self.config.worker_id,
+                "status": exc.status,
+                "code": exc.code,
+                "detail": str(exc),
+                "refusals": self._refusals_unlogged,
+                "hint": "check WORKER_TOKEN against the orchestrator's ORCH_WORKER_TOKEN",
+            },
+        )
+        self._refusal_logged_at = now
+        self._refusals_unlogged = 0
 
     def _log_failed(self, op: Operation, exc: OrchestratorError) -> None:
         extra: dict[str, Any] = {

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 from shared.limits import MAX_ERROR_LEN
 from shared.models import Assignment, FailureAnswer
+from worker.errors import RequestRejected
 from worker.metrics import WorkerMetrics
 from worker.processors import Processor, StreamContext, stream_logger
 
@@ -46,6 +47,8 @@ class WorkerClient(Protocol):
     def heartbeat_interval_s(self) -> float: ...
     @property
     def metrics(self) -> WorkerMetrics: ...
+    @property
+    def registration_refused(self) -> RequestRejected | None: ...
 
     async def load_state(self) -> None: ...
     async def register(self) -> bool: ...
@@ -59,6 +62,15 @@ class WorkerClient(Protocol):
     def assignments(self) -> Mapping[int, Assignment]: ...
     def revoked(self) -> AbstractSet[int]: ...
     def record_stream_processing(self, stream_id: int) -> None: ...
+
+
+class RegistrationRefused(Exception):
+    """The orchestrator refused our credentials at start-up (401/403): the cluster token is
+    wrong or missing, and no retry will change that."""
+
+    def __init__(self, refusal: RequestRejected) -> None:
+        super().__init__(f"{refusal.status} {refusal.code}: {refusal}")
+        self.refusal = refusal
 
 
 @dataclass(eq=False)
@@ -206,7 +218,11 @@ class Runtime:
         return self.counts
 
     async def start(self) -> None:
-        """Resume what the state file holds, register presenting it, fill capacity."""
+        """Resume what the state file holds, register presenting it, fill capacity.
+
+        Raises ``RegistrationRefused`` when this first registration is refused for our
+        credentials; a refusal after that is logged and the worker carries on.
+        """
         await self.client.load_state()
         resumed = len(self.client.assignments())
         if self.client.local_mode_active:
@@ -214,6 +230,9 @@ class Runtime:
             # may spend seconds retrying an orchestrator that is still away.
             self._converge()
         registered = await self.client.register()
+        refusal = self.client.registration_refused
+        if not registered and refusal is not None:
+            raise RegistrationRefused(refusal)
         logger.info(
             "worker.started",
             extra={
@@ -410,11 +429,26 @@ class Runtime:
         if free <= 0:
             return
         got = await self.client.request_streams(free)
-        if got:
+        if self.client.local_mode_active:
+            # Lost the orchestrator on the way: the client answers with the streams it
+            # already holds (as seed 001 did). Nothing was assigned; they carry on locally.
+            if got:
+                logger.info(
+                    "worker.streams_kept_locally",
+                    extra={
+                        "worker_id": self.worker_id,
+                        "stream_ids": sorted(got),
+                        "count": len(got),
+                    },
+                )
+            return
+        new = sorted(set(got) - wanted)
+        if new:
             logger.info(
                 "worker.streams_assigned",
-                extra={"worker_id": self.worker_id, "stream_ids": sorted(got), "count": len(got)},
+                extra={"worker_id": self.worker_id, "stream_ids": new, "count": len(new)},
             )
+        if got:
             self._converge()
 
     # --- one stream -------------------------------------------------------------------

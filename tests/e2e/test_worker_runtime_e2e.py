@@ -261,6 +261,28 @@ async def test_programs_die_with_a_killed_worker(tmp_path: Path) -> None:
         await eventually(lambda: not process_alive(pid), timeout=10)
 
 
+async def test_a_refused_worker_token_stops_the_worker_at_start_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """The first registration refused (wrong WORKER_TOKEN): exit 2 with one line naming the
+    setting, no traceback, the token never printed, nothing registered."""
+    async with orchestrator(tmp_path) as orch:
+        worker = await Process.start(
+            "worker",
+            worker_env(
+                tmp_path, "demo", orchestrator_url=orch.url, WORKER_ID="w1", WORKER_TOKEN="wrong-1"
+            ),
+        )
+        try:
+            assert await worker.wait() == 2
+        finally:
+            await worker.kill()
+        assert (await orch.http.get("/api/v1/workers/w1")).status_code == 404
+    assert worker.lines[-1].startswith("streamherd-worker: invalid setting WORKER_TOKEN: ")
+    assert "401 UNAUTHORIZED" in worker.lines[-1]
+    assert not any("Traceback" in line or "wrong-1" in line for line in worker.lines)
+
+
 async def _count(orch: Orchestrator, worker_id: str, n: int) -> bool:
     return len(await orch.owned_by(worker_id)) == n
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from shared.models import Assignment, FailureAnswer, utcnow
+from worker.errors import RequestRejected
 from worker.metrics import WorkerMetrics
 from worker.processors import ProcessorKind, StreamContext
 from worker.runtime import Runtime
@@ -41,10 +42,13 @@ class FakeClient:
         quarantine_after: int = 1_000_000,
         drop_on_quarantine: bool = True,
         rejecting: bool = False,
+        bad_token: bool = False,
         saved_in_local_mode: bool = False,
     ) -> None:
         self.saved_in_local_mode = saved_in_local_mode
-        self.rejecting = rejecting  # reachable, but refuses to register us (bad token)
+        self.rejecting = rejecting  # reachable, but refuses to register us (not our token)
+        self.bad_token = bad_token  # reachable, but refuses our cluster token (401)
+        self.registration_refused: RequestRejected | None = None
         self.drop_on_quarantine = drop_on_quarantine
         self.capacity = capacity
         self.pool = list(pool or [])
@@ -94,6 +98,12 @@ class FakeClient:
         if not self.reachable:
             self.local_mode_active = True
             return False
+        if self.bad_token:
+            self.registration_refused = RequestRejected(
+                "the cluster worker token is required", status=401, code="UNAUTHORIZED"
+            )
+            return False
+        self.registration_refused = None
         if self.rejecting:
             return False
         self.is_registered = True

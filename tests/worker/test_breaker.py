@@ -282,3 +282,20 @@ def test_open_period_never_exceeds_the_owners_cap(fake_time: FakeTime) -> None:
     assert breaker.retry_after() == 5.0
     fake_time.advance(5.0)
     assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_allow_probe_ends_the_open_period_but_not_an_operators_force(
+    fake_time: FakeTime,
+) -> None:
+    """allow_probe(): open turns half-open at once; closed and forced_open stay as they are."""
+    breaker = make(fake_time, recovery_timeout=60)
+    assert breaker.allow_probe() is False
+    assert breaker.state is BreakerState.CLOSED
+    open_breaker(breaker)
+    assert breaker.allow_probe() is True
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.acquire().failure()  # the probe failed: open again, the timeout grown
+    assert breaker.state is BreakerState.OPEN and breaker.retry_after() == 120
+    breaker.force_open()
+    assert breaker.allow_probe() is False
+    assert breaker.state is BreakerState.FORCED_OPEN

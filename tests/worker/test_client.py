@@ -181,6 +181,66 @@ async def test_coming_back_reconciles_and_leaves_local_mode(
     assert state_file(client)["history"] == {}
 
 
+async def test_local_mode_probes_every_beat_and_reconciles_at_the_first_after_return(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+) -> None:
+    """Beats one interval apart each reach the wire while down (the breaker opens partway
+    through a beat, so its capped open period alone would skip every other beat)."""
+    slow = httpx.MockTransport(orchestrator)
+
+    async def refused_after_a_while(request: httpx.Request) -> httpx.Response:
+        fake_time.advance(0.05)  # a refused connection is not instant
+        return await slow.handle_async_request(request)
+
+    client = make_client(transport=httpx.MockTransport(refused_after_a_while))
+    await client.register()
+    await client.request_streams(2)
+    interval = client.heartbeat_interval_s
+
+    async def beat() -> bool:
+        """One runtime beat: the next is due one interval after this one started."""
+        due = fake_time.now + interval
+        ok = await client.send_heartbeat()
+        fake_time.advance(max(0.0, due - fake_time.now))
+        return ok
+
+    orchestrator.down = True
+    for _ in range(3):  # into local mode, and the breaker trips
+        assert await beat() is False
+    assert client.local_mode_active and client.breaker.trips >= 1
+    for _ in range(6):
+        sent = len(orchestrator.requests)
+        assert await beat() is False
+        assert len(orchestrator.requests) > sent, "a beat in local mode did not probe"
+    orchestrator.down = False
+    assert await beat() is True
+    assert not client.local_mode_active
+    assert orchestrator.calls("/reconcile")
+    assert set(client.assignments()) == {1, 2}
+
+
+async def test_beating_faster_than_the_interval_in_local_mode_probes_once_per_interval(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+) -> None:
+    """Beats between the probing ones stay off the wire; the next interval probes again."""
+    client = make_client()
+    await client.register()
+    await go_down(client, orchestrator)
+    interval = client.heartbeat_interval_s
+    fake_time.advance(interval)
+    probe_at = fake_time.now
+    sent = len(orchestrator.requests)
+    assert await client.send_heartbeat() is False
+    assert len(orchestrator.requests) == sent + 1
+    for _ in range(4):
+        fake_time.advance(interval / 10)
+        assert await client.send_heartbeat() is False
+    assert len(orchestrator.requests) == sent + 1
+    fake_time.advance(probe_at + interval - fake_time.now)
+    assert await client.send_heartbeat() is False
+    assert len(orchestrator.requests) == sent + 2
+
+
 async def test_reconcile_drops_reassigned_and_takes_back_unowned(
     make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
 ) -> None:
@@ -388,6 +448,81 @@ async def test_metrics_render_in_the_client_registry(make_client: MakeClient) ->
     assert "streamherd_worker_request_duration_seconds_count" in text
     other = make_client(worker_id="w2")
     assert other.metrics.registry is not client.metrics.registry
+
+
+async def test_summary_matches_the_counters_it_summarises(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """health's metrics block agrees with the Prometheus counters after retries and trips."""
+    client = make_client()
+    await client.register()
+    orchestrator.faults.append(LOSE_RESPONSE)
+    await client.send_heartbeat()  # one retry
+    await client.request_streams(1)
+    await go_down(client, orchestrator)  # failures, a trip, local mode
+
+    def total(name: str, **labels: str) -> int:
+        return int(
+            sum(
+                sample.value
+                for family in client.metrics.registry.collect()
+                for sample in family.samples
+                if sample.name == name and labels.items() <= sample.labels.items()
+            )
+        )
+
+    requests = total("streamherd_worker_requests_total")
+    successful = total("streamherd_worker_requests_total", outcome="success")
+    assert client.metrics.summary() == {
+        "total_requests": requests,
+        "successful_requests": successful,
+        "failed_requests": requests - successful,
+        "circuit_breaker_trips": total("streamherd_worker_breaker_trips_total"),
+        "local_mode_activations": total("streamherd_worker_local_mode_activations_total"),
+        "retry_attempts": total("streamherd_worker_retries_total"),
+    }
+    assert requests > successful >= 3 and total("streamherd_worker_retries_total") >= 1
+
+
+async def test_a_refused_cluster_token_is_reported_not_taken_for_an_outage(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """401 to register: registration_refused says so, an error is logged, no local mode."""
+    client = make_client(token="not-the-cluster-token")
+    with caplog.at_level(logging.ERROR, logger="worker.client"):
+        assert await client.register() is False
+    assert client.registration_refused is not None
+    assert (client.registration_refused.status, client.registration_refused.code) == (
+        401,
+        "UNAUTHORIZED",
+    )
+    assert not client.local_mode_active and not client.is_registered
+    [line] = [r for r in caplog.records if r.getMessage() == "worker.registration_refused"]
+    assert line.levelno == logging.ERROR and "not-the-cluster-token" not in caplog.text
+
+
+async def test_refusals_after_registering_are_logged_at_most_once_a_minute(
+    make_client: MakeClient,
+    orchestrator: FakeOrchestrator,
+    fake_time: FakeTime,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A token rotated under a running worker: one error line per minute, counting the
+    refusals; streams stay held; the first accepted registration clears the refusal."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(2)
+    # The heartbeat's 401 ends the session; registering again is refused, beat after beat.
+    orchestrator.faults.extend(error(401, "UNAUTHORIZED") for _ in range(14))
+    with caplog.at_level(logging.ERROR, logger="worker.client"):
+        for _ in range(13):
+            assert await client.send_heartbeat() is False
+            fake_time.advance(5.0)
+    lines = [r for r in caplog.records if r.getMessage() == "worker.registration_refused"]
+    assert [vars(r)["refusals"] for r in lines] == [1, 12]
+    assert set(client.assignments()) == {1, 2} and not client.local_mode_active
+    assert await client.send_heartbeat() is True
+    assert client.registration_refused is None
 
 
 async def test_leave_releases_everything_and_shutdown_never_raises(

@@ -22,7 +22,7 @@ from tests.worker.doubles import (
 )
 from tests.worker.processes import Process, process_alive, worker_env
 from worker.processors import StreamContext
-from worker.runtime import Runtime
+from worker.runtime import RegistrationRefused, Runtime
 from worker.state import LocalState, StateStore
 
 
@@ -64,6 +64,35 @@ async def test_local_mode_state_resumes_before_a_slow_registration() -> None:
         client.register_block.set()
         await eventually(lambda: runtime.phase == "running")
         assert [c.token for c in proc.started] == [5]
+
+
+async def test_a_refused_token_at_start_up_stops_the_run() -> None:
+    """The first registration refused for our credentials: run() stops what it resumed and
+    raises, rather than retrying a token that will never work."""
+    client = FakeClient(capacity=2, saved=[assignment(3)], saved_in_local_mode=True)
+    client.bad_token = True
+    proc = Recorder()
+    runtime = make_runtime(client, proc)
+    with pytest.raises(RegistrationRefused, match="401 UNAUTHORIZED"):
+        await asyncio.wait_for(runtime.run(asyncio.Event()), 10)
+    assert proc.stopped == [3]
+    assert runtime.phase == "stopped"
+    assert not any(call.startswith("request") for call in client.calls)
+
+
+async def test_a_refused_token_after_registering_keeps_the_streams_running() -> None:
+    """A later refusal (the cluster token rotated) is not fatal: the streams keep running."""
+    client = FakeClient(capacity=2, pool=[assignment(1), assignment(2)])
+    proc = Recorder()
+    runtime = make_runtime(client, proc)
+    async with running(runtime):
+        await eventually(lambda: proc.running_ids() == {1, 2})
+        client.bad_token = True
+        client.is_registered = False  # the session ended; registering again is refused
+        beats = client.beats
+        await eventually(lambda: client.beats >= beats + 3)
+        assert client.registration_refused is not None
+        assert runtime.phase == "running" and proc.running_ids() == {1, 2}
 
 
 async def test_revoked_stream_is_stopped_before_it_is_released() -> None:
@@ -134,6 +163,41 @@ async def test_asks_for_more_streams_when_below_capacity() -> None:
         client.pool.append(assignment(2))
         await eventually(lambda: proc.running_ids() == {1, 2})
         assert "request:1" in client.calls
+
+
+async def test_losing_the_orchestrator_while_asking_for_streams_assigns_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Unreachable mid-request: the held ids the client falls back to are logged as kept
+    locally, not as assigned."""
+
+    class LostMidRequest(FakeClient):
+        lost = False
+
+        async def request_streams(self, count: int | None = None) -> list[int]:
+            if not self.lost:
+                return await super().request_streams(count)
+            self.calls.append(f"request:{count}")
+            self.local_mode_active = True  # as the real client: unreachable, local mode,
+            return sorted(self.assignments())  # and the ids it already holds
+
+    client = LostMidRequest(capacity=3, pool=[assignment(1), assignment(2)])
+    proc = Recorder()
+    runtime = make_runtime(client, proc)
+    with caplog.at_level(logging.INFO, logger="worker.runtime"):
+        async with running(runtime):
+            await eventually(lambda: proc.running_ids() == {1, 2})
+            client.lost = True
+            await eventually(lambda: client.local_mode_active)
+            beats = client.beats
+            await eventually(lambda: client.beats >= beats + 3)  # later passes ask nothing
+            assert proc.running_ids() == {1, 2}
+
+    def logged(event: str) -> list[list[int]]:
+        return [vars(r)["stream_ids"] for r in caplog.records if r.getMessage() == event]
+
+    assert logged("worker.streams_assigned") == [[1, 2]]
+    assert logged("worker.streams_kept_locally") == [[1, 2]]
 
 
 async def test_failing_processor_is_reported_with_capped_backoff_until_quarantined() -> None:
