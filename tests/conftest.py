@@ -22,6 +22,8 @@ def pg_databases() -> Iterator[PgDatabases]:
     reason = _pg_status["reason"]
     if reason is not None:
         skip_or_fail(reason)
+    # Those of runs killed before their teardown; concurrent live runs keep theirs.
+    PgDatabases.drop_leaked()
     dbs = PgDatabases()
     yield dbs
     dbs.drop_all()

@@ -1,12 +1,14 @@
 """The benchmarks at toy size, so ``make bench`` cannot rot between runs (no timing asserted).
 
 Every benchmark runs at once against its own processes and SQLite files; PostgreSQL is left
-out (the benchmarks' PostgreSQL paths are the same code with another database URL).
+out (the benchmarks' PostgreSQL paths are the same code with another database URL). Whatever
+ends the test, a failure or its timeout, no process it started outlives it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,9 +16,18 @@ import pytest
 
 from bench.__main__ import BENCHMARKS, render
 from bench.context import TOY, Context
+from bench.procs import no_orphans
 from bench.rawhttp import LoadPool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(autouse=True)
+def _no_orphaned_processes() -> Iterator[None]:
+    # A fixture, not a ``with`` in the test: a timeout can leave the test's coroutine
+    # suspended for good, its ``finally`` never run, but the teardown always runs.
+    with no_orphans():
+        yield
 
 
 async def test_every_benchmark_runs_at_toy_size_and_renders(tmp_path: Path) -> None:

@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.utils.clock import FakeClock
-from tests.utils.harness import ADMIN, CLUSTER, Harness, Session, running
-
-API = "/api/v1"
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The contract's error body, with the status that belongs to its code."""
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message", "details"}, body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert isinstance(body["error"]["details"], dict)
-    return body["error"]  # type: ignore[no-any-return]
-
-
-def held_of(assignments: list[dict[str, Any]]) -> list[dict[str, int]]:
-    return [{"stream_id": a["stream_id"], "token": a["token"]} for a in assignments]
+from tests.utils.harness import (
+    ADMIN,
+    API,
+    CLUSTER,
+    Harness,
+    Session,
+    assert_error,
+    held_of,
+    parse_ts,
+    running,
+)
 
 
 def ids_of(assignments: list[dict[str, Any]]) -> list[int]:
@@ -93,12 +84,6 @@ async def leave(h: Harness, s: Session, *, key: str | None = None) -> httpx.Resp
 
 async def owned_by(h: Harness, worker_id: str) -> list[int]:
     return sorted(sid for sid, owner in (await h.owners()).items() if owner == worker_id)
-
-
-def parse_ts(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    assert parsed.utcoffset() == timedelta(0), value
-    return parsed
 
 
 # --- register -----------------------------------------------------------------------

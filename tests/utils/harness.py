@@ -1,11 +1,13 @@
 """The orchestrator app in-process: real database, real HTTP semantics via ASGITransport,
-an injected clock, and the reaper driven by hand (``await h.reap()``)."""
+an injected clock, and the reaper driven by hand (``await h.reap()``); and the checks of an
+answer that the API tests share."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ from orchestrator.app import create_app
 from orchestrator.config import Settings
 from tests.utils.clock import FakeClock
 
+API = "/api/v1"
 ADMIN_TOKEN = "admin-token-for-tests"
 WORKER_TOKEN = "worker-token-for-tests"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -51,7 +54,7 @@ class Harness:
 
     async def register(self, worker_id: str, capacity: int = 10, **extra: Any) -> Session:
         r = await self.client.post(
-            "/api/v1/workers/register",
+            f"{API}/workers/register",
             json={"worker_id": worker_id, "capacity": capacity, **extra},
             headers=CLUSTER,
         )
@@ -63,14 +66,14 @@ class Harness:
         self, s: Session, held: list[dict[str, int]] | None = None
     ) -> httpx.Response:
         return await self.client.post(
-            f"/api/v1/workers/{s.worker_id}/heartbeat",
+            f"{API}/workers/{s.worker_id}/heartbeat",
             json={"epoch": s.epoch, "held": held or []},
             headers=s.headers,
         )
 
     async def create_streams(self, n: int, **extra: Any) -> list[dict[str, Any]]:
         r = await self.client.post(
-            "/api/v1/streams",
+            f"{API}/streams",
             json={"streams": [{"name": f"stream-{i}", **extra} for i in range(n)]},
             headers=ADMIN,
         )
@@ -84,7 +87,7 @@ class Harness:
             params: dict[str, Any] = {"limit": 1000}
             if cursor:
                 params["cursor"] = cursor
-            r = await self.client.get("/api/v1/streams", params=params, headers=ADMIN)
+            r = await self.client.get(f"{API}/streams", params=params, headers=ADMIN)
             assert r.status_code == 200, r.text
             page = r.json()
             items.extend(page["items"])
@@ -125,3 +128,29 @@ async def running(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://orchestrator") as client:
             yield Harness(app, client, clock)
+
+
+# --- what the API tests check in an answer ---------------------------------------------
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The contract's error body, with the status that belongs to its code."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message", "details"}, body
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["details"], dict)
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def held_of(assignments: list[dict[str, Any]]) -> list[dict[str, int]]:
+    return [{"stream_id": a["stream_id"], "token": a["token"]} for a in assignments]
+
+
+def parse_ts(value: str) -> datetime:
+    """An answer's timestamp, which must be in UTC."""
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    assert parsed.utcoffset() == timedelta(0), value
+    return parsed

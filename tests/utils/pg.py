@@ -1,7 +1,9 @@
 """PostgreSQL for tests: a throw-away database per test, cloned from a migrated template.
 
 ``STREAMHERD_REQUIRE_PG=1`` (set by .ci/run) turns "PostgreSQL missing" into a failure,
-so CI can never pass by skipping the PostgreSQL half of the suite.
+so CI can never pass by skipping the PostgreSQL half of the suite. The databases are named
+``sh_test_{host}_{pid}_...`` so that a later run can drop those of a run that was killed
+(``PgDatabases.drop_leaked``; the naming and the judging are ``bench.pg``'s).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import uuid
 
 import pytest
 
-DEFAULT_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+from bench.pg import DEFAULT_ADMIN_URL, drop_leaked, dsn, scratch_prefix, with_database
+
+TEST_KIND = "sh_test"
 
 
 def admin_url() -> str:
@@ -23,19 +27,10 @@ def required() -> bool:
     return os.environ.get("STREAMHERD_REQUIRE_PG", "") not in ("", "0", "false")
 
 
-def _dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
-def with_database(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
-
-
 async def _execute(sql: str) -> None:
     import asyncpg
 
-    conn = await asyncpg.connect(_dsn(admin_url()), timeout=5)
+    conn = await asyncpg.connect(dsn(admin_url()), timeout=5)
     try:
         await conn.execute(sql)
     finally:
@@ -60,7 +55,7 @@ class PgDatabases:
     """Creates a migrated template once, then clones it for each test that asks."""
 
     def __init__(self) -> None:
-        self.prefix = f"sh_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.prefix = scratch_prefix(TEST_KIND)
         self.template = f"{self.prefix}_template"
         self.created: list[str] = []
         self._template_ready = False
@@ -84,6 +79,11 @@ class PgDatabases:
             asyncio.run(_execute(f'CREATE DATABASE "{name}"'))
         self.created.append(name)
         return with_database(admin_url(), name)
+
+    @staticmethod
+    def drop_leaked() -> list[str]:
+        """Drop the databases of test runs whose process has died (never a live run's)."""
+        return asyncio.run(drop_leaked(TEST_KIND, admin_url()))
 
     def drop_all(self) -> None:
         for name in reversed(self.created):
