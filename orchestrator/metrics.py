@@ -59,6 +59,12 @@ class OrchestratorMetrics:
             "Failure-detector passes this replica ran as leader.",
             registry=r,
         )
+        self.reaper_pass_seconds = Histogram(
+            "streamherd_reaper_pass_seconds",
+            "Duration of a failure-detector pass (judge leases, reassign, balance).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.outage_graces = Counter(
             "streamherd_outage_graces",
             "Times every lease was renewed because no replica had been watching.",

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -155,9 +156,23 @@ class Reaper:
             return PassReport()
         service.metrics.reaper_leader.set(1)
         self.passes += 1
+        started = time.perf_counter()
         report = await service.db.write(self._pass)
         self._last_pass_end = service.clock()
+        took = time.perf_counter() - started
         m = service.metrics
+        m.reaper_pass_seconds.observe(took)
+        if took > self.settings.reaper_interval_s:
+            # Passes are due every interval: a longer one delays failover by as much.
+            log.warning(
+                "orchestrator.slow_reaper_pass",
+                extra={
+                    "seconds": round(took, 3),
+                    "lost": len(report.lost),
+                    "assigned": report.assigned,
+                    "moves": report.moves,
+                },
+            )
         m.reaper_passes.inc()
         m.lease_expiries.inc(len(report.lost))
         m.assignments.inc(report.assigned)
