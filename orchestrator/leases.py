@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import Table, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.assignment import LEASED_STATES
@@ -95,7 +95,7 @@ class LeaseBook:
 
 def _renew_statement(*, with_stats: bool) -> Any:
     # Core table, not the ORM entity: an executemany of plain rows, not an ORM bulk update.
-    workers = WorkerRow.__table__
+    workers = cast(Table, WorkerRow.__table__)
     # A lease never shrinks: an outage grace may already have pushed it further out.
     values: dict[str, Any] = {
         "lease_expires_at": case(

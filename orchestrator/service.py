@@ -75,7 +75,7 @@ def stream_out(row: StreamRow) -> m.Stream:
 
 
 async def _insert_worker_if_missing(session: AsyncSession, values: dict[str, Any]) -> None:
-    dialect = session.bind.dialect.name
+    dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -549,7 +549,7 @@ class Orchestrator:
             .where(StreamRow.owner_id.is_not(None))
             .group_by(StreamRow.owner_id)
         )
-        return {owner: int(n) for owner, n in rows.all()}
+        return {str(owner): int(n) for owner, n in rows.all()}
 
     async def list_workers(self, state: str | None = None) -> m.WorkerList:
         now = self.clock()
@@ -627,7 +627,7 @@ class Orchestrator:
                 if row.id is not None:
                     session.add(row)
             await session.flush()
-            if explicit and session.bind.dialect.name == "postgresql":
+            if explicit and session.get_bind().dialect.name == "postgresql":
                 await session.execute(
                     select(
                         func.setval(
