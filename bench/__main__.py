@@ -40,6 +40,8 @@ BENCHMARKS: dict[str, tuple[str, Benchmark]] = {
     "client": ("5. Client overhead", client_overhead.run),
 }
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
+# The issue's sizes take most of an hour: their figures are kept in a file of their own.
+ISSUE_OUT = REPO_ROOT / "docs" / "benchmarks-issue-size.md"
 DEFAULT_LOAD_PROCESSES = 2
 # A wedged benchmark ends as "failed" after this; the issue's sizes get much longer.
 BENCHMARK_LIMIT_S = 15 * 60.0
@@ -59,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}"
     )
     parser.add_argument("--no-postgres", action="store_true", help="skip every PostgreSQL run")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the markdown to write")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"the markdown to write (default {DEFAULT_OUT.name}, {ISSUE_OUT.name} for "
+        "--size issue)",
+    )
     parser.add_argument(
         "--load-processes", type=int, default=DEFAULT_LOAD_PROCESSES, help="load generators"
     )
@@ -167,6 +175,8 @@ def render(
         "make bench                      # .venv/bin/python -m bench: everything, this file",
         "python -m bench --quick         # smaller sizes, a few minutes",
         "python -m bench --only heartbeat,client --out /tmp/bench.md",
+        "python -m bench --size issue --only assignment,growth  # the issue's sizes, ~1 h,",
+        "                                # written to docs/benchmarks-issue-size.md",
         "```",
         "",
         "PostgreSQL is taken from `STREAMHERD_BENCH_PG_URL` (default",
@@ -191,7 +201,7 @@ def describe_sizes(s: Sizes) -> str:
         text += (
             " — smaller than the issue's 100,000 streams over 1,000 workers and growth to "
             "10,000 workers, so the whole run fits in about ten minutes on this machine "
-            "(`--size issue` runs the issue's sizes; see benchmarks 2 and 6)"
+            "(`--size issue` runs the issue's sizes into `docs/benchmarks-issue-size.md`)"
         )
     return text
 
@@ -231,9 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             with contextlib.suppress(OSError):
                 shutil.rmtree(workdir)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"bench: wrote {args.out}", flush=True)
+    out: Path = args.out or (ISSUE_OUT if sizes.name == "issue" else DEFAULT_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"bench: wrote {out}", flush=True)
     return 0
 
 

@@ -91,8 +91,9 @@ def create_app(
     app.state.live = live
     install_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(health.router, prefix=API_PREFIX, include_in_schema=False)
+    # The worker calls (the heartbeat above all) are matched before the probes' aliases.
     app.include_router(workers.router, prefix=API_PREFIX)
+    app.include_router(health.router, prefix=API_PREFIX, include_in_schema=False)
     app.include_router(admin.router, prefix=API_PREFIX)
     app.include_router(events_ws.router, prefix=API_PREFIX)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -228,9 +228,11 @@ class Orchestrator:
                 b'","assignments":',
                 view.assignments_json,
                 b',"revoke":',
-                json.dumps(revoke).encode(),
+                json.dumps(revoke).encode() if revoke else b"[]",
                 b',"dropped":',
-                json.dumps([d.model_dump(mode="json") for d in dropped]).encode(),
+                json.dumps([d.model_dump(mode="json") for d in dropped]).encode()
+                if dropped
+                else b"[]",
                 b"}",
             )
         )
