@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import assignment as asg
@@ -42,6 +42,8 @@ from orchestrator.service import Orchestrator, mark_lost
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_PASSES = 60
+# A pass due at a lease's end runs this much after it (a lease ends *after* its instant).
+EXPIRY_MARGIN_S = 0.005
 
 
 def default_replica_id() -> str:
@@ -56,6 +58,7 @@ class PassReport:
     assigned: int = 0
     reassigned: int = 0
     moves: int = 0
+    next_expiry: float | None = None  # the earliest lease still running after this pass
 
 
 class Reaper:
@@ -117,6 +120,13 @@ class Reaper:
         report.assigned = len(balance.assigned)
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
         report.moves = len(balance.moves)
+        report.next_expiry = (
+            await session.execute(
+                select(func.min(WorkerRow.lease_expires_at)).where(
+                    WorkerRow.state.in_(asg.LEASED_STATES)
+                )
+            )
+        ).scalar()
         if self.passes % HOUSEKEEPING_EVERY_PASSES == 0:
             await self._housekeeping(session, now)
         if not (report.grace or report.lost or report.assigned or report.moves or overdue):
@@ -192,7 +202,7 @@ class Reaper:
 
         A wake-up (streams freed or added, a worker joined) runs a pass early, but never
         more often than every ``min_gap`` so a registration storm does not become a
-        storm of passes.
+        storm of passes; so does the end of the earliest running lease.
         """
         service = self.service
         interval = self.settings.reaper_interval_s
@@ -209,7 +219,12 @@ class Reaper:
                     service.wake.clear()
                     last_pass = now
                     next_pass = now + interval
-                    await self.run_once()
+                    report = await self.run_once()
+                    if report.next_expiry is not None:
+                        # Judge a lease when it ends, not up to an interval later: a dead
+                        # worker's streams move as soon as its lease allows.
+                        due = report.next_expiry - service.clock() + EXPIRY_MARGIN_S
+                        next_pass = min(next_pass, loop.time() + max(due, min_gap))
                 else:
                     await service.book.flush(service.db)
                 service.metrics.database_up.set(1)

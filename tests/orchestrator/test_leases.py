@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import httpx
 import pytest
 
+from orchestrator.app import create_app
 from tests.utils.clock import FakeClock
-from tests.utils.harness import ADMIN, running
+from tests.utils.harness import ADMIN, CLUSTER, running, settings_for
 
 
 async def elapse(h, seconds: float, step: float = 0.5) -> None:
@@ -279,3 +284,36 @@ async def test_join_rebalances_within_one_of_fair_share(
             share = min(cap, 9 * cap / total)
             assert abs(load - share) <= 1, (i, load, share, owners)
         assert all(o is not None for o in owners.values())
+
+
+async def test_a_lease_is_judged_when_it_ends_not_at_the_next_interval(db_url: str) -> None:
+    """The real reaper loop (real clock): with passes due only every 60 s, a worker that
+    never beats is lost, and its stream moved, right after its 1 s lease ends."""
+    settings = settings_for(
+        db_url, reaper_interval_s=60.0, lease_ttl_s=1.0, heartbeat_interval_s=0.5
+    )
+    app = create_app(settings, run_reaper=True)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://o") as client:
+            r = await client.post(
+                "/api/v1/streams", json={"streams": [{"name": "s"}]}, headers=ADMIN
+            )
+            assert r.status_code == 201, r.text
+            r = await client.post(
+                "/api/v1/workers/register",
+                json={"worker_id": "silent", "capacity": 1},
+                headers=CLUSTER,
+            )
+            assert r.status_code == 200, r.text
+            started = time.monotonic()
+            state = None
+            while time.monotonic() - started < 20.0:  # a third of the pass interval
+                r = await client.get("/api/v1/workers/silent", headers=ADMIN)
+                state = r.json()["state"]
+                if state == "lost":
+                    break
+                await asyncio.sleep(0.05)  # polling with a deadline
+            assert state == "lost", f"still {state} 20 s after registering"
+            streams = (await client.get("/api/v1/streams", headers=ADMIN)).json()["items"]
+            assert [s["owner"] for s in streams] == [None]
