@@ -96,6 +96,7 @@ def create_app(
     app.include_router(health.router, prefix=API_PREFIX, include_in_schema=False)
     app.include_router(admin.router, prefix=API_PREFIX)
     app.include_router(events_ws.router, prefix=API_PREFIX)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # The last added is the outermost: metrics see every answer, the body limit's too.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -57,6 +57,35 @@ class LeaseBook:
         latest = self._latest.get(worker_id)
         return latest[1] if latest is not None and latest[0] == epoch else None
 
+    async def save_now(
+        self,
+        db: Database,
+        worker_id: str,
+        epoch: int,
+        now: float,
+        ttl: float,
+        stats: dict[str, Any] | None,
+    ) -> bool:
+        """Renew in the database before answering: False if the session ended meanwhile.
+
+        For a beat at the very end of its lease: buffered, it could still be unwritten
+        when a reaper pass (on any replica) judges the old lease, and the worker would be
+        told it holds streams the pass just gave away. Written here, the conditional
+        update and the pass's are ordered by the row: whichever commits second sees the
+        other's outcome.
+        """
+        row = {"wid": worker_id, "ep": epoch, "exp": now + ttl, "at": now, "stats": stats}
+
+        async def write(session: AsyncSession) -> int:
+            result = await session.execute(_renew_statement(with_stats=stats is not None), row)
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+        if await db.write(write, changes=False) != 1:
+            self.forget(worker_id)
+            return False
+        self.renew(worker_id, epoch, now, ttl, stats)
+        return True
+
     def forget(self, worker_id: str) -> None:
         self._pending.pop(worker_id, None)
         self._latest.pop(worker_id, None)

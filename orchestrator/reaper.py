@@ -10,12 +10,12 @@ down (or cut off from its database) and first extends every lease to a full ``le
 from now: workers are never blamed for heartbeats nobody could receive, and each has a
 whole lease to come back (spec, semantics 5). "Nobody watched" is one of:
 
-- this replica ran the last pass and has been silent ``stall_gap_s`` since it *ended*:
-  it was frozen or could not reach the database (a slow pass is not a silence);
+- no pass has run since this replica started: nobody was leading when it came up (a
+  restart, however quick);
+- this replica ran the last pass and its loop has not turned for ``stall_gap_s`` with
+  the database reachable: it was frozen or cut off (a slow pass is not a silence);
 - another replica ran the last pass and nobody has run one for ``outage_gap_s``, longer
-  than a leader handover takes;
-- this replica started after the last leader's claim had run out: no replica was
-  leading when it came up, however short the gap.
+  than a leader handover takes.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ class Reaper:
         self.started_at = service.clock()
         # The claim this replica last replaced (leader, leader_until), read by ``_claim``.
         self._previous_claim: tuple[str | None, float] | None = None
-        self._last_pass_end: float | None = None
+        # When this replica last finished a pass or a loop turn that reached the database:
+        # a silence since then means it was frozen or cut off, not merely busy.
+        self._alive_at: float | None = None
 
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.service.clock()
@@ -137,15 +139,17 @@ class Reaper:
         """(cause, seconds) if nobody watched the leases before this pass, else None."""
         if last_reaper_at is None:
             return None  # a new database: no lease was ever granted before
-        previous_leader, previous_until = self._previous_claim or (None, now)
-        if previous_leader == self.replica_id and self._last_pass_end is not None:
-            silence = now - self._last_pass_end
-            return ("stall", silence) if silence > self.settings.stall_gap_s else None
         silence = now - last_reaper_at
+        if last_reaper_at < self.started_at:
+            # No pass ran since this process started: nobody was leading when it came up
+            # (a live leader passes every interval). A restart, however quick.
+            return ("restart", silence)
+        previous_leader = self._previous_claim[0] if self._previous_claim else None
+        if previous_leader == self.replica_id and self._alive_at is not None:
+            stalled = now - self._alive_at
+            return ("stall", stalled) if stalled > self.settings.stall_gap_s else None
         if silence > self.settings.outage_gap_s:
             return ("silence", silence)
-        if previous_until < self.started_at:
-            return ("restart", silence)
         return None
 
     async def _housekeeping(self, session: AsyncSession, now: float) -> None:
@@ -168,7 +172,7 @@ class Reaper:
         self.passes += 1
         started = time.perf_counter()
         report = await service.db.write(self._pass)
-        self._last_pass_end = service.clock()
+        self._alive_at = service.clock()
         took = time.perf_counter() - started
         m = service.metrics
         m.reaper_pass_seconds.observe(took)
@@ -211,6 +215,7 @@ class Reaper:
         loop = asyncio.get_running_loop()
         next_pass = loop.time()
         last_pass = float("-inf")
+        healthy = True
         while not stop.is_set():
             now = loop.time()
             woken = service.wake.is_set() and now - last_pass >= min_gap
@@ -220,15 +225,22 @@ class Reaper:
                     last_pass = now
                     next_pass = now + interval
                     report = await self.run_once()
+                    healthy = True
                     if report.next_expiry is not None:
                         # Judge a lease when it ends, not up to an interval later: a dead
                         # worker's streams move as soon as its lease allows.
-                        due = report.next_expiry - service.clock() + EXPIRY_MARGIN_S
+                        # (After the flush interval: a beat another replica took just
+                        # before the end is written by then.)
+                        due = report.next_expiry - service.clock() + flush_every
+                        due += EXPIRY_MARGIN_S
                         next_pass = min(next_pass, loop.time() + max(due, min_gap))
                 else:
                     await service.book.flush(service.db)
                 service.metrics.database_up.set(1)
+                if healthy and self._alive_at is not None:
+                    self._alive_at = service.clock()
             except Exception as exc:  # noqa: BLE001 - the detector must outlive any one failure
+                healthy = False  # until a pass gets through: the silence keeps counting
                 service.metrics.database_up.set(0)
                 if as_api_error(exc) is not None:
                     log.warning(

@@ -53,6 +53,10 @@ WORKER_COLUMNS = (
 )
 
 
+# A beat whose lease ends within the flush interval plus this is saved before the answer.
+LATE_BEAT_MARGIN_S = 0.1
+
+
 def rfc3339(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
@@ -211,7 +215,17 @@ class Orchestrator:
         if missing:
             async with self.db.read() as session:
                 dropped = await asg.drops_for(session, worker_id, sorted(missing))
-        expires = self.book.renew(worker_id, view.epoch, now, self.settings.lease_ttl_s, req.stats)
+        ttl = self.settings.lease_ttl_s
+        lease_end = max(view.lease_expires_at, self.book.latest_expiry(worker_id, view.epoch) or 0)
+        if lease_end < now + self.settings.lease_flush_interval_s + LATE_BEAT_MARGIN_S:
+            # A beat at its lease's end (or past it, before any pass judged it): saved
+            # before the answer, or a pass could give the streams away under it.
+            if not await self.book.save_now(self.db, worker_id, view.epoch, now, ttl, req.stats):
+                await self._load_view(caller, worker_id, req.epoch, now)  # raises why
+                raise StaleEpoch("this session ended: register again")
+            expires = now + ttl
+        else:
+            expires = self.book.renew(worker_id, view.epoch, now, ttl, req.stats)
         self.metrics.heartbeats.inc()
         revoke = sorted(view.revoking & held)
         handed_back = sorted(view.revoking - held)

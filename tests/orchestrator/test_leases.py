@@ -135,19 +135,21 @@ async def test_a_slow_pass_is_not_an_outage(
 async def test_a_restarted_orchestrator_grants_grace_however_short_the_gap(
     db_url: str, clock: FakeClock
 ) -> None:
-    """A replica that starts after the last leader's claim ran out knows no replica was
-    leading: it grants grace even when the silence is shorter than the outage gap."""
+    """A replica under which no pass has run since it started knows nobody was leading:
+    it grants grace even when it was back before the old claim ran out and the silence is
+    shorter than the outage gap."""
     async with running(db_url, clock) as h:
         await h.create_streams(2)
         a = await h.register("a", capacity=10)
         await h.reap()
         held = held_of((await h.heartbeat(a)).json())
-        gap = h.settings.leader_ttl_s + 0.25
-        assert gap < h.settings.outage_gap_s
-    clock.advance(gap)  # killed and restarted
+    clock.advance(0.3)  # killed and restarted at once: the old claim still runs
     async with running(db_url, clock) as h:
+        assert not (await h.reap()).leader
+        clock.advance(h.settings.leader_ttl_s)
         report = await h.reap()
-        assert report.grace and report.lost == []
+        assert report.leader and report.grace and report.lost == []
+        assert h.settings.leader_ttl_s + 0.3 < h.settings.outage_gap_s
         await elapse(h, h.settings.lease_ttl_s - 0.1)
         assert (await h.heartbeat(a, held)).status_code == 200
 
@@ -284,6 +286,52 @@ async def test_join_rebalances_within_one_of_fair_share(
             share = min(cap, 9 * cap / total)
             assert abs(load - share) <= 1, (i, load, share, owners)
         assert all(o is not None for o in owners.values())
+
+
+async def test_a_beat_at_the_end_of_its_lease_is_saved_before_the_answer(
+    db_url: str, clock: FakeClock
+) -> None:
+    """A beat in the last moments of a lease is written before it is answered: a pass on
+    another replica (which cannot see this replica's buffered renewals) judging the lease
+    right after must find it renewed, not take the streams the answer just confirmed."""
+    from orchestrator.service import mark_lost
+
+    async with running(db_url, clock) as h:
+        await h.create_streams(2)
+        a = await h.register("a", capacity=10)
+        await h.reap()
+        held = held_of((await h.heartbeat(a)).json())
+        await elapse(h, h.settings.lease_ttl_s - 0.5)
+        clock.advance(0.45)  # 50 ms left: inside the flush interval
+        r = await h.heartbeat(a, held)
+        assert r.status_code == 200, r.text
+        clock.advance(0.1)  # the old lease has ended; the book was not flushed
+        lost, _ = await h.service.db.write(lambda s: mark_lost(s, clock()))
+        assert lost == []
+        assert set((await h.owners()).values()) == {"a"}
+
+
+async def test_a_late_beat_after_another_replica_judged_it_is_stale(
+    db_url: str, clock: FakeClock
+) -> None:
+    """The other order: the pass commits first, the late beat then finds the session
+    over (409), never a 200 for streams that were just given away."""
+    from orchestrator.service import mark_lost
+
+    async with running(db_url, clock) as h:
+        await h.create_streams(1)
+        a = await h.register("a", capacity=10)
+        await h.reap()
+        held = held_of((await h.heartbeat(a)).json())
+        await elapse(h, h.settings.lease_ttl_s - 0.5)
+        clock.advance(0.75)
+        assert (await h.heartbeat(a, held)).status_code == 200  # warms the view cache
+        clock.advance(h.settings.lease_ttl_s + 0.1)  # a long silence, judged elsewhere
+        lost, _ = await h.service.db.write(lambda s: mark_lost(s, clock()))
+        assert lost == ["a"]
+        r = await h.heartbeat(a, held)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "STALE_EPOCH"
 
 
 async def test_a_lease_is_judged_when_it_ends_not_at_the_next_interval(db_url: str) -> None:

@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from orchestrator.api.deps import IdempotencyKey, ServiceDep
 from orchestrator.auth import ClusterDep, WorkerCallerDep, session_caller
+from orchestrator.errors import ValidationFailed
 from orchestrator.service import Orchestrator
 from shared import limits
 from shared import models as m
@@ -65,7 +66,11 @@ async def handle_heartbeat(request: Request) -> Response:
                 "input": worker_id,
             }
         )
-    body = await _body(request)
+    try:
+        body = await _body(request)
+    except ClientDisconnect:
+        # The caller hung up mid-body: nobody reads the answer, but it must not be a 500.
+        raise ValidationFailed("the request body was cut short") from None
     try:
         req = m.HeartbeatRequest.model_validate_json(body)
     except ValidationError as exc:
