@@ -10,6 +10,7 @@ assign, and the computed minimum number of moves for the join.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -274,10 +275,13 @@ async def scale(ctx: Context, database: str) -> ScaleFigures:
             )
         return f
     finally:
-        if beater is not None:
-            await beater.stop()
-        await cluster.aclose()
-        await orch.astop()
+        try:
+            if beater is not None:
+                await beater.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cluster.aclose(), 10.0)
+        finally:
+            await orch.astop()
 
 
 # --- replicas on PostgreSQL -------------------------------------------------------------

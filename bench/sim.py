@@ -305,8 +305,17 @@ class Beater:
                 self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"
             due = max(due + self.interval, loop.time())
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every beat, waiting at most ``timeout`` for them to end.
+
+        Bounded: twice a full benchmark run hung here after the death phase (the beats
+        had stopped, the orchestrator was never stopped); a beat task that does not end
+        is reported instead of wedging the run.
+        """
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            if pending:
+                print(f"bench: {len(pending)} beat tasks did not stop in {timeout} s", flush=True)
         self._tasks.clear()
