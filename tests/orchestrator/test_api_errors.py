@@ -729,3 +729,38 @@ def test_no_malformed_request_gets_a_500(db_url: str) -> None:
             check()
         finally:
             runner.run(stack.aclose())
+
+
+@pytest.mark.parametrize(
+    ("content_type", "accepted"),
+    [
+        (None, False),
+        ("text/plain", False),
+        ("application/x-www-form-urlencoded", False),
+        ("application/json", True),
+        ("Application/JSON; charset=utf-8", True),
+        ("application/vnd.streamherd+json", True),
+    ],
+)
+async def test_heartbeat_takes_the_content_types_every_other_route_takes(
+    db_url: str, clock: FakeClock, content_type: str | None, accepted: bool
+) -> None:
+    """The hand-written heartbeat handler and FastAPI's routes agree on what is JSON."""
+    async with running(db_url, clock) as h:
+        s = await h.register("w1", capacity=1)
+        headers = {} if content_type is None else {"content-type": content_type}
+        register = await h.client.post(
+            f"{API}/workers/register",
+            content=json.dumps({"worker_id": "w2", "capacity": 1}),
+            headers={**CLUSTER, **headers},
+        )
+        beat = await h.client.post(
+            f"{API}/workers/w1/heartbeat",
+            content=json.dumps({"epoch": s.epoch, "held": []}),
+            headers={**s.headers, **headers},
+        )
+        if accepted:
+            assert (register.status_code, beat.status_code) == (200, 200), beat.text
+        else:
+            assert_error(register, 422, "VALIDATION_ERROR")
+            assert_error(beat, 422, "VALIDATION_ERROR")

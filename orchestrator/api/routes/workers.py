@@ -41,6 +41,14 @@ class HeartbeatRoute(APIRoute):
         return handle_heartbeat
 
 
+def _is_json(content_type: str | None) -> bool:
+    """``application/json`` or ``application/<anything>+json``, parameters ignored."""
+    if not content_type:
+        return False
+    main, _, sub = content_type.partition(";")[0].strip().lower().partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 async def _body(request: Request) -> bytes:
     """``request.body()`` without its async generator: a few microseconds per beat."""
     chunks: list[bytes] = []
@@ -71,10 +79,22 @@ async def handle_heartbeat(request: Request) -> Response:
     except ClientDisconnect:
         # The caller hung up mid-body: nobody reads the answer, but it must not be a 500.
         raise ValidationFailed("the request body was cut short") from None
-    try:
-        req = m.HeartbeatRequest.model_validate_json(body)
-    except ValidationError as exc:
-        errors.extend({**e, "loc": ("body", *e["loc"])} for e in exc.errors())
+    if not body:
+        errors.append({"type": "missing", "loc": ("body",), "msg": "Field required"})
+    elif not _is_json(request.headers.get("content-type")):
+        # As FastAPI does for every other route: a body is JSON only if it says so.
+        errors.append(
+            {
+                "type": "model_attributes_type",
+                "loc": ("body",),
+                "msg": "Input should be a valid dictionary or object to extract fields from",
+            }
+        )
+    else:
+        try:
+            req = m.HeartbeatRequest.model_validate_json(body)
+        except ValidationError as exc:
+            errors.extend({**e, "loc": ("body", *e["loc"])} for e in exc.errors())
     if errors:
         raise RequestValidationError(errors)
     service: Orchestrator = request.app.state.service
