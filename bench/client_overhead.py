@@ -144,19 +144,23 @@ def heartbeat_body(epoch: int, held: dict[int, Any], calls: int) -> dict[str, An
 # --- the three callers ---------------------------------------------------------------------
 
 
+async def register(http: httpx.AsyncClient, worker_id: str) -> Any:
+    """The references' registration (the resilient client registers itself)."""
+    from shared.models import RegisterAnswer
+
+    response = await http.post(
+        "/api/v1/workers/register",
+        json={"worker_id": worker_id, "capacity": STREAMS},
+        headers={"Authorization": f"Bearer {WORKER_TOKEN}"},
+    )
+    return RegisterAnswer.model_validate_json(response.content)
+
+
 async def bare_caller(transport: Transport, worker_id: str) -> Caller:
-    from shared.models import HeartbeatAnswer, RegisterAnswer
+    from shared.models import HeartbeatAnswer
 
     http = httpx.AsyncClient(transport=transport(), base_url=BASE_URL)
-    reg = RegisterAnswer.model_validate_json(
-        (
-            await http.post(
-                "/api/v1/workers/register",
-                json={"worker_id": worker_id, "capacity": STREAMS},
-                headers={"Authorization": f"Bearer {WORKER_TOKEN}"},
-            )
-        ).content
-    )
+    reg = await register(http, worker_id)
     held = {a.stream_id: a for a in reg.assignments}
     path = f"/api/v1/workers/{worker_id}/heartbeat"
     auth = f"Bearer {reg.session_token}"
@@ -213,21 +217,13 @@ async def tenacity_caller(transport: Transport, worker_id: str) -> Caller:
         wait_random_exponential,
     )
 
-    from shared.models import HeartbeatAnswer, RegisterAnswer
+    from shared.models import HeartbeatAnswer
 
     registry = CollectorRegistry()
     requests = Counter("requests", "calls", ["operation", "outcome"], registry=registry)
     duration = Histogram("request_seconds", "time", ["operation"], registry=registry)
     http = httpx.AsyncClient(transport=transport(), base_url=BASE_URL)
-    reg = RegisterAnswer.model_validate_json(
-        (
-            await http.post(
-                "/api/v1/workers/register",
-                json={"worker_id": worker_id, "capacity": STREAMS},
-                headers={"Authorization": f"Bearer {WORKER_TOKEN}"},
-            )
-        ).content
-    )
+    reg = await register(http, worker_id)
     held = {a.stream_id: a for a in reg.assignments}
     path = f"/api/v1/workers/{worker_id}/heartbeat"
     auth = f"Bearer {reg.session_token}"

@@ -131,11 +131,12 @@ class Settings(BaseSettings):
 
     @property
     def stall_gap_s(self) -> float:
-        """A silence this long since the end of this replica's own last pass is an outage.
+        """A silence this long in this replica's own reaper loop is an outage.
 
         This replica was frozen (SIGSTOP, a paused VM, a starved event loop) or cut off from
-        its database, and nobody could renew a lease meanwhile. Measured from the end of the
-        pass, so a pass that is merely slow (a large fleet) is never mistaken for one.
+        its database, and nobody could renew a lease meanwhile. Measured from the loop's
+        last turn that reached the database, so a pass that is merely slow (a large fleet)
+        is never mistaken for one.
         """
         return min(max(2 * self.reaper_interval_s, 0.5), self.outage_gap_s)
 

@@ -68,8 +68,8 @@ class Reaper:
         self.replica_id = replica_id or self.settings.replica_id or default_replica_id()
         self.passes = 0
         self.started_at = service.clock()
-        # The claim this replica last replaced (leader, leader_until), read by ``_claim``.
-        self._previous_claim: tuple[str | None, float] | None = None
+        # Who held the claim this replica last took, read by ``_claim``.
+        self._previous_leader: str | None = None
         # When this replica last finished a pass or a loop turn that reached the database:
         # a silence since then means it was frozen or cut off, not merely busy.
         self._alive_at: float | None = None
@@ -77,7 +77,7 @@ class Reaper:
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.service.clock()
         row = await session.get(ClusterRow, 1, with_for_update=True)
-        self._previous_claim = None if row is None else (row.leader, row.leader_until)
+        self._previous_leader = None if row is None else row.leader
         if row is None:
             session.add(
                 ClusterRow(
@@ -144,8 +144,7 @@ class Reaper:
             # No pass ran since this process started: nobody was leading when it came up
             # (a live leader passes every interval). A restart, however quick.
             return ("restart", silence)
-        previous_leader = self._previous_claim[0] if self._previous_claim else None
-        if previous_leader == self.replica_id and self._alive_at is not None:
+        if self._previous_leader == self.replica_id and self._alive_at is not None:
             stalled = now - self._alive_at
             return ("stall", stalled) if stalled > self.settings.stall_gap_s else None
         if silence > self.settings.outage_gap_s:

@@ -6,7 +6,7 @@ workers or clients in one process, as in the tests, do not collide.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -89,37 +89,30 @@ class WorkerMetrics:
         self._breaker_trips = 0
         self._local_mode_activations = 0
         # Label children, looked up once per label set rather than once per call.
-        self._request_children: dict[tuple[str, str], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
-        self._retry_children: dict[str, Counter] = {}
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # --- recording: the client counts through these so summary() stays in step ------
 
     def count_request(self, operation: str, outcome: str) -> None:
         """One call (all its attempts) ended with ``outcome``."""
-        key = (operation, outcome)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests_total.labels(*key)
-        child.inc()
+        self._child(self.requests_total, operation, outcome).inc()
         self._requests += 1
         if outcome == OUTCOME_SUCCESS:
             self._successful_requests += 1
 
     def observe_request(self, operation: str, seconds: float) -> None:
         """One HTTP attempt took ``seconds``."""
-        child = self._duration_children.get(operation)
-        if child is None:
-            child = self._duration_children[operation] = self.request_duration_seconds.labels(
-                operation
-            )
-        child.observe(seconds)
+        self._child(self.request_duration_seconds, operation).observe(seconds)
 
     def count_retry(self, operation: str) -> None:
-        child = self._retry_children.get(operation)
-        if child is None:
-            child = self._retry_children[operation] = self.retries_total.labels(operation)
-        child.inc()
+        self._child(self.retries_total, operation).inc()
         self._retries += 1
 
     def count_breaker_trip(self) -> None:

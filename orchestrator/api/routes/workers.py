@@ -15,7 +15,6 @@ from starlette.requests import ClientDisconnect
 from orchestrator.api.deps import IdempotencyKey, ServiceDep
 from orchestrator.auth import ClusterDep, WorkerCallerDep, session_caller
 from orchestrator.errors import ValidationFailed
-from orchestrator.service import Orchestrator
 from shared import limits
 from shared import models as m
 
@@ -97,15 +96,15 @@ async def handle_heartbeat(request: Request) -> Response:
             errors.extend({**e, "loc": ("body", *e["loc"])} for e in exc.errors())
     if errors:
         raise RequestValidationError(errors)
-    service: Orchestrator = request.app.state.service
-    # Already-encoded JSON: the hot path skips a second serialisation of the answer.
-    return Response(await service.heartbeat(caller, worker_id, req), media_type="application/json")
+    return await heartbeat(worker_id, req, caller, request.app.state.service)
 
 
 async def heartbeat(
     worker_id: WorkerIdPath, req: m.HeartbeatRequest, caller: WorkerCallerDep, service: ServiceDep
-) -> Any:
-    """Renew the lease and learn the current assignments (served by ``handle_heartbeat``)."""
+) -> Response:
+    """Renew the lease and learn the current assignments (its parameters are checked by
+    ``handle_heartbeat``, not by FastAPI)."""
+    # Already-encoded JSON: the hot path skips a second serialisation of the answer.
     return Response(await service.heartbeat(caller, worker_id, req), media_type="application/json")
 
 
