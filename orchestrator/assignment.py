@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, Table, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
 from orchestrator.models import StreamRow, WorkerRow
+from orchestrator.views import touch
 from shared.models import Assignment, Drop, DropReason, Held, Move, from_timestamp
+
+T = TypeVar("T")
 
 # States whose holder still has a lease; only ACTIVE workers receive new streams.
 LEASED_STATES = ("active", "draining", "suspect")
@@ -27,6 +30,8 @@ DRAINING = "draining"
 STREAM_ACTIVE = "active"
 # SQLite allows 32766 bound parameters; stay far below it.
 IN_CHUNK = 5_000
+# Worker ids per IN (...) when a statement also lists up to IN_CHUNK stream ids.
+OWNER_CHUNK = 1_000
 
 ASSIGNMENT_COLUMNS = (
     StreamRow.id,
@@ -49,9 +54,9 @@ def to_assignment(row: Any) -> Assignment:
     )
 
 
-def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
-    for start in range(0, len(ids), IN_CHUNK):
-        yield ids[start : start + IN_CHUNK]
+def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 async def lock_worker(session: AsyncSession, worker_id: str) -> WorkerRow | None:
@@ -102,8 +107,9 @@ async def _take(
     session: AsyncSession, ids: Sequence[int], worker_id: str, now: float
 ) -> list[Row[Any]]:
     """Give the still-unowned ones of ``ids`` to ``worker_id`` with a new fencing token."""
+    touch(session, [worker_id])
     taken: list[Row[Any]] = []
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         stmt = (
             update(StreamRow)
             .where(
@@ -123,6 +129,49 @@ async def _take(
             .execution_options(synchronize_session=False)
         )
         taken.extend((await session.execute(stmt)).all())
+    taken.sort(key=lambda row: row.id)
+    return taken
+
+
+async def _take_planned(session: AsyncSession, plan: dict[int, str], now: float) -> list[Row[Any]]:
+    """Give each still-unowned stream of ``plan`` to its planned worker: one executemany.
+
+    The balancing pass plans thousands of grants over hundreds of workers at once (a dead
+    worker's streams); one UPDATE per worker was most of such a pass. ``executemany``
+    cannot return rows, so the new tokens are read back; the rows were picked ``FOR UPDATE``
+    (SQLite: under its write lock), so what is read back is what this transaction wrote.
+    """
+    if not plan:
+        return []
+    touch(session, plan.values())
+    streams = cast(Table, StreamRow.__table__)
+    stmt = (
+        update(streams)
+        .where(
+            streams.c.id == bindparam("sid"),
+            streams.c.owner_id.is_(None),
+            streams.c.status == STREAM_ACTIVE,
+        )
+        .values(
+            owner_id=bindparam("wid"),
+            token=streams.c.token + 1,
+            assigned_at=bindparam("now"),
+            revoke_at=None,
+            revoke_to=None,
+            updated_at=bindparam("now"),
+        )
+    )
+    await session.execute(
+        stmt, [{"sid": sid, "wid": wid, "now": now} for sid, wid in sorted(plan.items())]
+    )
+    taken: list[Row[Any]] = []
+    for chunk in chunks(sorted(plan)):
+        rows = await session.execute(
+            select(*ASSIGNMENT_COLUMNS, StreamRow.owner_id).where(StreamRow.id.in_(chunk))
+        )
+        taken.extend(
+            row for row in rows.all() if row.owner_id == plan[row.id] and row.assigned_at == now
+        )
     taken.sort(key=lambda row: row.id)
     return taken
 
@@ -163,9 +212,10 @@ async def release(
     session: AsyncSession, worker_id: str, stream_ids: Iterable[int], now: float, *, reason: str
 ) -> list[int]:
     """Unown the given streams if ``worker_id`` owns them; others are left alone."""
+    touch(session, [worker_id])
     wanted = sorted(set(stream_ids))
     released: list[int] = []
-    for chunk in _chunks(wanted):
+    for chunk in chunks(wanted):
         stmt = (
             update(StreamRow)
             .where(StreamRow.id.in_(chunk), StreamRow.owner_id == worker_id)
@@ -188,10 +238,43 @@ async def release(
 async def release_all(
     session: AsyncSession, worker_id: str, now: float, *, reason: str
 ) -> list[int]:
-    ids = (
-        await session.execute(select(StreamRow.id).where(StreamRow.owner_id == worker_id))
-    ).scalars()
-    return await release(session, worker_id, list(ids), now, reason=reason)
+    return sorted(await release_owned_by(session, [worker_id], now, reason=reason))
+
+
+async def release_owned_by(
+    session: AsyncSession, owners: Sequence[str], now: float, *, reason: str
+) -> dict[int, str]:
+    """Unown every stream the given workers own, in a few statements however many there are.
+
+    The callers hold the owners' rows locked (or SQLite's write lock), so nothing can be
+    granted to them meanwhile: what the SELECT finds is what the UPDATE frees.
+    """
+    touch(session, owners)
+    released: dict[int, str] = {}
+    for group in chunks(list(owners), OWNER_CHUNK):
+        found = await session.execute(
+            select(StreamRow.id, StreamRow.owner_id)
+            .where(StreamRow.owner_id.in_(group))
+            .with_for_update()
+        )
+        owned = {sid: str(owner) for sid, owner in found.all()}  # owner_id IN (...): set
+        for ids in chunks(sorted(owned)):
+            stmt = (
+                update(StreamRow)
+                .where(StreamRow.id.in_(ids), StreamRow.owner_id.in_(group))
+                .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=now)
+                .returning(StreamRow.id)
+                .execution_options(synchronize_session=False)
+            )
+            released.update({sid: owned[sid] for sid in (await session.execute(stmt)).scalars()})
+    await ev.record(
+        session,
+        (
+            ev.event(ev.STREAM_RELEASED, now, worker_id=owner, stream_id=sid, reason=reason)
+            for sid, owner in sorted(released.items())
+        ),
+    )
+    return released
 
 
 @dataclass
@@ -220,7 +303,7 @@ def drop_reason(row: Any | None, worker_id: str) -> Drop | None:
 
 async def _rows_by_id(session: AsyncSession, ids: Sequence[int], *, lock: bool) -> dict[int, Any]:
     found: dict[int, Any] = {}
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         stmt = select(
             *ASSIGNMENT_COLUMNS, StreamRow.owner_id, StreamRow.status, StreamRow.revoke_at
         ).where(StreamRow.id.in_(chunk))
@@ -392,21 +475,25 @@ async def expire_revokes(session: AsyncSession, now: float, timeout: float) -> i
             .with_for_update(skip_locked=True)
         )
     ).all()
-    for sid, owner, _dest in overdue:
-        await session.execute(
-            update(StreamRow)
-            .where(StreamRow.id == sid, StreamRow.owner_id == owner)
-            .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        await ev.record_one(
-            session,
-            ev.STREAM_RELEASED,
-            now,
-            worker_id=owner,
-            stream_id=sid,
-            reason="revoke_timeout",
-        )
+    if not overdue:
+        return 0
+    touch(session, (owner for _sid, owner, _dest in overdue))
+    streams = cast(Table, StreamRow.__table__)
+    await session.execute(
+        update(streams)
+        .where(streams.c.id == bindparam("sid"), streams.c.owner_id == bindparam("wid"))
+        .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=bindparam("now")),
+        [{"sid": sid, "wid": owner, "now": now} for sid, owner, _dest in overdue],
+    )
+    await ev.record(
+        session,
+        (
+            ev.event(
+                ev.STREAM_RELEASED, now, worker_id=owner, stream_id=sid, reason="revoke_timeout"
+            )
+            for sid, owner, _dest in overdue
+        ),
+    )
     return len(overdue)
 
 
@@ -443,17 +530,19 @@ async def balance(
 
     # 1. Unowned streams go to the workers furthest below target.
     unowned = await _unowned_ids(session, sum(deficits.values()))
+    plan: dict[int, str] = {}
     cursor = 0
     for wid in sorted(deficits, key=lambda w: (-deficits[w], w)):
         want = min(deficits[wid], len(unowned) - cursor)
         if want <= 0:
             break
-        rows = await _take(session, unowned[cursor : cursor + want], wid, now)
+        plan.update((sid, wid) for sid in unowned[cursor : cursor + want])
         cursor += want
-        deficits[wid] -= len(rows)
-        members[wid].load += len(rows)
-        for row in rows:
-            report.assigned.append((row.id, wid, row.token))
+    for row in await _take_planned(session, plan, now):
+        wid = row.owner_id
+        deficits[wid] -= 1
+        members[wid].load += 1
+        report.assigned.append((row.id, wid, row.token))
     await ev.record(
         session,
         (
@@ -506,16 +595,25 @@ async def balance(
                 deficits[dest] -= 1
             forced -= 1
             budget -= 1
-            await session.execute(
-                update(StreamRow)
-                .where(StreamRow.id == sid, StreamRow.owner_id == wid)
-                .values(revoke_at=now, revoke_to=dest, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
             report.moves.append(Move.model_validate({"stream_id": sid, "from": wid, "to": dest}))
             if budget <= 0:
                 break
     if report.moves:
+        touch(session, (mv.from_ for mv in report.moves))
+        streams = cast(Table, StreamRow.__table__)
+        await session.execute(
+            update(streams)
+            .where(streams.c.id == bindparam("sid"), streams.c.owner_id == bindparam("wid"))
+            .values(
+                revoke_at=bindparam("now"),
+                revoke_to=bindparam("dest"),
+                updated_at=bindparam("now"),
+            ),
+            [
+                {"sid": mv.stream_id, "wid": mv.from_, "dest": mv.to, "now": now}
+                for mv in report.moves
+            ],
+        )
         await ev.record(
             session,
             [

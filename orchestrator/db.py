@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
 
 from orchestrator.config import Settings
 from orchestrator.errors import Unavailable, is_database_trouble
+from orchestrator.views import changed_workers
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,11 @@ class Database:
         # Only one writer at a time can hold SQLite's lock; queueing here is cheaper than
         # spinning in busy_timeout on a worker thread.
         self._sqlite_write_lock = asyncio.Lock() if self.is_sqlite else None
-        # Called after every committed write that may change what a heartbeat answers.
-        self.on_change: list[Callable[[], None]] = []
+        # Called after every committed write that may change what a heartbeat answers,
+        # with the workers whose answers it changed (None: any of them; see views.touch).
+        self.on_change: list[Callable[[frozenset[str] | None], None]] = []
+        # Values of the cluster's change counter that this process's own writes drew.
+        self.own_generations: set[int] = set()
 
     @property
     def dialect(self) -> str:
@@ -155,8 +159,9 @@ class Database:
             async with session.begin():
                 result = await work(session)
             if changes and not session.info.get("quiet", False):
+                workers = changed_workers(session.info)
                 for listener in self.on_change:
-                    listener()
+                    listener(workers)
                 if not self.is_sqlite:
                     await self._bump_generation(session)
         return result
@@ -164,7 +169,9 @@ class Database:
     async def _bump_generation(self, session: AsyncSession) -> None:
         """Tell other replicas their cached views are stale (after commit, outside it)."""
         try:
-            await session.execute(text(f"SELECT nextval('{GENERATION_SEQUENCE}')"))
+            value = await session.execute(text(f"SELECT nextval('{GENERATION_SEQUENCE}')"))
+            # Ours: this replica's watcher already applied it (views.observe_remote).
+            self.own_generations.add(int(value.scalar_one()))
             await session.commit()
         except Exception:  # noqa: BLE001 - the write itself committed; views age out anyway
             log.warning("orchestrator.generation_bump_failed")

@@ -8,9 +8,9 @@ the commit through ``EventBus``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.models import EventRow
@@ -48,7 +48,9 @@ def event(
 async def record(session: AsyncSession, events: Iterable[dict[str, Any]]) -> None:
     rows = list(events)
     if rows:
-        await session.execute(insert(EventRow), rows)
+        # The Core table, not the ORM entity: a plain executemany, without the ORM's
+        # per-row bookkeeping (a pass that moves 10,000 streams writes 20,000 events).
+        await session.execute(insert(cast(Table, EventRow.__table__)), rows)
 
 
 async def record_one(

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import assignment as asg
 from orchestrator import events as ev
-from orchestrator import idempotency
+from orchestrator import idempotency, views
 from orchestrator.errors import as_api_error
 from orchestrator.models import ClusterRow, EventRow, WorkerRow
 from orchestrator.service import Orchestrator, mark_lost
@@ -133,6 +133,10 @@ class Reaper:
             await self._housekeeping(session, now)
         if not (report.grace or report.lost or report.assigned or report.moves or overdue):
             session.info["quiet"] = True  # nothing a heartbeat answers with has changed
+        elif not report.grace:
+            # The ownership helpers touched every worker they changed; a grace changed
+            # every lease, so then all views go.
+            views.scoped(session)
         return report
 
     def _outage(self, last_reaper_at: float | None, now: float) -> tuple[str, float] | None:
@@ -166,12 +170,14 @@ class Reaper:
         await service.book.flush(service.db)
         if not await service.db.write(self._claim, changes=False):
             service.metrics.reaper_leader.set(0)
+            service.expiry_due = None  # the leader's passes are not ours to announce
             return PassReport()
         service.metrics.reaper_leader.set(1)
         self.passes += 1
         started = time.perf_counter()
         report = await service.db.write(self._pass)
         self._alive_at = service.clock()
+        service.expiry_due = report.next_expiry
         took = time.perf_counter() - started
         m = service.metrics
         m.reaper_pass_seconds.observe(took)

@@ -11,18 +11,19 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Row, delete, func, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import assignment as asg
 from orchestrator import events as ev
-from orchestrator import idempotency
+from orchestrator import idempotency, views
 from orchestrator.auth import Caller, hash_token, new_session_token, same_hash
 from orchestrator.config import Settings
 from orchestrator.db import Database
@@ -52,6 +53,28 @@ WORKER_COLUMNS = (
     WorkerRow.lease_expires_at,
 )
 
+
+async def worker_and_streams(
+    session: AsyncSession, worker_id: str
+) -> tuple[Row[Any] | None, list[Row[Any]]]:
+    """The worker's row and the streams it owns, in one query (a cold view's whole load)."""
+    stmt = (
+        select(*WORKER_COLUMNS, *asg.ASSIGNMENT_COLUMNS, StreamRow.revoke_at)
+        .select_from(WorkerRow)
+        .outerjoin(StreamRow, StreamRow.owner_id == WorkerRow.worker_id)
+        .where(WorkerRow.worker_id == worker_id)
+        .order_by(StreamRow.id)
+    )
+    rows = (await session.execute(stmt)).all()
+    if not rows:
+        return None, []
+    return rows[0], [r for r in rows if r.id is not None]
+
+
+# A beat hint allows the judging pass this long to commit (small passes take ~10-50 ms),
+# and is repeated at most this many times while the pass is late.
+HINT_PASS_ALLOWANCE_S = 0.1
+HINT_RETRIES = 3
 
 # A beat whose lease ends within the flush interval plus this is saved before the answer.
 LATE_BEAT_MARGIN_S = 0.1
@@ -107,6 +130,9 @@ class Orchestrator:
         # Set when something freed or added streams: the reaper runs a pass at once.
         self.wake = asyncio.Event()
         self.listeners: list[Callable[[], None]] = []
+        # The earliest running lease end the last reaper pass here found (None: this
+        # replica is not leading); heartbeats use it for their ``next_heartbeat_in_s``.
+        self.expiry_due: float | None = None
         self.views = ViewCache()
         db.on_change.append(self.views.invalidate)
 
@@ -159,6 +185,9 @@ class Orchestrator:
                 )
             )
             await session.flush()
+            # Only this worker's view changes: its row, and streams it takes back unowned.
+            views.touch(session, [wid])
+            views.scoped(session)
             settled = await asg.settle_held(session, row, req.held, now)
             await self._store_history(session, wid, req.history, now)
             owned = await asg.owned_streams(session, wid)
@@ -231,15 +260,20 @@ class Orchestrator:
         handed_back = sorted(view.revoking - held)
         if handed_back:
             # The worker already stopped these revoked streams: that is its release.
-            await self.db.write(
-                lambda s: asg.release(s, worker_id, handed_back, now, reason="revoked")
-            )
+            async def release(session: AsyncSession) -> None:
+                views.scoped(session)  # release touches the one worker it changes
+                await asg.release(session, worker_id, handed_back, now, reason="revoked")
+
+            await self.db.write(release)
             self._changed()
+        hint = self.beat_hint(now)
         return b"".join(
             (
                 b'{"lease_expires_at":"',
                 rfc3339(expires).encode(),
-                b'","assignments":',
+                b'","next_heartbeat_in_s":' + str(hint).encode() + b',"assignments":'
+                if hint is not None
+                else b'","assignments":',
                 view.assignments_json,
                 b',"revoke":',
                 json.dumps(revoke).encode() if revoke else b"[]",
@@ -250,6 +284,31 @@ class Orchestrator:
                 b"}",
             )
         )
+
+    def beat_hint(self, now: float) -> float | None:
+        """Seconds after which to beat again, when that hears of a failover sooner.
+
+        A lease that ends before the caller's next regular beat belongs to a worker that
+        has missed beats. The pass that judges it runs ``lease_flush_interval_s`` after its
+        end; a worker told to beat just after that learns of the streams it frees at once,
+        not up to a whole interval later (the way Kafka's heartbeat answer tells a consumer
+        to rejoin). A live worker's lease always ends further out, so a healthy fleet never
+        gets a hint; a failover costs each worker at most a few extra beats.
+        """
+        due = self.expiry_due
+        if due is None:
+            return None
+        settings = self.settings
+        interval = settings.heartbeat_interval_s
+        flush = settings.lease_flush_interval_s
+        if due >= now + min(interval, settings.lease_ttl_s - interval - flush):
+            return None  # a live worker's lease, or one judged before our next beat anyway
+        judged = due + flush + HINT_PASS_ALLOWANCE_S
+        if now <= judged:
+            return round(judged - now, 3) if judged - now < interval else None
+        if now <= judged + HINT_RETRIES * HINT_PASS_ALLOWANCE_S:
+            return HINT_PASS_ALLOWANCE_S  # the pass is late: look again shortly
+        return None
 
     def _view_accepts(self, view: WorkerView, caller: Caller, epoch: int, now: float) -> bool:
         """Can the cached view vouch for this call? Anything doubtful goes to the database."""
@@ -266,11 +325,7 @@ class Orchestrator:
     ) -> WorkerView:
         generation = self.views.generation
         async with self.db.read() as session:
-            row = (
-                await session.execute(
-                    select(*WORKER_COLUMNS).where(WorkerRow.worker_id == worker_id)
-                )
-            ).first()
+            row, streams = await worker_and_streams(session, worker_id)
             await check_session(
                 session,
                 caller,
@@ -282,7 +337,6 @@ class Orchestrator:
                 outage_gap=self.settings.outage_gap_s,
             )
             assert row is not None
-            streams = await asg.owned_streams(session, worker_id)
         assignments = [asg.to_assignment(r) for r in streams if r.revoke_at is None]
         view = build_view(row, streams, assignments, self.views.now())
         self.views.put(view, generation)
@@ -856,35 +910,47 @@ def event_out(row: EventRow) -> m.Event:
 
 
 async def mark_lost(session: AsyncSession, now: float) -> tuple[list[str], dict[int, str]]:
-    """Declare every worker whose lease ran out lost and free its streams."""
+    """Declare every worker whose lease ran out lost and free its streams.
+
+    A handful of statements however many workers died at once: a pass that judges a
+    hundred workers must not take a hundred round trips per step (issue 7, spec 4).
+    """
     expired = (
-        await session.execute(
-            select(WorkerRow.worker_id, WorkerRow.epoch)
-            .where(WorkerRow.state.in_(asg.LEASED_STATES), WorkerRow.lease_expires_at < now)
-            .order_by(WorkerRow.worker_id)
-            .with_for_update(skip_locked=True)
+        (
+            await session.execute(
+                select(WorkerRow.worker_id)
+                .where(WorkerRow.state.in_(asg.LEASED_STATES), WorkerRow.lease_expires_at < now)
+                .order_by(WorkerRow.worker_id)
+                .with_for_update(skip_locked=True)
+            )
         )
-    ).all()
-    lost: list[str] = []
-    freed: dict[int, str] = {}
-    for wid, epoch in expired:
+        .scalars()
+        .all()
+    )
+    epochs: dict[str, int] = {}
+    for chunk in asg.chunks(expired):
         result = await session.execute(
             update(WorkerRow)
             .where(
-                WorkerRow.worker_id == wid,
-                WorkerRow.epoch == epoch,
+                WorkerRow.worker_id.in_(chunk),
+                # Re-checked: a late beat written since the SELECT may have renewed it.
                 WorkerRow.lease_expires_at < now,
                 WorkerRow.state.in_(asg.LEASED_STATES),
             )
             .values(state="lost")
+            .returning(WorkerRow.worker_id, WorkerRow.epoch)
             .execution_options(synchronize_session=False)
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            continue
-        released = await asg.release_all(session, wid, now, reason="lease_expired")
-        await ev.record_one(
-            session, ev.WORKER_LOST, now, worker_id=wid, epoch=epoch, released=len(released)
-        )
-        lost.append(wid)
-        freed.update({sid: wid for sid in released})
+        epochs.update({wid: epoch for wid, epoch in result.all()})
+    lost = sorted(epochs)
+    views.touch(session, lost)
+    freed = await asg.release_owned_by(session, lost, now, reason="lease_expired")
+    released = Counter(freed.values())
+    await ev.record(
+        session,
+        (
+            ev.event(ev.WORKER_LOST, now, worker_id=wid, epoch=epochs[wid], released=released[wid])
+            for wid in lost
+        ),
+    )
     return lost, freed

@@ -2,9 +2,16 @@
 
 A heartbeat answers from a ``WorkerView`` (epoch, session, lease, owned streams and their
 pre-serialised assignments) and touches the database only when the view is missing or
-disagrees with the call. Views are dropped wholesale whenever a write that could change
-them commits: in this process at once (``Database.on_change``), on other replicas when
-they see the cluster's change counter move (``watch``, every ``poll_interval_s``).
+disagrees with the call. Views are dropped when a write that could change them commits:
+in this process at once (``Database.on_change``), on other replicas when they see the
+cluster's change counter move (``watch``, every ``poll_interval_s``).
+
+A write says whose views it changed with ``touch`` and ``scoped``: ownership helpers in
+``assignment`` touch every worker whose streams they change, and the transactions built
+only from them (registration, the reaper's pass, a heartbeat's hand-back) declare
+themselves scoped; in this process only the touched workers' views are dropped. Any other
+write drops them all. A fleet of 10,000 workers must not reload 10,000 views because one
+worker joined (issue 7, growth).
 
 Staleness is bounded and harmless: on one replica there is none; across replicas a
 heartbeat may for up to ``poll_interval_s`` list a stream that was just moved away, which
@@ -19,17 +26,45 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.db import Database
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from shared.models import Assignment
+
+if TYPE_CHECKING:  # db announces changes through this module's ``changed_workers``
+    from orchestrator.db import Database
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_AGE_S = 30.0
+# A safety net, not the invalidation: every change that could alter a view drops it.
+DEFAULT_MAX_AGE_S = 120.0
 DEFAULT_POLL_INTERVAL_S = 0.1
+# More bumps than this between two polls are not checked one by one: all views go.
+MAX_OWN_BUMPS = 1_000
+
+
+_TOUCHED = "streamherd.views.touched"
+_SCOPED = "streamherd.views.scoped"
+
+
+def touch(session: AsyncSession, worker_ids: Iterable[str | None]) -> None:
+    """Record that this transaction changes what these workers' heartbeats answer."""
+    session.info.setdefault(_TOUCHED, set()).update(w for w in worker_ids if w is not None)
+
+
+def scoped(session: AsyncSession) -> None:
+    """Declare that every view this transaction changes was ``touch``ed."""
+    session.info[_SCOPED] = True
+
+
+def changed_workers(info: dict[str, Any]) -> frozenset[str] | None:
+    """The workers a committed transaction changed, or None for "any of them"."""
+    if not info.get(_SCOPED, False):
+        return None
+    return frozenset(info.get(_TOUCHED, ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +111,25 @@ class ViewCache:
         self._max_age = max_age_s
         self._monotonic = monotonic
         self._remote: int | None = None
-        # Bumped on every invalidation; a view built across a bump is not stored.
+        # Bumped on every invalidation. A view is stored only if neither it (``_dropped``)
+        # nor all views (``_cleared``) were invalidated after its load began.
         self.generation = 0
+        self._cleared = 0
+        self._dropped: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
 
-    def invalidate(self) -> None:
+    def invalidate(self, workers: Collection[str] | None = None) -> None:
+        """Drop the views of ``workers``; of everyone when None."""
         self.generation += 1
-        self._views.clear()
+        if workers is None:
+            self._cleared = self.generation
+            self._dropped.clear()
+            self._views.clear()
+            return
+        for wid in workers:
+            self._dropped[wid] = self.generation
+            self._views.pop(wid, None)
 
     def get(self, worker_id: str) -> WorkerView | None:
         view = self._views.get(worker_id)
@@ -94,13 +140,27 @@ class ViewCache:
         return view
 
     def put(self, view: WorkerView, generation: int) -> None:
-        if generation == self.generation:
-            self._views[view.worker_id] = view
+        """Store a view whose load began at ``generation``, unless it went stale meanwhile."""
+        wid = view.worker_id
+        if self._cleared <= generation and self._dropped.get(wid, 0) <= generation:
+            self._views[wid] = view
 
-    def observe_remote(self, value: int) -> None:
-        if self._remote is not None and value != self._remote:
+    def observe_remote(self, value: int, own: set[int] | None = None) -> None:
+        """The cluster's change counter is at ``value``; ``own`` are this replica's bumps.
+
+        Bumps this replica made itself were already applied, worker by worker; any other
+        bump in between is another replica's change, of unknown extent: drop every view.
+        """
+        own = own if own is not None else set()
+        previous, self._remote = self._remote, value
+        if previous is None or value == previous:
+            return
+        foreign = value - previous > MAX_OWN_BUMPS or any(
+            v not in own for v in range(previous + 1, value + 1)
+        )
+        own.difference_update([v for v in own if v <= value])
+        if foreign:
             self.invalidate()
-        self._remote = value
 
     def now(self) -> float:
         return self._monotonic()
@@ -113,7 +173,7 @@ class ViewCache:
             return
         while not stop.is_set():
             try:
-                self.observe_remote(await db.generation())
+                self.observe_remote(await db.generation(), db.own_generations)
             except Exception:  # noqa: BLE001 - database trouble: serve nothing stale meanwhile
                 self.invalidate()
                 self._remote = None

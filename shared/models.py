@@ -193,6 +193,9 @@ class HeartbeatAnswer(Answer):
     assignments: list[Assignment] = Field(default_factory=list)
     revoke: list[int] = Field(default_factory=list)
     dropped: list[Drop] = Field(default_factory=list)
+    # Beyond the contract: a silent worker's lease ends before this worker's next regular
+    # beat; beating again after this many seconds hears at once of the streams it frees.
+    next_heartbeat_in_s: float | None = None
 
 
 class StreamsRequest(Request):

@@ -227,6 +227,7 @@ class ResilientWorkerClient:
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self.lease_ttl_s = DEFAULT_LEASE_TTL_S
         self._revoked: set[int] = set()
+        self._beat_hint: float | None = None
         self._released: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._urls: dict[str, httpx.URL] = {}
         self._last_probe_beat: float | None = None
@@ -349,6 +350,17 @@ class ResilientWorkerClient:
         if not ok and self._dirty:
             await self._persist()
         return ok
+
+    def take_beat_hint(self) -> float | None:
+        """Seconds after which the last heartbeat's answer asked for the next, once.
+
+        The orchestrator asks when a silent worker's lease is about to be judged: the next
+        beat then brings its streams here without waiting out a whole interval.
+        """
+        hint, self._beat_hint = self._beat_hint, None
+        if hint is None or not 0 <= hint < self.heartbeat_interval_s:
+            return None  # never later (or faster) than the regular beat
+        return hint
 
     async def request_streams(self, count: int | None = None) -> list[int]:
         """Ask for ``count`` more streams (None: up to capacity); the ids newly assigned.
@@ -591,6 +603,7 @@ class ResilientWorkerClient:
         if result is None:
             return False
         answer, sent = result
+        self._beat_hint = answer.next_heartbeat_in_s
         listed = {a.stream_id for a in answer.assignments}
         # A stream being revoked may be missing from `assignments`, yet it is ours until we
         # stop and release it: keep it held (and listed in revoked()) until then.

@@ -365,3 +365,49 @@ async def test_a_lease_is_judged_when_it_ends_not_at_the_next_interval(db_url: s
             assert state == "lost", f"still {state} 20 s after registering"
             streams = (await client.get("/api/v1/streams", headers=ADMIN)).json()["items"]
             assert [s["owner"] for s in streams] == [None]
+
+
+async def test_a_beat_hint_brings_a_dead_workers_streams_to_the_new_owner_at_once(
+    db_url: str, clock: FakeClock
+) -> None:
+    """Before a silent worker's lease is judged, the others' answers say when to beat again
+    (``next_heartbeat_in_s``): just after the judging pass, not a whole interval later."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(4)
+        a = await h.register("a", capacity=4)
+        b = await h.register("b", capacity=4)
+        await h.reap()
+        assert (await h.heartbeat(a)).status_code == 200  # a's last beat: lease ends at +3
+        start = clock.now
+        answer = (await h.heartbeat(b)).json()
+        hints = []
+        while clock.now - start < 3.0:
+            clock.advance(0.25)
+            await h.reap()
+            answer = (await h.heartbeat(b, held_of(answer))).json()
+            hints.append((round(clock.now - start, 2), answer.get("next_heartbeat_in_s")))
+        # Until a's lease ends within b's next regular beat (1 s), nothing is hinted.
+        assert [hint for t, hint in hints if t <= 2.25] == [None] * 9, hints
+        # Then: beat again right after the pass that judges it (end + flush + allowance).
+        flush = h.settings.lease_flush_interval_s
+        assert hints[-1] == (3.0, pytest.approx(flush + 0.1))
+        clock.advance(hints[-1][1])
+        report = await h.reap()
+        assert report.lost == ["a"]
+        answer = (await h.heartbeat(b, held_of(answer))).json()
+        assert len(answer["assignments"]) == 4
+        assert answer.get("next_heartbeat_in_s") is None
+
+
+async def test_a_healthy_fleet_gets_no_beat_hints(db_url: str, clock: FakeClock) -> None:
+    async with running(db_url, clock) as h:
+        await h.create_streams(4)
+        sessions = [await h.register(w, capacity=4) for w in ("a", "b", "c")]
+        await h.reap()
+        for _ in range(20):  # every worker beats once an interval (1 s), for 10 s
+            for s in sessions:
+                clock.advance(1.0 / 3)
+                r = await h.heartbeat(s)
+                assert r.status_code == 200
+                assert "next_heartbeat_in_s" not in r.json()
+                await h.reap()

@@ -88,6 +88,7 @@ class FakeOrchestrator:
         self.failures: Counter[int] = Counter()
         self.quarantine_after = 3
         self.heartbeat_gate: asyncio.Event | None = None
+        self.beat_hint: float | None = None  # sent as next_heartbeat_in_s when set
         self._replays: dict[tuple[str, str], httpx.Response] = {}
         self._next_token = 100
 
@@ -225,6 +226,7 @@ class FakeOrchestrator:
                 ],
                 "revoke": sorted(sid for sid in self.revokes if self.streams[sid].owner == wid),
                 "dropped": dropped,
+                **({"next_heartbeat_in_s": self.beat_hint} if self.beat_hint is not None else {}),
             }
         )
 

@@ -64,6 +64,8 @@ class FakeClient:
         self.failures: dict[int, list[str]] = defaultdict(list)
         self.progress: Counter[int] = Counter()
         self.beats = 0
+        self.hints: list[float] = []  # each beat's answer takes the next as its hint
+        self.beat_hint: float | None = None
         self.heartbeat_block: asyncio.Event | None = None  # when set, heartbeats hang on it
         self.register_block: asyncio.Event | None = None  # likewise for register
         self._assigned: dict[int, Assignment] = {}
@@ -113,6 +115,7 @@ class FakeClient:
     async def send_heartbeat(self) -> bool:
         self.calls.append("heartbeat")
         self.beats += 1
+        self.beat_hint = self.hints.pop(0) if self.hints else None
         if self.heartbeat_block is not None:
             await self.heartbeat_block.wait()
         if not self.reachable:
@@ -121,6 +124,10 @@ class FakeClient:
         if not self.is_registered:
             await self.register()
         return True
+
+    def take_beat_hint(self) -> float | None:
+        hint, self.beat_hint = self.beat_hint, None
+        return hint
 
     async def request_streams(self, count: int | None = None) -> list[int]:
         self.calls.append(f"request:{count}")

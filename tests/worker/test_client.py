@@ -101,6 +101,22 @@ async def test_heartbeat_answer_is_authoritative(
     assert state_file(client)["held"].keys() == {"5"}
 
 
+async def test_a_heartbeat_hint_is_taken_once_and_never_past_the_interval(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    client = make_client()
+    await client.register()
+    assert await client.send_heartbeat()
+    assert client.take_beat_hint() is None  # an answer without one
+    orchestrator.beat_hint = 0.35
+    assert await client.send_heartbeat()
+    assert client.take_beat_hint() == 0.35
+    assert client.take_beat_hint() is None, "a hint is for the next beat only"
+    orchestrator.beat_hint = orchestrator.heartbeat_interval_s + 1
+    assert await client.send_heartbeat()
+    assert client.take_beat_hint() is None, "later than the regular beat: ignored"
+
+
 async def test_a_lost_answer_is_retried_with_the_same_idempotency_key(
     make_client: MakeClient, orchestrator: FakeOrchestrator
 ) -> None:

@@ -465,3 +465,20 @@ async def test_second_signal_exits_at_once_and_takes_the_programs_along(tmp_path
     finally:
         await worker.kill()
     await eventually(lambda: not process_alive(pid), timeout=10)
+
+
+async def test_a_heartbeat_hint_brings_the_next_beat_forward() -> None:
+    """An answer's ``next_heartbeat_in_s`` (a failover is about to free streams) makes the
+    next beat come that much later, not a whole interval later; once only."""
+    now = [1000.0]
+    client = FakeClient(capacity=1, heartbeat_interval_s=60.0)
+    runtime = make_runtime(client, Recorder(), clock=lambda: now[0])
+    async with running(runtime):
+        await eventually(lambda: "request:1" in client.calls)  # started
+        client.hints = [0.5]
+        now[0] += 60.0
+        runtime._wake.set()
+        await eventually(lambda: client.beats == 1)
+        now[0] += 0.5  # 0.5 s, not 60 s, after the hinted beat
+        runtime._wake.set()
+        await eventually(lambda: client.beats == 2)

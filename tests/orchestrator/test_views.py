@@ -1,0 +1,156 @@
+"""Cached worker views: a change drops the views of the workers it changed, not everyone's.
+
+The unit tests drive ``ViewCache`` with an injected clock; the others run the app on a real
+database and count cache hits while workers join, die and have streams moved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.views import ViewCache, WorkerView
+from tests.utils.clock import FakeClock
+from tests.utils.harness import ADMIN, API, Harness, Session, held_of, running
+
+
+def view(worker_id: str, built_at: float = 0.0) -> WorkerView:
+    return WorkerView(
+        worker_id=worker_id,
+        epoch=1,
+        state="active",
+        session_hash="h",
+        lease_expires_at=10.0,
+        owned=frozenset(),
+        revoking=frozenset(),
+        assignments_json=b"[]",
+        built_at=built_at,
+    )
+
+
+def test_invalidating_one_worker_keeps_the_others() -> None:
+    cache = ViewCache(monotonic=lambda: 0.0)
+    for wid in ("a", "b", "c"):
+        cache.put(view(wid), cache.generation)
+    cache.invalidate({"b"})
+    assert cache.get("a") is not None and cache.get("c") is not None
+    assert cache.get("b") is None
+    cache.invalidate()
+    assert cache.get("a") is None and cache.get("c") is None
+
+
+def test_a_view_loaded_across_its_invalidation_is_not_stored() -> None:
+    cache = ViewCache(monotonic=lambda: 0.0)
+    started = cache.generation  # a load of "a" and of "b" begins here
+    cache.invalidate({"a"})  # a write touching "a" commits while both load
+    cache.put(view("a"), started)
+    cache.put(view("b"), started)
+    assert cache.get("a") is None, "the load of 'a' read the database before the write"
+    assert cache.get("b") is not None, "the write did not change 'b'"
+    started = cache.generation
+    cache.invalidate()  # a write of unknown extent
+    cache.put(view("b"), started)
+    assert cache.get("b") is None
+
+
+def test_views_expire_after_max_age() -> None:
+    now = [100.0]
+    cache = ViewCache(max_age_s=120.0, monotonic=lambda: now[0])
+    cache.put(view("a", built_at=100.0), cache.generation)
+    now[0] = 219.0
+    assert cache.get("a") is not None
+    now[0] = 221.0
+    assert cache.get("a") is None
+
+
+def test_own_bumps_of_the_change_counter_keep_views_other_replicas_bumps_drop_them() -> None:
+    cache = ViewCache(monotonic=lambda: 0.0)
+    cache.observe_remote(10, set())
+    cache.put(view("a"), cache.generation)
+    own = {11, 12}
+    cache.observe_remote(12, own)  # both bumps were this replica's, already applied
+    assert cache.get("a") is not None
+    assert own == set(), "bumps seen are forgotten"
+    cache.observe_remote(14, {13})  # 14 is another replica's change
+    assert cache.get("a") is None
+
+
+# --- in the app, on a real database ----------------------------------------------------
+
+
+async def beat_all(h: Harness, sessions: list[Session]) -> dict[str, dict[str, Any]]:
+    answers = {}
+    for s in sessions:
+        r = await h.heartbeat(s, held_of(s.answer["assignments"]))
+        assert r.status_code == 200, r.text
+        answers[s.worker_id] = r.json()
+        s.answer = answers[s.worker_id]
+    return answers
+
+
+def owned(answer: dict[str, Any]) -> set[int]:
+    return {a["stream_id"] for a in answer["assignments"]}
+
+
+async def test_a_worker_joining_does_not_drop_the_other_workers_views(
+    db_url: str, clock: FakeClock
+) -> None:
+    async with running(db_url, clock) as h:
+        await h.create_streams(6)
+        sessions = [await h.register(f"w{i}", capacity=10) for i in range(3)]
+        await h.reap()
+        await beat_all(h, sessions)  # loads every view
+        views = h.service.views
+        misses = views.misses
+        await h.register("newcomer", capacity=10)
+        await beat_all(h, sessions)
+        assert views.misses == misses, "a registration dropped other workers' views"
+
+
+async def test_a_pass_drops_exactly_the_views_of_the_workers_it_changed(
+    db_url: str, clock: FakeClock
+) -> None:
+    """Streams moved from a to the newcomer: a's view reloads and lists the revoke; the
+    unaffected worker's view stays; the newcomer's answer lists its new streams."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(8)
+        a = await h.register("a", capacity=8)
+        await h.reap()
+        b = await h.register("b", capacity=8)
+        await h.reap()  # 4 and 4: a revokes 4, hands them back, b gets them
+        await beat_all(h, [a, b])
+        await h.reap()
+        answers = await beat_all(h, [a, b])
+        assert len(owned(answers["a"])) == len(owned(answers["b"])) == 4
+        views = h.service.views
+        c = await h.register("c", capacity=8)
+        await h.reap()  # revokes from a and b for c: both views change
+        misses = views.misses
+        answers = await beat_all(h, [a, b])
+        assert views.misses == misses + 2
+        assert answers["a"]["revoke"] and answers["b"]["revoke"], answers
+        await beat_all(h, [a, b])  # they hand the revoked streams back
+        await h.reap()
+        misses = views.misses
+        (answer,) = (await beat_all(h, [c])).values()
+        assert len(owned(answer)) == 2, answer
+        assert views.misses == misses + 1
+
+
+async def test_a_dead_workers_streams_show_up_in_the_new_owners_next_beat(
+    db_url: str, clock: FakeClock
+) -> None:
+    async with running(db_url, clock) as h:
+        await h.create_streams(6)
+        sessions = [await h.register(f"w{i}", capacity=6) for i in range(3)]
+        await h.reap()
+        answers = await beat_all(h, sessions)
+        assert all(len(owned(a)) == 2 for a in answers.values())
+        dead, *alive = sessions
+        for _ in range(8):  # past the lease: the dead worker stops beating
+            clock.advance(0.5)
+            await beat_all(h, alive)
+            await h.reap()
+        answers = await beat_all(h, alive)
+        assert owned(answers["w1"]) | owned(answers["w2"]) == {s["id"] for s in await h.streams()}
+        r = await h.client.get(f"{API}/workers/{dead.worker_id}", headers=ADMIN)
+        assert r.json()["state"] == "lost"
