@@ -127,9 +127,10 @@ another owner (polled every {POLL_S * 1000:g} ms). Times are from the kill.
     )
     section.notes.append(
         "The path after a kill: the lease runs out (at most one TTL after the last beat, "
-        f"so at most {t.lease_s:g} s after the kill), the next reaper pass (≤ "
-        f"{t.reaper_s:g} s) reassigns, and the new owner learns of the grant at its "
-        f"next heartbeat (≤ {t.heartbeat_s:g} s): worst case TTL + reaper interval + "
-        "heartbeat interval."
+        f"so at most {t.lease_s:g} s after the kill); a reaper pass runs at the lease's end "
+        "plus the lease flush interval and reassigns; the other workers' heartbeat answers "
+        "carried `next_heartbeat_in_s` (a lease ends before your next beat), so the new "
+        "owner beats just after that pass instead of up to one heartbeat interval "
+        f"(≤ {t.heartbeat_s:g} s) later, and starts the stream."
     )
     return section
