@@ -17,6 +17,7 @@ from bench.heartbeat import alternate, figures, heartbeat_requests, spread
 from bench.procs import Orchestrator
 from bench.report import Section, Table, fmt, median
 from bench.sim import Cluster, SimWorker, gather_bounded, wait_until
+from orchestrator.views import DEFAULT_MAX_AGE_S
 
 REBALANCE_SAMPLES = 3
 DEFAULT_BEAT_S = 5.0  # ORCH_HEARTBEAT_INTERVAL_S's default
@@ -175,8 +176,9 @@ figure; the ideal for a per-item cost is 1.
     )
     section.notes.append(
         '"Each worker beat every" is W ÷ the measured beat rate: the load generator cycles '
-        "through all W workers, so at large W each worker's cached view (kept 30 s, "
-        "`views.DEFAULT_MAX_AGE_S`) may expire between its beats and every beat then reads "
+        "through all W workers, so at large W each worker's cached view (kept "
+        f"{DEFAULT_MAX_AGE_S:g} s, `views.DEFAULT_MAX_AGE_S`) may expire between its beats "
+        "and every beat then reads "
         'the database. "÷ needed" compares the measured rate with W ÷ 5 s, what W real '
         "workers at the default interval would send: below 1, one orchestrator process "
         "cannot keep that many workers' leases."

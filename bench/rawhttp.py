@@ -69,7 +69,12 @@ class _IdleClosed(Exception):
 
 
 class RawConnection:
-    """One keep-alive connection; ``request`` sends pre-encoded bytes, returns (status, body)."""
+    """One keep-alive connection; ``request`` sends pre-encoded bytes, returns (status, body).
+
+    Timeouts are ``asyncio.timeout`` blocks, not ``wait_for``: on Python 3.11, ``wait_for``
+    can swallow a cancellation that lands as its inner call completes, and a beat task
+    cancelled at ``Beater.stop`` then never ended (the two hung benchmark runs).
+    """
 
     def __init__(self, host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.host = host
@@ -79,14 +84,16 @@ class RawConnection:
         self._writer: asyncio.StreamWriter | None = None
 
     async def open(self) -> None:
-        self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, limit=MAX_HEAD_BYTES), self.timeout
-        )
+        async with asyncio.timeout(self.timeout):
+            self._reader, self._writer = await asyncio.open_connection(
+                self.host, self.port, limit=MAX_HEAD_BYTES
+            )
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
         """Send, read the answer; bounded by ``timeout`` however the connection misbehaves."""
         try:
-            return await asyncio.wait_for(self._request(raw), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await self._request(raw)
         except TimeoutError as exc:
             self._abort()
             raise HTTPFailure("timed out") from exc
@@ -112,7 +119,8 @@ class RawConnection:
         head = b""
         try:
             self._writer.write(raw)
-            head = await asyncio.wait_for(self._reader.readuntil(b"\r\n\r\n"), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                head = await self._reader.readuntil(b"\r\n\r\n")
             length = _content_length(head)
             body = await self._reader.readexactly(length) if length else b""
         except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
@@ -137,7 +145,8 @@ class RawConnection:
             writer.close()
             # wait_closed() can wait forever on a connection the peer already dropped.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT_S)
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await writer.wait_closed()
 
     def _abort(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None
@@ -181,7 +190,8 @@ class RawClient:
             method, path, host=self.host, body=body, headers={**self.headers, **(headers or {})}
         )
         # Bounded like the request itself: a wedged pool fails loudly instead of waiting.
-        conn = await asyncio.wait_for(self._idle.get(), self.timeout)
+        async with asyncio.timeout(self.timeout):
+            conn = await self._idle.get()
         try:
             status, answer = await conn.request(raw)
         finally:
