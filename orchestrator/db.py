@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from orchestrator import events as event_log
 from orchestrator.config import Settings
 from orchestrator.errors import Unavailable, is_database_trouble
 from orchestrator.views import changed_workers
@@ -158,6 +159,7 @@ class Database:
         async with self._writes() as session:
             async with session.begin():
                 result = await work(session)
+                await event_log.write_pending(session, ordered=not self.is_sqlite)
             if changes and not session.info.get("quiet", False):
                 workers = changed_workers(session.info)
                 for listener in self.on_change:

@@ -1,8 +1,14 @@
 """The event log: every state change writes a row that ``GET /events`` pages through.
 
 Rows are added in the transaction that makes the change, so an event exists exactly when
-its change committed. Subscribers in this process (the live WebSocket feed) are told after
-the commit through ``EventBus``.
+its change committed. Readers page by id (``after``), so ids must become visible in id
+order: an id drawn early by a transaction that commits late would be skipped by a reader
+already past it. ``record`` therefore only collects a transaction's events;
+``write_pending`` inserts them as the transaction's last statement, on PostgreSQL under a
+transaction-scoped advisory lock, so ids are drawn in commit order across every replica
+while the lock is held only for that insert and the commit. (SQLite has one writer at a
+time: its order is commit order already.) The live feed (``live.py``) is woken after the
+commit and tails the table by id.
 """
 
 from __future__ import annotations
@@ -10,10 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final, cast
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Table, insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.models import EventRow
+
+_PENDING = "streamherd.events.pending"
+# The advisory lock that orders event ids (any constant; this one spells "STHERD").
+ORDER_LOCK: Final = 0x5354_4845_5244
 
 WORKER_REGISTERED: Final = "worker_registered"
 WORKER_LOST: Final = "worker_lost"
@@ -46,11 +56,22 @@ def event(
 
 
 async def record(session: AsyncSession, events: Iterable[dict[str, Any]]) -> None:
-    rows = list(events)
-    if rows:
-        # The Core table, not the ORM entity: a plain executemany, without the ORM's
-        # per-row bookkeeping (a pass that moves 10,000 streams writes 20,000 events).
-        await session.execute(insert(cast(Table, EventRow.__table__)), rows)
+    """Add events to the transaction; they are written at its end (``write_pending``)."""
+    session.info.setdefault(_PENDING, []).extend(events)
+
+
+async def write_pending(session: AsyncSession, *, ordered: bool) -> None:
+    """Insert the transaction's events; ``ordered``: draw their ids in commit order."""
+    rows = session.info.pop(_PENDING, None)
+    if not rows:
+        return
+    if ordered:
+        # Released by the commit: no other transaction draws event ids until this one's
+        # are visible, so a reader past an id never misses a smaller one committed later.
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ORDER_LOCK})
+    # The Core table, not the ORM entity: a plain executemany, without the ORM's per-row
+    # bookkeeping (a pass that moves 10,000 streams writes 20,000 events).
+    await session.execute(insert(cast(Table, EventRow.__table__)), rows)
 
 
 async def record_one(

@@ -1,0 +1,95 @@
+"""Event ids become visible in id order, so a reader paging ``GET /events?after=`` by id
+never skips an event that a slower transaction commits later (PostgreSQL: concurrent
+writers; SQLite has one writer at a time)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator import events as ev
+from shared.models import Event
+from tests.utils.clock import FakeClock
+from tests.utils.harness import Harness, running
+from tests.utils.pg import PgDatabases
+
+DEADLINE_S = 20.0
+
+
+def codes(items: Sequence[Event]) -> list[str]:
+    return [e.data["code"] for e in items]
+
+
+async def test_an_event_committed_late_is_not_skipped_by_a_reader_paging_by_id(
+    pg_databases: PgDatabases, clock: FakeClock
+) -> None:
+    url = await asyncio.to_thread(pg_databases.new)
+    async with running(url, clock) as h:
+        db = h.service.db
+        recorded, finish = asyncio.Event(), asyncio.Event()
+
+        async def slow(session: AsyncSession) -> None:
+            await ev.record_one(session, ev.ERROR, clock(), code="slow")
+            recorded.set()
+            await finish.wait()  # a long transaction: its event was recorded first
+
+        async def fast(session: AsyncSession) -> None:
+            await ev.record_one(session, ev.ERROR, clock(), code="fast")
+
+        slow_write = asyncio.create_task(db.write(slow, changes=False))
+        await recorded.wait()
+        await db.write(fast, changes=False)
+        seen = (await h.service.list_events(after=0, limit=100)).items
+        assert codes(seen) == ["fast"]
+        finish.set()
+        await slow_write
+        later = (await h.service.list_events(after=seen[-1].id, limit=100)).items
+        assert codes(later) == ["slow"], "a reader already past its id would never see it"
+
+
+async def test_a_writer_waits_while_another_holds_event_ids_it_has_not_committed(
+    pg_databases: PgDatabases, clock: FakeClock
+) -> None:
+    """Ids are drawn under a lock held to the commit: the second writer's ids come after."""
+    url = await asyncio.to_thread(pg_databases.new)
+    async with running(url, clock) as h:
+        db = h.service.db
+        drawn, finish = asyncio.Event(), asyncio.Event()
+
+        async def first(session: AsyncSession) -> None:
+            await ev.record_one(session, ev.ERROR, clock(), code="first")
+            await ev.write_pending(session, ordered=True)  # ids drawn, not yet committed
+            drawn.set()
+            await finish.wait()
+
+        async def second(session: AsyncSession) -> None:
+            await ev.record_one(session, ev.ERROR, clock(), code="second")
+
+        first_write = asyncio.create_task(db.write(first, changes=False))
+        await drawn.wait()
+        second_write = asyncio.create_task(db.write(second, changes=False))
+        deadline = time.monotonic() + DEADLINE_S
+        while await waiting_for_advisory_lock(h) == 0:
+            assert time.monotonic() < deadline, "the second writer never reached the lock"
+            await asyncio.sleep(0.01)
+        assert not second_write.done()
+        finish.set()
+        await asyncio.gather(first_write, second_write)
+        items = (await h.service.list_events(after=0, limit=100)).items
+        assert codes(items) == ["first", "second"]
+
+
+async def waiting_for_advisory_lock(h: Harness) -> int:
+    async with h.service.db.read() as session:
+        count = await session.execute(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database())"
+            )
+        )
+        return int(count.scalar_one())
