@@ -12,9 +12,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import event, text
+from sqlalchemy import Table, event, func, insert, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -26,14 +26,17 @@ from sqlalchemy.ext.asyncio import (
 from orchestrator import events as event_log
 from orchestrator.config import Settings
 from orchestrator.errors import Unavailable, is_database_trouble
-from orchestrator.views import changed_workers
+from orchestrator.models import ViewChangeRow
+from orchestrator.views import ALL_WORKERS, changed_workers
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-GENERATION_SEQUENCE = "streamherd_generation"
+LEGACY_GENERATION_SEQUENCE = "streamherd_generation"
+# A view change naming more workers than this says "all": reloading is cheaper than a list.
+MAX_ANNOUNCED_WORKERS = 1_000
 WRITE_RETRIES = 4
 # PostgreSQL SQLSTATEs worth running the transaction again for.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -109,8 +112,8 @@ class Database:
         # Called after every committed write that may change what a heartbeat answers,
         # with the workers whose answers it changed (None: any of them; see views.touch).
         self.on_change: list[Callable[[frozenset[str] | None], None]] = []
-        # Values of the cluster's change counter that this process's own writes drew.
-        self.own_generations: set[int] = set()
+        # Ids of the view changes this process announced (PostgreSQL; see ``_announce``).
+        self.own_view_changes: set[int] = set()
 
     @property
     def dialect(self) -> str:
@@ -160,31 +163,54 @@ class Database:
             async with session.begin():
                 result = await work(session)
                 await event_log.write_pending(session, ordered=not self.is_sqlite)
-            if changes and not session.info.get("quiet", False):
-                workers = changed_workers(session.info)
+                changed = changes and not session.info.get("quiet", False)
+                workers = changed_workers(session.info) if changed else None
+                if changed and not self.is_sqlite:
+                    await self._announce(session, workers)
+            if changed:
                 for listener in self.on_change:
                     listener(workers)
                 if not self.is_sqlite:
-                    await self._bump_generation(session)
+                    await self._bump_legacy_generation(session)
         return result
 
-    async def _bump_generation(self, session: AsyncSession) -> None:
-        """Tell other replicas their cached views are stale (after commit, outside it)."""
+    async def _bump_legacy_generation(self, session: AsyncSession) -> None:
+        """Tell replicas of the previous release (which poll this counter) that something
+        changed, so a rolling upgrade never leaves them serving stale views. Nothing in
+        this release reads it; it goes, with the sequence, in the next major version."""
         try:
-            value = await session.execute(text(f"SELECT nextval('{GENERATION_SEQUENCE}')"))
-            # Ours: this replica's watcher already applied it (views.observe_remote).
-            self.own_generations.add(int(value.scalar_one()))
+            await session.execute(text(f"SELECT nextval('{LEGACY_GENERATION_SEQUENCE}')"))
             await session.commit()
-        except Exception:  # noqa: BLE001 - the write itself committed; views age out anyway
+        except Exception:  # noqa: BLE001 - the write itself committed
             log.warning("orchestrator.generation_bump_failed")
 
-    async def generation(self) -> int:
-        """The cluster-wide change counter (PostgreSQL); 0 on SQLite, which has one replica."""
-        if self.is_sqlite:
-            return 0
+    async def _announce(self, session: AsyncSession, workers: frozenset[str] | None) -> None:
+        """Tell other replicas whose cached views this write changes, in its transaction."""
+        if workers is None or len(workers) > MAX_ANNOUNCED_WORKERS:
+            listed = ALL_WORKERS
+        else:
+            listed = ",".join(sorted(workers))  # worker ids cannot hold a comma
+        await event_log.lock_commit_order(session)  # ids in commit order: tailing misses none
+        table = cast(Table, ViewChangeRow.__table__)
+        row = await session.execute(insert(table).values(workers=listed).returning(table.c.id))
+        # Ours: this replica's own views were already dropped when it committed.
+        self.own_view_changes.add(int(row.scalar_one()))
+
+    async def view_changes_after(self, after: int, limit: int) -> list[tuple[int, str]]:
+        """Changes other replicas (and this one) announced, oldest first."""
         async with self.read_engine.connect() as conn:
-            value = await conn.execute(text(f"SELECT last_value FROM {GENERATION_SEQUENCE}"))
-            return int(value.scalar_one())
+            rows = await conn.execute(
+                select(ViewChangeRow.id, ViewChangeRow.workers)
+                .where(ViewChangeRow.id > after)
+                .order_by(ViewChangeRow.id)
+                .limit(limit)
+            )
+            return [(int(i), str(w)) for i, w in rows.all()]
+
+    async def last_view_change(self) -> int:
+        async with self.read_engine.connect() as conn:
+            value = await conn.execute(select(func.max(ViewChangeRow.id)))
+            return int(value.scalar() or 0)
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()

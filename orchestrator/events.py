@@ -60,15 +60,22 @@ async def record(session: AsyncSession, events: Iterable[dict[str, Any]]) -> Non
     session.info.setdefault(_PENDING, []).extend(events)
 
 
+async def lock_commit_order(session: AsyncSession) -> None:
+    """Hold, until this transaction ends, the lock under which ordered ids are drawn.
+
+    No other transaction draws an event (or view change) id until this one's are visible,
+    so a reader past an id never misses a smaller one committed later. PostgreSQL only.
+    """
+    await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ORDER_LOCK})
+
+
 async def write_pending(session: AsyncSession, *, ordered: bool) -> None:
     """Insert the transaction's events; ``ordered``: draw their ids in commit order."""
     rows = session.info.pop(_PENDING, None)
     if not rows:
         return
     if ordered:
-        # Released by the commit: no other transaction draws event ids until this one's
-        # are visible, so a reader past an id never misses a smaller one committed later.
-        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ORDER_LOCK})
+        await lock_commit_order(session)
     # The Core table, not the ORM entity: a plain executemany, without the ORM's per-row
     # bookkeeping (a pass that moves 10,000 streams writes 20,000 events).
     await session.execute(insert(cast(Table, EventRow.__table__)), rows)

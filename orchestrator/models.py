@@ -129,3 +129,16 @@ class ClusterRow(Base):
     leader: Mapped[str | None] = mapped_column(String(128))
     leader_until: Mapped[float] = mapped_column(Float, default=0.0)
     last_reaper_at: Mapped[float | None] = mapped_column(Float)
+
+
+class ViewChangeRow(Base):
+    """Which workers' cached views a committed write changed ("*": any), for other replicas.
+
+    Written in the changing transaction with ids drawn in commit order (``events.py``'s
+    lock), so a replica tailing it by id misses none. Only PostgreSQL replicas use it.
+    """
+
+    __tablename__ = "view_changes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    workers: Mapped[str] = mapped_column(Text)

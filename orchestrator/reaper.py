@@ -36,12 +36,13 @@ from orchestrator import assignment as asg
 from orchestrator import events as ev
 from orchestrator import idempotency, views
 from orchestrator.errors import as_api_error
-from orchestrator.models import ClusterRow, EventRow, WorkerRow
+from orchestrator.models import ClusterRow, EventRow, ViewChangeRow, WorkerRow
 from orchestrator.service import Orchestrator, mark_lost
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_PASSES = 60
+VIEW_CHANGES_KEPT = 100_000
 # A pass due at a lease's end runs this much after it (a lease ends *after* its instant).
 EXPIRY_MARGIN_S = 0.005
 
@@ -157,6 +158,12 @@ class Reaper:
 
     async def _housekeeping(self, session: AsyncSession, now: float) -> None:
         await idempotency.purge(session, now - self.settings.idempotency_ttl_s)
+        # Replicas tail view changes every 100 ms: only the recent ones are ever read.
+        newest_change = (await session.execute(select(func.max(ViewChangeRow.id)))).scalar()
+        if newest_change is not None and newest_change > VIEW_CHANGES_KEPT:
+            await session.execute(
+                delete(ViewChangeRow).where(ViewChangeRow.id <= newest_change - VIEW_CHANGES_KEPT)
+            )
         newest = (
             await session.execute(select(EventRow.id).order_by(EventRow.id.desc()).limit(1))
         ).scalar()

@@ -3,15 +3,15 @@
 A heartbeat answers from a ``WorkerView`` (epoch, session, lease, owned streams and their
 pre-serialised assignments) and touches the database only when the view is missing or
 disagrees with the call. Views are dropped when a write that could change them commits:
-in this process at once (``Database.on_change``), on other replicas when they see the
-cluster's change counter move (``watch``, every ``poll_interval_s``).
+in this process at once (``Database.on_change``), on other replicas when they read the
+write's row in ``view_changes`` (``watch``, every ``poll_interval_s``).
 
 A write says whose views it changed with ``touch`` and ``scoped``: ownership helpers in
 ``assignment`` touch every worker whose streams they change, and the transactions built
 only from them (registration, the reaper's pass, a heartbeat's hand-back) declare
-themselves scoped; in this process only the touched workers' views are dropped. Any other
-write drops them all. A fleet of 10,000 workers must not reload 10,000 views because one
-worker joined (issue 7, growth).
+themselves scoped; only the touched workers' views are dropped, here and on the other
+replicas. Any other write drops them all. A fleet of 10,000 workers must not reload
+10,000 views because one worker joined (issue 7, growth).
 
 Staleness is bounded and harmless: on one replica there is none; across replicas a
 heartbeat may for up to ``poll_interval_s`` list a stream that was just moved away, which
@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 # A safety net, not the invalidation: every change that could alter a view drops it.
 DEFAULT_MAX_AGE_S = 120.0
 DEFAULT_POLL_INTERVAL_S = 0.1
-# More bumps than this between two polls are not checked one by one: all views go.
-MAX_OWN_BUMPS = 1_000
+CHANGES_PAGE = 1_000
+# What ``Database._announce`` writes for a change of unknown extent.
+ALL_WORKERS = "*"
 
 
 _TOUCHED = "streamherd.views.touched"
@@ -110,7 +111,6 @@ class ViewCache:
         self._views: dict[str, WorkerView] = {}
         self._max_age = max_age_s
         self._monotonic = monotonic
-        self._remote: int | None = None
         # Bumped on every invalidation. A view is stored only if neither it (``_dropped``)
         # nor all views (``_cleared``) were invalidated after its load began.
         self.generation = 0
@@ -118,6 +118,7 @@ class ViewCache:
         self._dropped: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
+        self.remote_seen = 0  # the newest view change read from ``view_changes``
 
     def invalidate(self, workers: Collection[str] | None = None) -> None:
         """Drop the views of ``workers``; of everyone when None."""
@@ -145,22 +146,22 @@ class ViewCache:
         if self._cleared <= generation and self._dropped.get(wid, 0) <= generation:
             self._views[wid] = view
 
-    def observe_remote(self, value: int, own: set[int] | None = None) -> None:
-        """The cluster's change counter is at ``value``; ``own`` are this replica's bumps.
+    def apply_remote(self, changes: Sequence[tuple[int, str]], own: set[int]) -> None:
+        """Drop the views named by changes other replicas announced (``Database._announce``).
 
-        Bumps this replica made itself were already applied, worker by worker; any other
-        bump in between is another replica's change, of unknown extent: drop every view.
+        ``own`` are the ids this replica announced itself: its views went at its commit.
         """
-        own = own if own is not None else set()
-        previous, self._remote = self._remote, value
-        if previous is None or value == previous:
-            return
-        foreign = value - previous > MAX_OWN_BUMPS or any(
-            v not in own for v in range(previous + 1, value + 1)
-        )
-        own.difference_update([v for v in own if v <= value])
-        if foreign:
-            self.invalidate()
+        for change_id, workers in changes:
+            if change_id in own:
+                own.discard(change_id)
+            elif workers == ALL_WORKERS:
+                self.invalidate()
+            else:
+                self.invalidate(workers.split(","))
+        if changes:
+            self.remote_seen = changes[-1][0]
+            # Own ids of writes that never committed would otherwise stay forever.
+            own.difference_update([i for i in own if i <= self.remote_seen])
 
     def now(self) -> float:
         return self._monotonic()
@@ -168,15 +169,30 @@ class ViewCache:
     async def watch(
         self, db: Database, stop: asyncio.Event, *, interval: float = DEFAULT_POLL_INTERVAL_S
     ) -> None:
-        """Follow other replicas' changes (PostgreSQL); on SQLite there are none to follow."""
+        """Follow other replicas' changes (PostgreSQL): tail ``view_changes`` by id.
+
+        On SQLite there is one replica, which drops its views as it commits. Ids are drawn
+        in commit order, so tailing by id misses nothing; while the table cannot be read,
+        nothing is known and every view goes.
+        """
         if db.is_sqlite:
             return
+        last: int | None = None
         while not stop.is_set():
             try:
-                self.observe_remote(await db.generation(), db.own_generations)
+                if last is None:
+                    last = await db.last_view_change()
+                    self.invalidate()  # what changed before we followed is unknown
+                while True:
+                    changes = await db.view_changes_after(last, CHANGES_PAGE)
+                    self.apply_remote(changes, db.own_view_changes)
+                    if changes:
+                        last = changes[-1][0]
+                    if len(changes) < CHANGES_PAGE:
+                        break
             except Exception:  # noqa: BLE001 - database trouble: serve nothing stale meanwhile
                 self.invalidate()
-                self._remote = None
+                last = None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await stop.wait()

@@ -6,11 +6,14 @@ database and count cache hits while workers join, die and have streams moved.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.views import ViewCache, WorkerView
 from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, API, Harness, Session, held_of, running
+from tests.utils.pg import PgDatabases
 
 
 def view(worker_id: str, built_at: float = 0.0) -> WorkerView:
@@ -62,16 +65,23 @@ def test_views_expire_after_max_age() -> None:
     assert cache.get("a") is None
 
 
-def test_own_bumps_of_the_change_counter_keep_views_other_replicas_bumps_drop_them() -> None:
+def test_changes_announced_by_other_replicas_drop_the_views_they_name() -> None:
     cache = ViewCache(monotonic=lambda: 0.0)
-    cache.observe_remote(10, set())
-    cache.put(view("a"), cache.generation)
-    own = {11, 12}
-    cache.observe_remote(12, own)  # both bumps were this replica's, already applied
-    assert cache.get("a") is not None
-    assert own == set(), "bumps seen are forgotten"
-    cache.observe_remote(14, {13})  # 14 is another replica's change
-    assert cache.get("a") is None
+    for wid in ("a", "b", "c"):
+        cache.put(view(wid), cache.generation)
+    own = {11}
+    cache.apply_remote([(10, "b"), (11, "a")], own)  # 11 was this replica's own write
+    assert [cache.get(w) is not None for w in ("a", "b", "c")] == [True, False, True]
+    assert own == set()
+    cache.apply_remote([(12, "*")], own)  # a change of unknown extent
+    assert cache.get("a") is None and cache.get("c") is None
+
+
+def test_own_ids_of_writes_that_never_committed_are_forgotten() -> None:
+    cache = ViewCache(monotonic=lambda: 0.0)
+    own = {5, 9}  # 5 rolled back: its row will never be read
+    cache.apply_remote([(6, "x"), (7, "y")], own)
+    assert own == {9}
 
 
 # --- in the app, on a real database ----------------------------------------------------
@@ -154,3 +164,51 @@ async def test_a_dead_workers_streams_show_up_in_the_new_owners_next_beat(
         assert owned(answers["w1"]) | owned(answers["w2"]) == {s["id"] for s in await h.streams()}
         r = await h.client.get(f"{API}/workers/{dead.worker_id}", headers=ADMIN)
         assert r.json()["state"] == "lost"
+
+
+async def test_another_replica_drops_only_the_views_a_change_named(
+    pg_databases: PgDatabases, clock: FakeClock
+) -> None:
+    """Two replicas on one PostgreSQL database: a worker joining through one keeps the
+    other's cached views; a pass through one that moves streams drops exactly the changed
+    workers' views on the other (it tails ``view_changes``)."""
+    url = await asyncio.to_thread(pg_databases.new)
+    async with running(url, clock) as one, running(url, clock) as other:
+        await one.create_streams(6)
+        a = await one.register("a", capacity=6)
+        b = await one.register("b", capacity=6)
+        await one.reap()
+        await beat_all(other, [a, b])  # the other replica caches both views
+        views = other.service.views
+        await until(lambda: views.get("a") is not None and views.get("b") is not None)
+        await one.register("newcomer", capacity=6)
+        c = await one.register("c", capacity=6)
+        await one.create_streams(1)  # an admin write: of unknown extent, so every view goes
+        await until(lambda: views.get("a") is None and views.get("b") is None)
+        await beat_all(other, [a, b])
+        await until(lambda: views.get("a") is not None and views.get("b") is not None)
+        await one.register("another", capacity=6)  # names only itself
+        await one.reap()  # revokes from a and b for the newcomers: names a and b
+        await until(lambda: views.get("a") is None and views.get("b") is None)
+        answers = await beat_all(other, [a, b])
+        assert answers["a"]["revoke"] and answers["b"]["revoke"], answers
+        await beat_all(other, [c])
+        misses = views.misses
+        await one.register("late", capacity=6)
+        # Wait until the other replica has read that change, then check c's view survived.
+        target = await one.service.db.last_view_change()
+        await until(lambda: seen(other) >= target)
+        await beat_all(other, [c])
+        assert views.misses == misses, "a join elsewhere dropped an unrelated view"
+
+
+def seen(h: Harness) -> int:
+    return h.service.views.remote_seen
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll with a deadline: the other replica's watcher runs every 100 ms."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
