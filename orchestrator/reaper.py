@@ -123,13 +123,7 @@ class Reaper:
         report.assigned = len(balance.assigned)
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
         report.moves = len(balance.moves)
-        report.next_expiry = (
-            await session.execute(
-                select(func.min(WorkerRow.lease_expires_at)).where(
-                    WorkerRow.state.in_(asg.LEASED_STATES)
-                )
-            )
-        ).scalar()
+        report.next_expiry = await _earliest_lease_in(session)
         if self.passes % HOUSEKEEPING_EVERY_PASSES == 0:
             await self._housekeeping(session, now)
         if not (report.grace or report.lost or report.assigned or report.moves or overdue):
@@ -177,7 +171,9 @@ class Reaper:
         await service.book.flush(service.db)
         if not await service.db.write(self._claim, changes=False):
             service.metrics.reaper_leader.set(0)
-            service.expiry_due = None  # the leader's passes are not ours to announce
+            # Heartbeats through this replica hint too (``Orchestrator.beat_hint``): the
+            # lease that ends first is the same whoever runs the pass that judges it.
+            service.expiry_due = await _earliest_lease(service)
             return PassReport()
         service.metrics.reaper_leader.set(1)
         self.passes += 1
@@ -270,6 +266,22 @@ class Reaper:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await _first(stop, service.wake)
+
+
+async def _earliest_lease_in(session: AsyncSession) -> float | None:
+    """When the first running lease ends (None: no worker holds one)."""
+    return (
+        await session.execute(
+            select(func.min(WorkerRow.lease_expires_at)).where(
+                WorkerRow.state.in_(asg.LEASED_STATES)
+            )
+        )
+    ).scalar()
+
+
+async def _earliest_lease(service: Orchestrator) -> float | None:
+    async with service.db.read() as session:
+        return await _earliest_lease_in(session)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

@@ -130,8 +130,8 @@ class Orchestrator:
         # Set when something freed or added streams: the reaper runs a pass at once.
         self.wake = asyncio.Event()
         self.listeners: list[Callable[[], None]] = []
-        # The earliest running lease end the last reaper pass here found (None: this
-        # replica is not leading); heartbeats use it for their ``next_heartbeat_in_s``.
+        # The earliest running lease end, as of this replica's last reaper turn (a pass,
+        # or a read when another replica leads); heartbeats use it for their hints.
         self.expiry_due: float | None = None
         self.views = ViewCache()
         db.on_change.append(self.views.invalidate)

@@ -11,6 +11,7 @@ import pytest
 from orchestrator.app import create_app
 from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, CLUSTER, running, settings_for
+from tests.utils.pg import PgDatabases
 
 
 async def elapse(h, seconds: float, step: float = 0.5) -> None:
@@ -411,3 +412,26 @@ async def test_a_healthy_fleet_gets_no_beat_hints(db_url: str, clock: FakeClock)
                 assert r.status_code == 200
                 assert "next_heartbeat_in_s" not in r.json()
                 await h.reap()
+
+
+async def test_a_replica_that_does_not_lead_gives_beat_hints_too(
+    pg_databases: PgDatabases, clock: FakeClock
+) -> None:
+    """Workers behind a load balancer beat through any replica: the non-leader reads the
+    earliest lease each reaper turn and hints as the leader does."""
+    url = await asyncio.to_thread(pg_databases.new)
+    async with running(url, clock) as leader, running(url, clock) as other:
+        await leader.create_streams(4)
+        a = await leader.register("a", capacity=4)
+        b = await leader.register("b", capacity=4)
+        assert (await leader.reap()).leader
+        assert (await other.heartbeat(a)).status_code == 200  # a's last beat
+        await other.service.book.flush(other.service.db)
+        for _ in range(11):  # 2.75 s: b beats, the leader passes; a is silent
+            clock.advance(0.25)
+            assert (await leader.heartbeat(b)).status_code == 200
+            assert (await leader.reap()).lost == []
+        assert not (await other.reap()).leader
+        answer = (await other.heartbeat(b)).json()
+        flush = other.settings.lease_flush_interval_s
+        assert answer["next_heartbeat_in_s"] == pytest.approx(0.25 + flush + 0.1)
