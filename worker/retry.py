@@ -98,25 +98,29 @@ def default_policies(
     # The next beat supersedes this one, so it gives up before the next is due; but never
     # in less than a second, or a sub-second test interval would make a slow answer an outage.
     beat = max(0.8 * heartbeat_interval, MIN_HEARTBEAT_DEADLINE_S)
+    beat_policy = RetryPolicy(
+        max_attempts=min(max_attempts, 2),
+        base_delay=min(base_delay, beat / 8),
+        max_delay=beat / 4,
+        deadline=beat,
+        max_retry_after=beat / 2,
+    )
     return {
         # Joining is worth waiting for; the breaker still cuts it short in an outage.
         Operation.REGISTER: replace(
             common, max_attempts=max(2 * max_attempts, 6), deadline=4 * common.deadline
         ),
-        Operation.HEARTBEAT: RetryPolicy(
-            max_attempts=min(max_attempts, 2),
-            base_delay=min(base_delay, beat / 8),
-            max_delay=beat / 4,
-            deadline=beat,
-            max_retry_after=beat / 2,
-        ),
+        Operation.HEARTBEAT: beat_policy,
         Operation.REQUEST: common,
         # A stream released by us but still owned in the orchestrator's view is a stream
         # nobody runs until the lease ends: try harder.
         Operation.RELEASE: replace(
             common, max_attempts=max_attempts + 2, deadline=2 * common.deadline
         ),
-        Operation.RECONCILE: common,
+        # Sent in place of a beat on the way out of local mode: bounded like one, so an
+        # orchestrator that accepts connections but never answers cannot hold up the
+        # runtime's loop for longer than an interval (the next beat tries again).
+        Operation.RECONCILE: beat_policy,
         Operation.FAILURE: replace(common, deadline=common.deadline / 2),
         # Shutdown must not hang on an absent orchestrator: the lease ends anyway.
         Operation.LEAVE: RetryPolicy(

@@ -215,6 +215,8 @@ def test_policies_differ_per_operation() -> None:
     assert set(policies) == set(Operation)
     beat = policies[Operation.HEARTBEAT]
     assert beat.deadline < 5.0 and beat.max_attempts <= 2
+    # The reconcile on the way out of local mode is sent in place of a beat: bounded alike.
+    assert policies[Operation.RECONCILE] == beat
     assert policies[Operation.REGISTER].max_attempts > policies[Operation.REQUEST].max_attempts
     assert policies[Operation.RELEASE].max_attempts > policies[Operation.REQUEST].max_attempts
     assert policies[Operation.LEAVE].deadline <= 10
