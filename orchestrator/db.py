@@ -160,13 +160,18 @@ class Database:
 
     async def _write_once(self, work: Callable[[AsyncSession], Awaitable[T]], changes: bool) -> T:
         async with self._writes() as session:
+            announced: int | None = None
             async with session.begin():
                 result = await work(session)
                 await event_log.write_pending(session, ordered=not self.is_sqlite)
                 changed = changes and not session.info.get("quiet", False)
                 workers = changed_workers(session.info) if changed else None
                 if changed and not self.is_sqlite:
-                    await self._announce(session, workers)
+                    announced = await self._announce(session, workers)
+            if announced is not None:
+                # Ours once committed: this replica's views go just below. (Noted before
+                # the commit, a commit that failed to answer would leave them stale.)
+                self.own_view_changes.add(announced)
             if changed:
                 for listener in self.on_change:
                     listener(workers)
@@ -184,7 +189,7 @@ class Database:
         except Exception:  # noqa: BLE001 - the write itself committed
             log.warning("orchestrator.generation_bump_failed")
 
-    async def _announce(self, session: AsyncSession, workers: frozenset[str] | None) -> None:
+    async def _announce(self, session: AsyncSession, workers: frozenset[str] | None) -> int:
         """Tell other replicas whose cached views this write changes, in its transaction."""
         if workers is None or len(workers) > MAX_ANNOUNCED_WORKERS:
             listed = ALL_WORKERS
@@ -193,8 +198,7 @@ class Database:
         await event_log.lock_commit_order(session)  # ids in commit order: tailing misses none
         table = cast(Table, ViewChangeRow.__table__)
         row = await session.execute(insert(table).values(workers=listed).returning(table.c.id))
-        # Ours: this replica's own views were already dropped when it committed.
-        self.own_view_changes.add(int(row.scalar_one()))
+        return int(row.scalar_one())
 
     async def view_changes_after(self, after: int, limit: int) -> list[tuple[int, str]]:
         """Changes other replicas (and this one) announced, oldest first."""
@@ -211,6 +215,26 @@ class Database:
         async with self.read_engine.connect() as conn:
             value = await conn.execute(select(func.max(ViewChangeRow.id)))
             return int(value.scalar() or 0)
+
+    async def first_view_change(self) -> int | None:
+        """The oldest view change still kept (the reaper purges old ones)."""
+        async with self.read_engine.connect() as conn:
+            value = await conn.execute(select(func.min(ViewChangeRow.id)))
+            first = value.scalar()
+            return None if first is None else int(first)
+
+    async def legacy_generation(self) -> int:
+        """The previous release's change counter: every changing write of either release
+        bumps it after its commit."""
+        async with self.read_engine.connect() as conn:
+            # A fresh sequence reads last_value 1 before its first nextval, and after it.
+            value = await conn.execute(
+                text(
+                    "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
+                    f" FROM {LEGACY_GENERATION_SEQUENCE}"
+                )
+            )
+            return int(value.scalar_one())
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()

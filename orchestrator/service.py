@@ -301,7 +301,11 @@ class Orchestrator:
         settings = self.settings
         interval = settings.heartbeat_interval_s
         flush = settings.lease_flush_interval_s
-        if due >= now + min(interval, settings.lease_ttl_s - interval - flush):
+        # A live worker's lease ends at least TTL - interval after its last beat; as read
+        # here it can be older by the flush interval and by this value's age (up to one
+        # reaper interval). Anything ending sooner than that belongs to a silent worker.
+        live_margin = settings.lease_ttl_s - interval - flush - settings.reaper_interval_s
+        if due >= now + min(interval, live_margin):
             return None  # a live worker's lease, or one judged before our next beat anyway
         judged = due + flush + HINT_PASS_ALLOWANCE_S
         if now <= judged:
@@ -356,6 +360,10 @@ class Orchestrator:
         key = idempotency.validate_key(key)
 
         async def txn(session: AsyncSession) -> dict[str, Any]:
+            # A worker's own call changes only its own row and streams (granted to it,
+            # released or quarantined from it): only its view goes, on every replica.
+            views.touch(session, [worker_id])
+            views.scoped(session)
             now = self.clock()
             row = await asg.lock_worker(session, worker_id)
             try:

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 DEFAULT_RESTART_BASE_S = 1.0
 DEFAULT_RESTART_MAX_S = 60.0
+# Extra beats asked for by heartbeat answers are spread over this much (see ``run``).
+HINT_SPREAD_S = 0.2
 # How long cancelled tasks get to unwind before the worker leaves without them.
 CANCEL_GRACE_S = 2.0
 
@@ -205,19 +207,25 @@ class Runtime:
         try:
             await self._unless_stopped(stop, self.start())
             next_beat = self._clock() + self.client.heartbeat_interval_s
+            extra_beat = float("inf")  # one asked for by the orchestrator (a hint)
             if not stop.is_set():
                 self._phase = "running"
             while not stop.is_set():
                 now = self._clock()
-                beat = now >= next_beat
+                beat = now >= min(next_beat, extra_beat)
                 if beat:
-                    next_beat = now + self.client.heartbeat_interval_s
+                    extra_beat = float("inf")
+                    if now >= next_beat:
+                        next_beat = now + self.client.heartbeat_interval_s
                 await self._unless_stopped(stop, self._pass(beat=beat))
                 hint = self.client.take_beat_hint() if beat else None
                 if hint is not None:
-                    # A failover is about to free streams: hear of them at once.
-                    next_beat = min(next_beat, self._clock() + hint)
-                await self._idle(stop, until=min(next_beat, self._next_stop_deadline()))
+                    # A failover is about to free streams: hear of them at once. An extra
+                    # beat, spread a little so a fleet told at once does not beat at once;
+                    # the regular ones keep their own phase.
+                    extra_beat = self._clock() + hint + self._rand() * HINT_SPREAD_S
+                until = min(next_beat, extra_beat, self._next_stop_deadline())
+                await self._idle(stop, until=until)
         finally:
             await self.shutdown()
         return self.counts

@@ -435,3 +435,22 @@ async def test_a_replica_that_does_not_lead_gives_beat_hints_too(
         answer = (await other.heartbeat(b)).json()
         flush = other.settings.lease_flush_interval_s
         assert answer["next_heartbeat_in_s"] == pytest.approx(0.25 + flush + 0.1)
+
+
+async def test_no_hint_for_a_live_lease_read_a_reaper_interval_ago(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """With a short lease for its beat (10 s for 5 s), a live worker's lease as last read
+    (up to a reaper interval and a flush old) still ends later than any silent one's."""
+    from orchestrator.migrations import _upgrade
+
+    await asyncio.to_thread(_upgrade, sqlite_url)
+    async with running(
+        sqlite_url, clock, heartbeat_interval_s=5.0, lease_ttl_s=10.0, reaper_interval_s=1.0
+    ) as h:
+        service, now = h.service, clock()
+        flush = h.settings.lease_flush_interval_s
+        service.expiry_due = now + 10.0 - 5.0 - flush - 1.0  # live: last beat 5 s + 1 s ago
+        assert service.beat_hint(now) is None
+        service.expiry_due = now + 1.0  # silent for 9 s: judged in 1 s + flush
+        assert service.beat_hint(now) == pytest.approx(1.0 + flush + 0.1)

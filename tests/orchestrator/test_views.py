@@ -10,7 +10,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.views import ViewCache, WorkerView
+from sqlalchemy import text
+
+from orchestrator.views import LegacyWriters, ViewCache, WorkerView
 from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, API, Harness, Session, held_of, running
 from tests.utils.pg import PgDatabases
@@ -82,6 +84,16 @@ def test_own_ids_of_writes_that_never_committed_are_forgotten() -> None:
     own = {5, 9}  # 5 rolled back: its row will never be read
     cache.apply_remote([(6, "x"), (7, "y")], own)
     assert own == {9}
+
+
+def test_a_bump_of_the_old_counter_without_a_row_is_an_older_replicas_write() -> None:
+    legacy = LegacyWriters()
+    legacy.reset(100)
+    assert not legacy.wrote(102, rows=2), "two writes of this release: two rows, two bumps"
+    assert not legacy.wrote(103, rows=2), "a row seen before its bump: credit, not alarm"
+    assert not legacy.wrote(104, rows=0), "...and its bump a poll later"
+    assert legacy.wrote(105, rows=0), "a bump with no row: a write of the previous release"
+    assert not legacy.wrote(105, rows=0)
 
 
 # --- in the app, on a real database ----------------------------------------------------
@@ -212,3 +224,23 @@ async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+async def test_a_write_by_a_replica_of_the_previous_release_drops_every_view(
+    pg_databases: PgDatabases, clock: FakeClock
+) -> None:
+    """During a rolling upgrade an older replica announces a change only by bumping the
+    old counter: this release cannot know whose views changed, so all of them go."""
+    url = await asyncio.to_thread(pg_databases.new)
+    async with running(url, clock) as h:
+        await h.create_streams(2)
+        a = await h.register("a", capacity=2)
+        await h.reap()
+        await beat_all(h, [a])
+        views = h.service.views
+        target = await h.service.db.last_view_change()
+        await until(lambda: seen(h) >= target)  # the watcher is past this replica's rows
+        assert views.get("a") is not None
+        async with h.service.db.read() as session:  # what an older replica does on a write
+            await session.execute(text("SELECT nextval('streamherd_generation')"))
+        await until(lambda: views.get("a") is None)

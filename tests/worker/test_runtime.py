@@ -22,7 +22,7 @@ from tests.worker.doubles import (
 )
 from tests.worker.processes import Process, process_alive, worker_env
 from worker.processors import StreamContext
-from worker.runtime import RegistrationRefused, Runtime
+from worker.runtime import HINT_SPREAD_S, RegistrationRefused, Runtime
 from worker.state import LocalState, StateStore
 
 
@@ -468,8 +468,8 @@ async def test_second_signal_exits_at_once_and_takes_the_programs_along(tmp_path
 
 
 async def test_a_heartbeat_hint_brings_the_next_beat_forward() -> None:
-    """An answer's ``next_heartbeat_in_s`` (a failover is about to free streams) makes the
-    next beat come that much later, not a whole interval later; once only."""
+    """An answer's ``next_heartbeat_in_s`` (a failover is about to free streams) adds one
+    beat that much later (plus a little spread); the regular beats keep their phase."""
     now = [1000.0]
     client = FakeClient(capacity=1, heartbeat_interval_s=60.0)
     runtime = make_runtime(client, Recorder(), clock=lambda: now[0])
@@ -479,6 +479,9 @@ async def test_a_heartbeat_hint_brings_the_next_beat_forward() -> None:
         now[0] += 60.0
         runtime._wake.set()
         await eventually(lambda: client.beats == 1)
-        now[0] += 0.5  # 0.5 s, not 60 s, after the hinted beat
+        now[0] += 0.5 + HINT_SPREAD_S  # the hint (+ spread, rand() is 1 here), not 60 s
         runtime._wake.set()
         await eventually(lambda: client.beats == 2)
+        now[0] = 1000.0 + 60.0 + 60.0  # the regular beats keep their phase: 60 s after the first
+        runtime._wake.set()
+        await eventually(lambda: client.beats == 3)
