@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only auto-numbers an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits for ids.
@@ -68,7 +68,17 @@ class StreamRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
-    __table_args__ = (Index("ix_streams_status_owner", "status", "owner_id"),)
+    __table_args__ = (
+        Index("ix_streams_status_owner", "status", "owner_id"),
+        # The few streams being revoked, which every reaper pass looks up: without it each
+        # pass scans the whole table (tens of ms at 100,000 streams).
+        Index(
+            "ix_streams_revoking",
+            "revoke_at",
+            sqlite_where=text("revoke_at IS NOT NULL"),
+            postgresql_where=text("revoke_at IS NOT NULL"),
+        ),
+    )
 
 
 class StreamFailureRow(Base):
