@@ -581,6 +581,9 @@ async def balance(
                 .where(StreamRow.owner_id == wid, StreamRow.revoke_at.is_(None))
                 .order_by(StreamRow.assigned_at.desc(), StreamRow.id.desc())
                 .limit(min(surplus, budget))
+                # Locked until the revoke below is written: a concurrent change (a release,
+                # an admin disable) cannot make a reported move one that did not happen.
+                .with_for_update(skip_locked=True)
             )
         ).scalars()
         for sid in list(movable):

@@ -12,9 +12,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from sqlalchemy import Table, event, func, insert, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -35,6 +35,11 @@ T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 LEGACY_GENERATION_SEQUENCE = "streamherd_generation"
+# The row is produced by the subquery that takes the lock, so its id is drawn after it.
+ANNOUNCE = text(
+    "INSERT INTO view_changes (workers)"
+    " SELECT :workers FROM (SELECT pg_advisory_xact_lock(:key)) AS ordered RETURNING id"
+)
 # A view change naming more workers than this says "all": reloading is cheaper than a list.
 MAX_ANNOUNCED_WORKERS = 1_000
 WRITE_RETRIES = 4
@@ -163,11 +168,15 @@ class Database:
             announced: int | None = None
             async with session.begin():
                 result = await work(session)
-                await event_log.write_pending(session, ordered=not self.is_sqlite)
                 changed = changes and not session.info.get("quiet", False)
                 workers = changed_workers(session.info) if changed else None
                 if changed and not self.is_sqlite:
+                    # First: its statement also takes the commit-order lock, which the
+                    # events below then need not take again (one round trip fewer).
                     announced = await self._announce(session, workers)
+                await event_log.write_pending(
+                    session, ordered=not self.is_sqlite and announced is None
+                )
             if announced is not None:
                 # Ours once committed: this replica's views go just below. (Noted before
                 # the commit, a commit that failed to answer would leave them stale.)
@@ -190,14 +199,16 @@ class Database:
             log.warning("orchestrator.generation_bump_failed")
 
     async def _announce(self, session: AsyncSession, workers: frozenset[str] | None) -> int:
-        """Tell other replicas whose cached views this write changes, in its transaction."""
+        """Tell other replicas whose cached views this write changes, in its transaction.
+
+        Takes the commit-order lock (``events.lock_commit_order``) in the same statement,
+        before the row's id is drawn: ids in commit order, so tailing them misses none.
+        """
         if workers is None or len(workers) > MAX_ANNOUNCED_WORKERS:
             listed = ALL_WORKERS
         else:
             listed = ",".join(sorted(workers))  # worker ids cannot hold a comma
-        await event_log.lock_commit_order(session)  # ids in commit order: tailing misses none
-        table = cast(Table, ViewChangeRow.__table__)
-        row = await session.execute(insert(table).values(workers=listed).returning(table.c.id))
+        row = await session.execute(ANNOUNCE, {"workers": listed, "key": event_log.ORDER_LOCK})
         return int(row.scalar_one())
 
     async def view_changes_after(self, after: int, limit: int) -> list[tuple[int, str]]:
