@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_PASSES = 60
 VIEW_CHANGES_KEPT = 100_000
+# How often ``Reaper._watch_loop`` checks that the event loop still turns.
+LOOP_TICK_S = 0.1
 # A pass due at a lease's end runs this much after it (a lease ends *after* its instant).
 EXPIRY_MARGIN_S = 0.005
 
@@ -74,6 +76,10 @@ class Reaper:
         # When this replica last finished a pass or a loop turn that reached the database:
         # a silence since then means it was frozen or cut off, not merely busy.
         self._alive_at: float | None = None
+        # The longest the event loop stood still (a freeze, starvation) since a pass last
+        # looked: measured by ``_watch_loop`` while ``run`` runs.
+        self.frozen_for = 0.0
+        self._frozen_since_last_pass = 0.0  # what this pass judges (``run_once``)
 
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.service.clock()
@@ -144,7 +150,9 @@ class Reaper:
             # (a live leader passes every interval). A restart, however quick.
             return ("restart", silence)
         if self._previous_leader == self.replica_id and self._alive_at is not None:
-            stalled = now - self._alive_at
+            # A freeze that began inside the previous pass ended it "healthy" afterwards:
+            # the loop's own standstill (``_watch_loop``) counts as much as its silence.
+            stalled = max(now - self._alive_at, self._frozen_since_last_pass)
             return ("stall", stalled) if stalled > self.settings.stall_gap_s else None
         if silence > self.settings.outage_gap_s:
             return ("silence", silence)
@@ -169,7 +177,11 @@ class Reaper:
     async def run_once(self) -> PassReport:
         service = self.service
         await service.book.flush(service.db)
-        if not await service.db.write(self._claim, changes=False):
+        claimed = await service.db.write(self._claim, changes=False)
+        # Taken here, leader or not: a standstill while another replica led is no silence
+        # of ours. One during this pass is recorded afterwards, for the next.
+        self._frozen_since_last_pass, self.frozen_for = self.frozen_for, 0.0
+        if not claimed:
             service.metrics.reaper_leader.set(0)
             # Heartbeats through this replica hint too (``Orchestrator.beat_hint``): the
             # lease that ends first is the same whoever runs the pass that judges it.
@@ -216,6 +228,27 @@ class Reaper:
         more often than every ``min_gap`` so a registration storm does not become a
         storm of passes; so does the end of the earliest running lease.
         """
+        watcher = asyncio.create_task(self._watch_loop(stop), name="reaper.loop-watch")
+        try:
+            await self._run(stop)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _watch_loop(self, stop: asyncio.Event) -> None:
+        """Record how long the event loop stands still: a tick that comes late by more
+        than a moment means nothing in this process ran meanwhile (SIGSTOP, a paused VM,
+        a starved loop), so no heartbeat could be answered either."""
+        clock = time.monotonic  # real elapsed time, whatever the wall clock does
+        last = clock()
+        while not stop.is_set():
+            await _sleep_unless(stop, LOOP_TICK_S)
+            now = clock()
+            self.frozen_for = max(self.frozen_for, now - last - LOOP_TICK_S)
+            last = now
+
+    async def _run(self, stop: asyncio.Event) -> None:
         service = self.service
         interval = self.settings.reaper_interval_s
         flush_every = self.settings.lease_flush_interval_s

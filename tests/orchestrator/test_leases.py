@@ -454,3 +454,45 @@ async def test_no_hint_for_a_live_lease_read_a_reaper_interval_ago(
         assert service.beat_hint(now) is None
         service.expiry_due = now + 1.0  # silent for 9 s: judged in 1 s + flush
         assert service.beat_hint(now) == pytest.approx(1.0 + flush + 0.1)
+
+
+async def test_a_freeze_inside_a_pass_makes_the_next_pass_grant_grace(
+    db_url: str, clock: FakeClock
+) -> None:
+    """A SIGSTOP that lands inside a pass, after its outage check, ends that pass looking
+    healthy; the loop watcher's record of the standstill (``frozen_for``) makes the next
+    pass grant the grace, once."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(2)
+        await h.register("a", capacity=2)
+        await h.reap()
+        reaper = h.app.state.reaper
+        assert h.settings.stall_gap_s < 1.5
+        reaper.frozen_for = 1.5  # what _watch_loop records after the process was stopped
+        clock.advance(0.2)  # the pass it was stopped in ended just now
+        report = await h.reap()
+        assert report.grace
+        events = (await h.client.get("/api/v1/events", headers=ADMIN)).json()["items"]
+        assert [e["data"]["cause"] for e in events if e["type"] == "lease_grace"] == ["stall"]
+        clock.advance(0.2)
+        assert not (await h.reap()).grace, "a standstill is judged once"
+
+
+async def test_the_loop_watcher_measures_how_long_the_event_loop_stood_still(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    from orchestrator.migrations import _upgrade
+
+    await asyncio.to_thread(_upgrade, sqlite_url)
+    async with running(sqlite_url, clock) as h:
+        reaper = h.app.state.reaper
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(reaper._watch_loop(stop))
+        await asyncio.sleep(0)  # let it take its first reading
+        time.sleep(0.4)  # the fault: nothing in this process runs (as under SIGSTOP)
+        deadline = time.monotonic() + 10
+        while reaper.frozen_for < 0.25:
+            assert time.monotonic() < deadline, reaper.frozen_for
+            await asyncio.sleep(0.01)
+        stop.set()
+        await watcher
