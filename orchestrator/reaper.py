@@ -28,6 +28,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -42,6 +43,8 @@ from orchestrator.service import Orchestrator, mark_lost
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_PASSES = 60
+# Rows deleted per table per housekeeping run (a backlog is worked off pass by pass).
+PRUNE_BATCH = 5_000
 VIEW_CHANGES_KEPT = 100_000
 # How often ``Reaper._watch_loop`` checks that the event loop still turns.
 LOOP_TICK_S = 0.1
@@ -80,6 +83,7 @@ class Reaper:
         # looked: measured by ``_watch_loop`` while ``run`` runs.
         self.frozen_for = 0.0
         self._frozen_since_last_pass = 0.0  # what this pass judges (``run_once``)
+        self._prune_more = False  # housekeeping left rows to prune: go on next pass
 
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.service.clock()
@@ -130,8 +134,6 @@ class Reaper:
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
         report.moves = len(balance.moves)
         report.next_expiry = await _earliest_lease_in(session)
-        if self.passes % HOUSEKEEPING_EVERY_PASSES == 0:
-            await self._housekeeping(session, now)
         if not (report.grace or report.lost or report.assigned or report.moves or overdue):
             session.info["quiet"] = True  # nothing a heartbeat answers with has changed
         elif not report.grace:
@@ -158,21 +160,18 @@ class Reaper:
             return ("silence", silence)
         return None
 
-    async def _housekeeping(self, session: AsyncSession, now: float) -> None:
+    async def _housekeeping(self, session: AsyncSession) -> bool:
+        """Prune old rows, a bounded batch at a time; True if more is left to prune.
+
+        Its own transaction, after a pass: a pass that had to delete 100,000 events at
+        once (after a large assignment) held up the judging of leases for seconds.
+        """
+        now = self.service.clock()
         await idempotency.purge(session, now - self.settings.idempotency_ttl_s)
         # Replicas tail view changes every 100 ms: only the recent ones are ever read.
-        newest_change = (await session.execute(select(func.max(ViewChangeRow.id)))).scalar()
-        if newest_change is not None and newest_change > VIEW_CHANGES_KEPT:
-            await session.execute(
-                delete(ViewChangeRow).where(ViewChangeRow.id <= newest_change - VIEW_CHANGES_KEPT)
-            )
-        newest = (
-            await session.execute(select(EventRow.id).order_by(EventRow.id.desc()).limit(1))
-        ).scalar()
-        if newest is not None and newest > self.settings.events_retention:
-            await session.execute(
-                delete(EventRow).where(EventRow.id <= newest - self.settings.events_retention)
-            )
+        more = await _prune_oldest(session, ViewChangeRow, ViewChangeRow.id, VIEW_CHANGES_KEPT)
+        retention = self.settings.events_retention
+        return await _prune_oldest(session, EventRow, EventRow.id, retention) or more
 
     async def run_once(self) -> PassReport:
         service = self.service
@@ -193,6 +192,8 @@ class Reaper:
         report = await service.db.write(self._pass)
         self._alive_at = service.clock()
         service.expiry_due = report.next_expiry
+        if self._prune_more or self.passes % HOUSEKEEPING_EVERY_PASSES == 1:
+            self._prune_more = await service.db.write(self._housekeeping, changes=False)
         took = time.perf_counter() - started
         m = service.metrics
         m.reaper_pass_seconds.observe(took)
@@ -299,6 +300,18 @@ class Reaper:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await _first(stop, service.wake)
+
+
+async def _prune_oldest(session: AsyncSession, table: Any, id_column: Any, keep: int) -> bool:
+    """Delete up to ``PRUNE_BATCH`` of the oldest rows beyond the newest ``keep``; True if
+    more are left beyond them."""
+    bounds = (await session.execute(select(func.min(id_column), func.max(id_column)))).one()
+    oldest, newest = bounds
+    if newest is None or newest - keep < oldest:
+        return False
+    cutoff = min(newest - keep, oldest + PRUNE_BATCH - 1)
+    await session.execute(delete(table).where(id_column <= cutoff))
+    return bool(cutoff < newest - keep)
 
 
 async def _earliest_lease_in(session: AsyncSession) -> float | None:

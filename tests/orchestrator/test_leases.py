@@ -496,3 +496,33 @@ async def test_the_loop_watcher_measures_how_long_the_event_loop_stood_still(
             await asyncio.sleep(0.01)
         stop.set()
         await watcher
+
+
+async def test_old_events_are_pruned_a_bounded_batch_per_pass(
+    db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog of old events is worked off pass by pass, never in one long delete that
+    would hold up the judging of leases."""
+    from sqlalchemy import func, select
+
+    from orchestrator import reaper as reaper_module
+    from orchestrator.models import EventRow
+
+    monkeypatch.setattr(reaper_module, "PRUNE_BATCH", 500)
+    async with running(db_url, clock, events_retention=1000) as h:
+        for _ in range(3):
+            await h.create_streams(1000)  # 3,000 stream_created events
+
+        async def count() -> int:
+            async with h.service.db.read() as session:
+                return int((await session.execute(select(func.count(EventRow.id)))).scalar_one())
+
+        assert await count() == 3000
+        counts = []
+        for _ in range(6):
+            clock.advance(0.25)
+            await h.reap()
+            counts.append(await count())
+        # The first pass assigns nothing (no workers) and prunes 500; so does each next
+        # one while rows beyond the newest 1,000 remain; then it stops.
+        assert counts == [2500, 2000, 1500, 1000, 1000, 1000], counts
