@@ -8,7 +8,8 @@ write's row in ``view_changes`` (``watch``, every ``poll_interval_s``).
 
 A write says whose views it changed with ``touch`` and ``scoped``: ownership helpers in
 ``assignment`` touch every worker whose streams they change, and the transactions built
-only from them (registration, the reaper's pass, a heartbeat's hand-back) declare
+only from them (registration, the reaper's pass, a worker's own calls, a heartbeat's
+hand-back) declare
 themselves scoped; only the touched workers' views are dropped, here and on the other
 replicas. Any other write drops them all. A fleet of 10,000 workers must not reload
 10,000 views because one worker joined (issue 7, growth).

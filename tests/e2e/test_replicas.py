@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.utils.pg import PgDatabases
+from tests.utils.poll import eventually
 from tests.utils.processes import OrchestratorProcess, astart_orchestrator
 
 pytestmark = [pytest.mark.e2e]
@@ -38,20 +39,6 @@ STREAMS = 150
 CAPACITIES = [5 + (i * 7) % 11 for i in range(20)]  # 5..15, 198 in all: room to spare
 SETTLE_DEADLINE_S = 40.0
 FAILOVER_DEADLINE_S = 40.0
-
-
-async def poll(
-    check: Callable[[], Awaitable[Any]], *, deadline_s: float, every_s: float = 0.2
-) -> Any:
-    """Call ``check`` until it returns something truthy; fail after ``deadline_s``."""
-    deadline = time.monotonic() + deadline_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(every_s)
-    raise AssertionError(f"not reached within {deadline_s} s; last: {last!r}")
 
 
 @dataclass
@@ -289,12 +276,12 @@ async def test_two_replicas_share_one_catalogue_and_survive_losing_one(
                 unowned = [sid for sid, (owner, _) in now.items() if owner is None]
                 return now if quiet and not unowned else None
 
-            before = await poll(settled, deadline_s=SETTLE_DEADLINE_S, every_s=0.3)
+            before = await eventually(settled, timeout=SETTLE_DEADLINE_S, interval=0.3)
 
             async def agreed() -> bool:  # both replicas answer from one catalogue
                 return await snapshot(clients[0]) == await snapshot(clients[1])
 
-            await poll(agreed, deadline_s=10.0)
+            await eventually(agreed, timeout=10.0)
             load = loads(before)
             for w in workers:
                 assert load.get(w.worker_id, 0) <= w.capacity, (w.worker_id, load, w.capacity)
@@ -325,7 +312,7 @@ async def test_two_replicas_share_one_catalogue_and_survive_losing_one(
                 )
                 return now if moved else None
 
-            after = await poll(failed_over, deadline_s=FAILOVER_DEADLINE_S)
+            after = await eventually(failed_over, timeout=FAILOVER_DEADLINE_S)
             listed = await clients[survivor].get(f"{API}/workers", headers=ADMIN)
             state = {w["worker_id"]: w["state"] for w in listed.json()["items"]}
         finally:

@@ -6,7 +6,6 @@ waiting is always a poll with a deadline.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator
@@ -104,15 +103,6 @@ def runs_of(runs: Path, stream_id: int) -> list[int]:
     return [int(line.split()[1]) for line in path.read_text().splitlines() if line.strip()]
 
 
-async def poll(check: Any, timeout: float = 20) -> None:
-    """Like ``eventually`` for async checks: await ``check()`` until it is truthy."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_worker_fills_capacity_runs_with_tokens_and_hands_back_on_sigterm(
     tmp_path: Path,
 ) -> None:
@@ -129,7 +119,7 @@ async def test_worker_fills_capacity_runs_with_tokens_and_hands_back_on_sigterm(
                 owned = await orch.owned_by("w1")
                 return len(owned) == 2 and all(runs_of(runs, s) == [t] for s, t in owned.items())
 
-            await poll(two_owned_and_running)
+            await eventually(two_owned_and_running)
             worker.proc.send_signal(signal.SIGTERM)
             assert await worker.wait() == 0
             # Released by the leave, not by the lease running out.
@@ -154,7 +144,7 @@ async def test_kill_9_then_restart_within_the_lease_keeps_the_streams(tmp_path: 
                 before = await orch.owned_by("w1")
                 return len(before) == 2 and all(runs_of(runs, s) for s in before)
 
-            await poll(both_running)
+            await eventually(both_running)
         finally:
             await first.kill()
         second = await start_worker(orch, tmp_path, "w1", 2, processor)
@@ -176,16 +166,16 @@ async def test_rebalance_moves_streams_from_a_running_worker(tmp_path: Path) -> 
         w1 = await start_worker(orch, tmp_path / "w1", "w1", 4, processor)
         w2: Process | None = None
         try:
-            await poll(lambda: _count(orch, "w1", 4))
+            await eventually(lambda: _count(orch, "w1", 4))
             first_tokens = await orch.owned_by("w1")
             w2 = await start_worker(orch, tmp_path / "w2", "w2", 4, processor)
-            await poll(lambda: _registered(orch, "w2"))
+            await eventually(lambda: _registered(orch, "w2"))
 
             async def balanced() -> bool:
                 await orch.http.post("/api/v1/rebalance")
                 return len(await orch.owned_by("w1")) == 2 and len(await orch.owned_by("w2")) == 2
 
-            await poll(balanced)
+            await eventually(balanced)
             moved = await orch.owned_by("w2")
             await eventually(lambda: all(runs_of(runs, s)[-1:] == [t] for s, t in moved.items()))
             assert all(moved[s] > first_tokens[s] for s in moved)
@@ -207,12 +197,12 @@ async def test_drain_revokes_and_the_worker_hands_its_streams_back(tmp_path: Pat
         w1 = await start_worker(orch, tmp_path / "w1", "w1", 2, processor)
         w2: Process | None = None
         try:
-            await poll(lambda: _count(orch, "w1", 2))
+            await eventually(lambda: _count(orch, "w1", 2))
             w2 = await start_worker(orch, tmp_path / "w2", "w2", 2, processor)
-            await poll(lambda: _registered(orch, "w2"))
+            await eventually(lambda: _registered(orch, "w2"))
             answer = await orch.http.post("/api/v1/workers/w1/drain")
             assert answer.status_code == 200, answer.text
-            await poll(lambda: _count(orch, "w2", 2))
+            await eventually(lambda: _count(orch, "w2", 2))
             moved = await orch.owned_by("w2")
             await eventually(lambda: all(runs_of(runs, s)[-1:] == [t] for s, t in moved.items()))
             assert all(t > 1 for t in moved.values())
@@ -237,7 +227,7 @@ async def test_a_stream_whose_program_keeps_failing_is_quarantined(tmp_path: Pat
             async def quarantined() -> bool:
                 return bool((await orch.streams())[sid]["status"] == "quarantined")
 
-            await poll(quarantined)
+            await eventually(quarantined)
             await eventually(lambda: bool(worker.grep("worker.stream_stopped")))
             assert len(worker.grep("worker.processor_failed")) >= 3
         finally:

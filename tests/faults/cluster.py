@@ -16,8 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +27,7 @@ from tests.faults.invariants import InvariantChecker, WorkerInfo
 from tests.faults.netns import Namespace
 from tests.faults.probe import PROBE_DIR_ENV
 from tests.faults.proxy import TcpProxy
+from tests.utils.poll import eventually
 from tests.utils.processes import (
     REPO_ROOT,
     OrchestratorProcess,
@@ -72,21 +72,6 @@ class Timing:
             "WORKER_PROCESSOR_RESTART_BASE_S": "0.05",
             "WORKER_PROCESSOR_RESTART_MAX_S": "0.2",
         }
-
-
-async def poll(
-    check: Callable[[], Awaitable[Any]], *, deadline_s: float, every_s: float = 0.1, what: str = ""
-) -> Any:
-    """Await ``check()`` until it returns something truthy; fail after ``deadline_s``."""
-    deadline = time.monotonic() + deadline_s
-    last: Any = None
-    while True:
-        last = await check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what or 'condition'} not reached in {deadline_s} s: {last!r}")
-        await asyncio.sleep(every_s)
 
 
 @dataclass
@@ -239,7 +224,7 @@ class WorkerNode:
                     return (await client.get(self.health_url)).status_code == 200
                 return False
 
-            await poll(answers, deadline_s=timeout, what=f"{self.worker_id} /health")
+            await eventually(answers, timeout=timeout, what=f"{self.worker_id} /health")
 
     def _signal(self, sig: signal.Signals) -> None:
         if self.alive() and self.proc is not None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.cluster import Timing, WorkerNode, poll
+from tests.faults.cluster import Timing, WorkerNode
+from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -55,6 +56,6 @@ async def test_a_silent_orchestrator_costs_one_request_timeout_per_attempt(
             return "worker.retry" in log or "worker.call_failed" in log
 
         # Six attempts' worth of the request timeout, plus start-up on a busy machine.
-        await poll(gave_up_on_an_attempt, deadline_s=8, what="an attempt timing out")
+        await eventually(gave_up_on_an_attempt, timeout=8, what="an attempt timing out")
     finally:
         await worker.kill()

@@ -15,11 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
-from tests.faults.cluster import poll
 from tests.faults.conftest import MakeCluster
 from tests.faults.load import ServerErrorSeen, hammer, unacceptable
 from tests.faults.proxy import STARTING_UP, PgFront
 from tests.utils.pg import PgDatabases
+from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.postgres]
 
@@ -58,14 +58,14 @@ async def test_a_database_that_is_starting_up_gets_503_never_500(
             async def unavailable() -> bool:
                 return (await http.get(f"{orch.url}/ready")).status_code == 503
 
-            await poll(unavailable, deadline_s=10, what="/ready 503 while refusing")
+            await eventually(unavailable, timeout=10, what="/ready 503 while refusing")
             await asyncio.sleep(OUTAGE_S)  # hold the outage past the lease
             front.restore()
 
             async def ready() -> bool:
                 return (await http.get(f"{orch.url}/ready")).status_code == 200
 
-            await poll(ready, deadline_s=30, what="/ready 200 after the database returned")
+            await eventually(ready, timeout=30, what="/ready 200 after the database returned")
         await cluster.settle()
     finally:
         stop.set()

@@ -13,10 +13,11 @@ import asyncio
 import pytest
 
 from tests.faults import netns
-from tests.faults.cluster import Cluster, Timing, WorkerNode, poll
+from tests.faults.cluster import Cluster, Timing, WorkerNode
 from tests.faults.conftest import MakeCluster
 from tests.faults.probe import read_running
 from tests.faults.proxy import LinkShape, TcpProxy
+from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -48,7 +49,7 @@ async def test_a_partitioned_worker_goes_local_its_streams_move_and_heal_drops_t
     # the timing of this test does not depend on which call the cut interrupts. w1 and w2
     # keep a free slot each for w3's streams.
     w3 = await cluster.add_worker("w3", 2, namespace=spaces["w3"])
-    await poll(lambda: _holds(cluster, "w3", 2), deadline_s=30, what="w3 holding its capacity")
+    await eventually(lambda: _holds(cluster, "w3", 2), timeout=30, what="w3 holding its capacity")
     await asyncio.gather(*(cluster.add_worker(n, 4, namespace=spaces[n]) for n in ("w1", "w2")))
     stop = asyncio.Event()
     watcher = asyncio.create_task(check.run(stop))
@@ -65,12 +66,12 @@ async def test_a_partitioned_worker_goes_local_its_streams_move_and_heal_drops_t
             now = await cluster.owners()
             return all(now[s][0] in ("w1", "w2") and now[s][1] > t for s, t in cut_off.items())
 
-        await poll(reassigned, deadline_s=30, what="w3's streams reassigned")
+        await eventually(reassigned, timeout=30, what="w3's streams reassigned")
         assert await _state(cluster, "w3") == "lost"
         await cluster.settle(live=["w1", "w2"])
         # Cut off, w3 goes to local mode and still runs every stream it held, old tokens.
-        await poll(
-            lambda: _logged(w3, "worker.local_mode_entered"), deadline_s=30, what="local mode"
+        await eventually(
+            lambda: _logged(w3, "worker.local_mode_entered"), timeout=30, what="local mode"
         )
         published = read_running(cluster.probe_dir, "w3")
         assert published is not None and published[1] == cut_off

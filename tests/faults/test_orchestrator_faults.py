@@ -10,9 +10,10 @@ import signal
 import httpx
 import pytest
 
-from tests.faults.cluster import Cluster, Timing, poll
+from tests.faults.cluster import Cluster, Timing
 from tests.faults.conftest import MakeCluster
 from tests.faults.probe import read_running
+from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -56,7 +57,7 @@ async def test_orchestrator_kill_9_and_an_outage_past_the_lease_lose_no_assignme
         # 2. Down for three leases: every worker goes to local mode and keeps running what
         #    it holds; back up, nobody is declared lost and nothing changes hands.
         await orch.kill()
-        await poll(lambda: _all_local(cluster), deadline_s=20, what="workers in local mode")
+        await eventually(lambda: _all_local(cluster), timeout=20, what="workers in local mode")
         outage_until = asyncio.get_running_loop().time() + 3 * cluster.timing.lease_s
         while asyncio.get_running_loop().time() < outage_until:
             for worker in cluster.workers.values():

@@ -10,9 +10,10 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.faults.cluster import Cluster, OrchestratorNode, poll
+from tests.faults.cluster import Cluster, OrchestratorNode
 from tests.faults.conftest import MakeCluster
 from tests.utils.pg import PgDatabases
+from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.postgres]
 
@@ -45,7 +46,7 @@ async def test_killing_the_reaper_leader_replica_changes_no_owner(
     try:
         await cluster.settle()
         before = await cluster.owners()
-        victim = await poll(lambda: _leader(cluster), deadline_s=10, what="a reaper leader")
+        victim = await eventually(lambda: _leader(cluster), timeout=10, what="a reaper leader")
 
         # 1. The leader dies: its clients fail over, the other replica takes the reaper
         #    role, no lease is judged while nobody reaped, nothing changes hands.
@@ -62,7 +63,7 @@ async def test_killing_the_reaper_leader_replica_changes_no_owner(
             now = await cluster.owners()
             return all(now[s][0] not in (None, "w4") and now[s][1] > t for s, t in gone.items())
 
-        await poll(moved, deadline_s=30, what="w4's streams reassigned")
+        await eventually(moved, timeout=30, what="w4's streams reassigned")
         await cluster.settle()
 
         # 3. The replica comes back on its port; both serve again and agree.

@@ -10,8 +10,9 @@ import asyncio
 
 import pytest
 
-from tests.faults.cluster import Cluster, Timing, poll
+from tests.faults.cluster import Cluster, Timing
 from tests.faults.conftest import MakeCluster
+from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -66,7 +67,7 @@ async def test_kill_9_or_sigstop_past_the_lease_moves_the_streams_and_it_rejoins
             now = await cluster.owners()
             return all(now[s][0] in ("w2", "w3") and now[s][1] > t for s, t in held.items())
 
-        await poll(moved, deadline_s=30, what="w1's streams reassigned")
+        await eventually(moved, timeout=30, what="w1's streams reassigned")
         await cluster.settle(live=["w2", "w3"])
 
         # 2. It comes back presenting its old streams (state file): they are dropped, as
@@ -77,7 +78,9 @@ async def test_kill_9_or_sigstop_past_the_lease_moves_the_streams_and_it_rejoins
 
         # 3. A frozen worker (SIGSTOP past the lease) is lost; thawed, it rejoins.
         w2.pause()
-        await poll(lambda: _state_is(cluster, "w2", "lost"), deadline_s=30, what="w2 declared lost")
+        await eventually(
+            lambda: _state_is(cluster, "w2", "lost"), timeout=30, what="w2 declared lost"
+        )
         await cluster.settle(live=["w1", "w3"])
         w2.resume()
         await cluster.settle()

@@ -22,10 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.cluster import API, WORKER_TOKEN, poll
+from tests.faults.cluster import API, WORKER_TOKEN
 from tests.faults.conftest import MakeCluster
 from tests.faults.load import ServerErrorSeen, hammer, unacceptable
 from tests.utils.pg import PgDatabases, admin_url
+from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.postgres, pytest.mark.pg_restart]
 
@@ -126,7 +127,9 @@ async def test_postgres_restart_under_load_is_503_then_recovers_without_a_restar
                     r = await http.get("/ready")
                     return r.status_code == 503
 
-                await poll(unavailable, deadline_s=10, what="/ready 503 while PostgreSQL is down")
+                await eventually(
+                    unavailable, timeout=10, what="/ready 503 while PostgreSQL is down"
+                )
                 # A worker joining now is told to come back later, not given a 500.
                 r = await http.post(
                     f"{API}/workers/register",
@@ -144,7 +147,9 @@ async def test_postgres_restart_under_load_is_503_then_recovers_without_a_restar
             async with httpx.AsyncClient(timeout=5.0) as http:
                 return (await http.get(f"{orch.url}/ready")).status_code == 200
 
-        await poll(ready, deadline_s=READY_DEADLINE_S, what="/ready 200 after PostgreSQL returned")
+        await eventually(
+            ready, timeout=READY_DEADLINE_S, what="/ready 200 after PostgreSQL returned"
+        )
         await cluster.settle()
     finally:
         stop.set()

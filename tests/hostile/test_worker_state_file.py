@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.cluster import Cluster, Timing, WorkerNode, poll
+from tests.faults.cluster import Cluster, Timing, WorkerNode
+from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e]
 
@@ -33,12 +34,12 @@ async def test_hostile_state_files_never_stop_a_worker(tmp_path: Path) -> None:
 
         # Truncated: a real state file of a running worker, cut in half after kill -9.
         truncated = await cluster.add_worker("w-truncated", 2)
-        await poll(
-            lambda: _has(cluster, "w-truncated", 2), deadline_s=30, what="w-truncated owning 2"
+        await eventually(
+            lambda: _has(cluster, "w-truncated", 2), timeout=30, what="w-truncated owning 2"
         )
         before = await _owned(cluster, "w-truncated")
-        await poll(
-            lambda: _async(_state_file(truncated).exists()), deadline_s=10, what="a state file"
+        await eventually(
+            lambda: _async(_state_file(truncated).exists()), timeout=10, what="a state file"
         )
         await truncated.kill()
         whole = _state_file(truncated).read_bytes()

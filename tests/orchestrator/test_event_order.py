@@ -5,7 +5,6 @@ writers; SQLite has one writer at a time)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 
 from sqlalchemy import text
@@ -16,8 +15,7 @@ from shared.models import Event
 from tests.utils.clock import FakeClock
 from tests.utils.harness import Harness, running
 from tests.utils.pg import PgDatabases
-
-DEADLINE_S = 20.0
+from tests.utils.poll import eventually
 
 
 def codes(items: Sequence[Event]) -> list[str]:
@@ -72,10 +70,7 @@ async def test_a_writer_waits_while_another_holds_event_ids_it_has_not_committed
         first_write = asyncio.create_task(db.write(first, changes=False))
         await drawn.wait()
         second_write = asyncio.create_task(db.write(second, changes=False))
-        deadline = time.monotonic() + DEADLINE_S
-        while await waiting_for_advisory_lock(h) == 0:
-            assert time.monotonic() < deadline, "the second writer never reached the lock"
-            await asyncio.sleep(0.01)
+        await eventually(lambda: waiting_for_advisory_lock(h), what="the second writer waiting")
         assert not second_write.done()
         finish.set()
         await asyncio.gather(first_write, second_write)

@@ -7,7 +7,6 @@ database and count cache hits while workers join, die and have streams moved.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -16,6 +15,7 @@ from orchestrator.views import LegacyWriters, ViewCache, WorkerView
 from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, API, Harness, Session, held_of, running
 from tests.utils.pg import PgDatabases
+from tests.utils.poll import eventually
 
 
 def view(worker_id: str, built_at: float = 0.0) -> WorkerView:
@@ -192,16 +192,16 @@ async def test_another_replica_drops_only_the_views_a_change_named(
         await one.reap()
         await beat_all(other, [a, b])  # the other replica caches both views
         views = other.service.views
-        await until(lambda: views.get("a") is not None and views.get("b") is not None)
+        await eventually(lambda: views.get("a") is not None and views.get("b") is not None)
         await one.register("newcomer", capacity=6)
         c = await one.register("c", capacity=6)
         await one.create_streams(1)  # an admin write: of unknown extent, so every view goes
-        await until(lambda: views.get("a") is None and views.get("b") is None)
+        await eventually(lambda: views.get("a") is None and views.get("b") is None)
         await beat_all(other, [a, b])
-        await until(lambda: views.get("a") is not None and views.get("b") is not None)
+        await eventually(lambda: views.get("a") is not None and views.get("b") is not None)
         await one.register("another", capacity=6)  # names only itself
         await one.reap()  # revokes from a and b for the newcomers: names a and b
-        await until(lambda: views.get("a") is None and views.get("b") is None)
+        await eventually(lambda: views.get("a") is None and views.get("b") is None)
         answers = await beat_all(other, [a, b])
         assert answers["a"]["revoke"] and answers["b"]["revoke"], answers
         await beat_all(other, [c])
@@ -209,21 +209,13 @@ async def test_another_replica_drops_only_the_views_a_change_named(
         await one.register("late", capacity=6)
         # Wait until the other replica has read that change, then check c's view survived.
         target = await one.service.db.last_view_change()
-        await until(lambda: seen(other) >= target)
+        await eventually(lambda: seen(other) >= target)
         await beat_all(other, [c])
         assert views.misses == misses, "a join elsewhere dropped an unrelated view"
 
 
 def seen(h: Harness) -> int:
     return h.service.views.remote_seen
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll with a deadline: the other replica's watcher runs every 100 ms."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_write_by_a_replica_of_the_previous_release_drops_every_view(
@@ -239,8 +231,8 @@ async def test_a_write_by_a_replica_of_the_previous_release_drops_every_view(
         await beat_all(h, [a])
         views = h.service.views
         target = await h.service.db.last_view_change()
-        await until(lambda: seen(h) >= target)  # the watcher is past this replica's rows
+        await eventually(lambda: seen(h) >= target)  # the watcher is past this replica's rows
         assert views.get("a") is not None
         async with h.service.db.read() as session:  # what an older replica does on a write
             await session.execute(text("SELECT nextval('streamherd_generation')"))
-        await until(lambda: views.get("a") is None)
+        await eventually(lambda: views.get("a") is None)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from shared.models import Assignment, FailureAnswer, utcnow
+from tests.utils.poll import eventually as poll_until
 from worker.errors import RequestRejected
 from worker.metrics import WorkerMetrics
 from worker.processors import ProcessorKind, StreamContext
@@ -199,13 +200,8 @@ class FakeClient:
 
 
 async def eventually(predicate: Any, *, timeout: float = 5.0, interval: float = 0.005) -> None:
-    """Poll ``predicate`` until it is true or the deadline passes (then fail loudly)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
+    """``tests.utils.poll.eventually`` at the in-process runtime's pace."""
+    await poll_until(predicate, timeout=timeout, interval=interval)
 
 
 class Recorder:
