@@ -7,11 +7,14 @@ database and count cache hits while workers join, die and have streams moved.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
-from orchestrator.views import LegacyWriters, ViewCache, WorkerView
+from orchestrator.assignment import to_assignment
+from orchestrator.views import LegacyWriters, ViewCache, WorkerView, assignment_json
 from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, API, Harness, Session, held_of, running
 from tests.utils.pg import PgDatabases
@@ -30,6 +33,25 @@ def view(worker_id: str, built_at: float = 0.0) -> WorkerView:
         assignments_json=b"[]",
         built_at=built_at,
     )
+
+
+@pytest.mark.parametrize(
+    ("assigned_at", "url", "meta"),
+    [
+        (1795491751.0, "http://radio.invalid/1", {"genre": "jazz", "n": [1, 2]}),
+        (1795491751.123456, None, None),
+        (1795491751.5, "", {}),
+        (None, "http://x.invalid/ä", {"ü": "ß"}),  # never assigned: the epoch
+    ],
+)
+def test_a_views_assignment_is_encoded_as_the_model_encodes_it(
+    assigned_at: float | None, url: str | None, meta: dict[str, Any] | None
+) -> None:
+    """Built straight from the row (no model per stream), and still the same answer."""
+    row = SimpleNamespace(
+        id=7, token=3, name="s-7", url=url, meta=meta, assigned_at=assigned_at, revoke_at=None
+    )
+    assert assignment_json(row) == to_assignment(row).model_dump(mode="json")
 
 
 def test_invalidating_one_worker_keeps_the_others() -> None:
