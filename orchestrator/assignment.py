@@ -43,6 +43,10 @@ ASSIGNMENT_COLUMNS = (
 )
 
 
+# The streams table as Core, for executemany statements of plain rows (no ORM bulk path).
+_streams = cast(Table, StreamRow.__table__)
+
+
 def to_assignment(row: Any) -> Assignment:
     return Assignment(
         stream_id=row.id,
@@ -133,7 +137,6 @@ async def _take(
     return taken
 
 
-_streams = cast(Table, StreamRow.__table__)
 # One planned grant, by primary key alone. The rows were picked unowned and locked by the
 # same transaction, so "still unowned?" needs no re-check here (the read-back checks what
 # was written). Re-checking ``owner_id IS NULL AND status = 'active'`` in this WHERE let
@@ -482,10 +485,9 @@ async def expire_revokes(session: AsyncSession, now: float, timeout: float) -> i
     if not overdue:
         return 0
     touch(session, (owner for _sid, owner, _dest in overdue))
-    streams = cast(Table, StreamRow.__table__)
     await session.execute(
-        update(streams)
-        .where(streams.c.id == bindparam("sid"), streams.c.owner_id == bindparam("wid"))
+        update(_streams)
+        .where(_streams.c.id == bindparam("sid"), _streams.c.owner_id == bindparam("wid"))
         .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=bindparam("now")),
         [{"sid": sid, "wid": owner, "now": now} for sid, owner, _dest in overdue],
     )
@@ -607,10 +609,9 @@ async def balance(
                 break
     if report.moves:
         touch(session, (mv.from_ for mv in report.moves))
-        streams = cast(Table, StreamRow.__table__)
         await session.execute(
-            update(streams)
-            .where(streams.c.id == bindparam("sid"), streams.c.owner_id == bindparam("wid"))
+            update(_streams)
+            .where(_streams.c.id == bindparam("sid"), _streams.c.owner_id == bindparam("wid"))
             .values(
                 revoke_at=bindparam("now"),
                 revoke_to=bindparam("dest"),
