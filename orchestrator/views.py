@@ -203,8 +203,12 @@ class ViewCache:
         while not stop.is_set():
             try:
                 if last is None:
+                    # The counter before the rows, as below: a write landing between the two
+                    # reads then looks like an older replica's (every view goes, harmless);
+                    # the other order left its row unmatched, and that hid the next real one.
+                    counter = await db.legacy_generation()
                     last = await db.last_view_change()
-                    legacy.reset(await db.legacy_generation())
+                    legacy.reset(counter)
                     self.invalidate()  # what changed before we followed is unknown
                 # Read before the rows: a bump counted here has its row among them.
                 counter = await db.legacy_generation()

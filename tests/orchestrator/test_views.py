@@ -212,6 +212,9 @@ async def test_another_replica_drops_only_the_views_a_change_named(
         a = await one.register("a", capacity=6)
         b = await one.register("b", capacity=6)
         await one.reap()
+        # Beat only once the other replica has read those changes: a view it loaded first
+        # would be dropped afterwards by the change it had not read yet (a race, seen in CI).
+        await caught_up(other, one)
         await beat_all(other, [a, b])  # the other replica caches both views
         views = other.service.views
         await eventually(lambda: views.get("a") is not None and views.get("b") is not None)
@@ -229,15 +232,19 @@ async def test_another_replica_drops_only_the_views_a_change_named(
         await beat_all(other, [c])
         misses = views.misses
         await one.register("late", capacity=6)
-        # Wait until the other replica has read that change, then check c's view survived.
-        target = await one.service.db.last_view_change()
-        await eventually(lambda: seen(other) >= target)
+        await caught_up(other, one)  # it has read that change; did c's view survive it?
         await beat_all(other, [c])
         assert views.misses == misses, "a join elsewhere dropped an unrelated view"
 
 
 def seen(h: Harness) -> int:
     return h.service.views.remote_seen
+
+
+async def caught_up(reader: Harness, writer: Harness) -> None:
+    """Until ``reader`` has read every view change ``writer`` has committed so far."""
+    target = await writer.service.db.last_view_change()
+    await eventually(lambda: seen(reader) >= target, what="the view changes read")
 
 
 async def test_a_write_by_a_replica_of_the_previous_release_drops_every_view(
@@ -250,10 +257,11 @@ async def test_a_write_by_a_replica_of_the_previous_release_drops_every_view(
         await h.create_streams(2)
         a = await h.register("a", capacity=2)
         await h.reap()
+        # The watcher is past this replica's rows (and any doubt its start-up left, which
+        # drops every view) before the view is loaded.
+        await caught_up(h, h)
         await beat_all(h, [a])
         views = h.service.views
-        target = await h.service.db.last_view_change()
-        await eventually(lambda: seen(h) >= target)  # the watcher is past this replica's rows
         assert views.get("a") is not None
         async with h.service.db.read() as session:  # what an older replica does on a write
             await session.execute(text("SELECT nextval('streamherd_generation')"))
