@@ -266,3 +266,48 @@ async def test_a_write_by_a_replica_of_the_previous_release_drops_every_view(
         async with h.service.db.read() as session:  # what an older replica does on a write
             await session.execute(text("SELECT nextval('streamherd_generation')"))
         await eventually(lambda: views.get("a") is None)
+
+
+async def test_a_write_during_the_watchers_start_up_does_not_hide_an_older_replicas_write(
+    pg_databases: PgDatabases, clock: FakeClock
+) -> None:
+    """The watcher (re)starts by reading the old counter and the newest row; a write that
+    lands between those two reads must not leave its row unmatched, or it would cancel out
+    the next older replica's bump and that write's views would never go."""
+    url = await asyncio.to_thread(pg_databases.new)
+    async with running(url, clock) as h:
+        await h.create_streams(2)
+        a = await h.register("a", capacity=2)
+        await h.reap()
+        await caught_up(h, h)
+        db = h.service.db
+        reads_rows, newest = db.view_changes_after, db.last_view_change
+        state = {"failed": False, "wrote": False}
+
+        async def fail_once(after: int, limit: int) -> list[tuple[int, str]]:
+            if not state["failed"]:
+                state["failed"] = True
+                raise ConnectionError("injected: the watcher starts over")
+            return await reads_rows(after, limit)
+
+        async def newest_then_a_write() -> int:
+            value = await newest()
+            if state["failed"] and not state["wrote"]:
+                state["wrote"] = True  # between the watcher's two start-up reads
+                await h.register("between", capacity=2)
+            return value
+
+        db.view_changes_after = fail_once  # type: ignore[method-assign]
+        db.last_view_change = newest_then_a_write  # type: ignore[method-assign]
+        await eventually(lambda: state["wrote"], what="a write during the start-up")
+        await caught_up(h, h)
+        views = h.service.views
+
+        async def cached() -> bool:
+            await beat_all(h, [a])
+            return views.get("a") is not None
+
+        await eventually(cached, what="a's view cached")
+        async with db.read() as session:  # what an older replica does on a write
+            await session.execute(text("SELECT nextval('streamherd_generation')"))
+        await eventually(lambda: views.get("a") is None, timeout=5, what="the views dropped")
