@@ -48,7 +48,8 @@ class ScaleFigures:
     join_lost_streams: int = 0
     join_settle_s: float = 0.0
     die_workers: int = 0
-    die_streams: int = 0
+    die_streams: int = 0  # freed by the pass that declared the victims lost (event log)
+    die_streams_heard: int = 0  # what the victims' last answered beats listed
     die_after_expiry_s: float = 0.0
     die_after_first_s: float = 0.0
     die_detect_max_s: float = 0.0  # latest lease expiry → the pass that declared it lost
@@ -137,10 +138,15 @@ def _at(event: dict[str, Any]) -> float:
 
 async def death_passes(
     cluster: Cluster, after: int, expiries: dict[str, float]
-) -> tuple[float, int]:
+) -> tuple[float, int, int]:
     """Spec 4 read from the event log: how long after its lease ran out was each victim
-    declared lost (the pass's own time), and how many of the streams it gave up were
-    reassigned by that same pass (same ``at``)."""
+    declared lost (the pass's own time), how many streams the victims gave up, and how
+    many of those were reassigned by that same pass (same ``at``).
+
+    The streams given up are counted from the log, not from what the simulated workers
+    last heard: a pass can grant a victim more streams after its last answered beat, and
+    those are freed (and must be reassigned) all the same.
+    """
     events = await cluster.events_after(after)
     lost_at = {
         e["worker_id"]: _at(e)
@@ -159,7 +165,7 @@ async def death_passes(
     same = sum(
         1 for sid, w in freed.items() if abs(reassigned_at.get(sid, -1.0) - lost_at[w]) < 1e-3
     )
-    return detect, same
+    return detect, len(freed), same
 
 
 async def longest_pass(url: str) -> float:
@@ -237,7 +243,7 @@ async def scale(ctx: Context, database: str) -> ScaleFigures:
         ctx.say(f"assignment: {s.asg_die} workers stop beating ({database})")
         victims = sims[: s.asg_die]
         f.die_workers = len(victims)
-        f.die_streams = sum(len(v.held) for v in victims)
+        f.die_streams_heard = sum(len(v.held) for v in victims)
         # Stop beating once any beat in flight has landed: its answer sets the expiry.
         beater.silenced.update(v.worker_id for v in victims)
         await asyncio.sleep(0.5)
@@ -265,7 +271,15 @@ async def scale(ctx: Context, database: str) -> ScaleFigures:
         f.die_after_expiry_s = done - expiry
         f.die_after_first_s = done - first_expiry
         expiries = {v.worker_id: v.lease_expires_at for v in victims}
-        f.die_detect_max_s, f.die_same_pass = await death_passes(cluster, death_mark, expiries)
+        f.die_detect_max_s, f.die_streams, f.die_same_pass = await death_passes(
+            cluster, death_mark, expiries
+        )
+        if f.die_streams != f.die_streams_heard:
+            f.notes.append(
+                f"{database}: the victims' last answered beats listed {f.die_streams_heard:,} "
+                f"streams; the pass freed {f.die_streams:,} (streams granted to them after "
+                "their last beat are freed too)."
+            )
         f.die_pass_max_s = await longest_pass(orch.url)
         f.beat_errors = beater.errors
         if beater.first_error:
