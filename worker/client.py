@@ -231,6 +231,9 @@ class ResilientWorkerClient:
         self._released: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._urls: dict[str, httpx.URL] = {}
         self._last_probe_beat: float | None = None
+        # False from a registration until a heartbeat (or reconcile) answer: what the
+        # orchestrator assigned us since registering is not known here yet.
+        self._beat_since_register = True
         # The last registration's refusal of our credentials (401/403), None otherwise.
         self.registration_refused: RequestRejected | None = None
         self._refusals_unlogged = 0
@@ -311,7 +314,14 @@ class ResilientWorkerClient:
         # Anything this process already learned wins over the file.
         loaded.held.update(self._state.held)
         loaded.history.update(self._state.history)
+        learned = self._state
         self._state = loaded
+        for timing in (learned, loaded):  # what this process learned wins over the file
+            interval, ttl = timing.heartbeat_interval_s, timing.lease_ttl_s
+            if interval is not None and ttl is not None:
+                # Until the orchestrator answers, probe at the pace it last gave us.
+                self._use_timing(interval, ttl)
+                break
         self.metrics.local_mode_active.set(1 if self.local_mode_active else 0)
         self._held_changed()
         log.info(
@@ -385,7 +395,16 @@ class ResilientWorkerClient:
         answer, _ = result
         if self._add(answer.assigned):
             await self._persist()
-        return [a.stream_id for a in answer.assigned]
+        got = [a.stream_id for a in answer.assigned]
+        if len(got) < wanted and not self._beat_since_register:
+            # Just registered: the orchestrator's balancer may already have given us our
+            # share (it runs on every join), which is why the request came back short.
+            # Only a heartbeat answer tells us; the caller asked for streams, so ask now
+            # rather than an interval later. Once per registration.
+            before = set(self._state.held)
+            if await self._heartbeat():
+                got.extend(sid for sid in self._state.held if sid not in before)
+        return got
 
     async def release_streams(self, stream_ids: Iterable[int]) -> bool:
         """Hand streams back; they leave ``assignments()`` at once whatever the answer.
@@ -459,10 +478,15 @@ class ResilientWorkerClient:
         )
         return answer.released
 
-    async def shutdown(self) -> None:
-        """Leave, persist, close; never raises (a stuck orchestrator must not block exit)."""
+    async def shutdown(self, *, leave: bool = True) -> None:
+        """Leave, persist, close; never raises (a stuck orchestrator must not block exit).
+
+        ``leave=False``: the caller has already tried to leave (the runtime does, to log
+        what was released); a second try would wait out an unreachable orchestrator twice.
+        """
         try:
-            await self.leave()
+            if leave:
+                await self.leave()
             await self._persist()
         except Exception:
             log.exception("worker.shutdown_failed", extra={"worker_id": self.config.worker_id})
@@ -569,13 +593,9 @@ class ResilientWorkerClient:
         self._refusals_unlogged = 0
         self._session_token = answer.session_token
         self._state.epoch = answer.epoch
-        self.heartbeat_interval_s = answer.heartbeat_interval_s
-        self.lease_ttl_s = answer.lease_ttl_s
-        # Probe at least once a heartbeat interval while open, so a worker is back inside
-        # the grace lease the orchestrator grants after an outage (contract semantic 5).
-        self._breaker.cap_open_period(answer.heartbeat_interval_s)
-        self._policies = self._make_policies(answer.heartbeat_interval_s)
+        self._use_timing(answer.heartbeat_interval_s, answer.lease_ttl_s)
         self.is_registered = True
+        self._beat_since_register = False
         self._replace(answer.assignments, body.held)
         self._log_dropped(answer.dropped)
         self._state.history.clear()
@@ -603,6 +623,7 @@ class ResilientWorkerClient:
         if result is None:
             return False
         answer, sent = result
+        self._beat_since_register = True
         self._beat_hint = answer.next_heartbeat_in_s
         listed = {a.stream_id for a in answer.assignments}
         # A stream being revoked may be missing from `assignments`, yet it is ours until we
@@ -653,6 +674,7 @@ class ResilientWorkerClient:
             if result is None:
                 return False
             answer, sent = result
+            self._beat_since_register = True
             # The orchestrator's owner wins: drops are gone, keep and assign are ours.
             self._replace([*answer.keep, *answer.assign], sent.held)
             self._log_dropped(answer.drop)
@@ -881,6 +903,17 @@ class ResilientWorkerClient:
             return
         self._last_probe_beat = now
         self._breaker.allow_probe()
+
+    def _use_timing(self, heartbeat_interval_s: float, lease_ttl_s: float) -> None:
+        """Adopt the orchestrator's heartbeat interval and lease, and remember them."""
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.lease_ttl_s = lease_ttl_s
+        self._state.heartbeat_interval_s = heartbeat_interval_s
+        self._state.lease_ttl_s = lease_ttl_s
+        # Probe at least once a heartbeat interval while open, so a worker is back inside
+        # the grace lease the orchestrator grants after an outage (contract semantic 5).
+        self._breaker.cap_open_period(heartbeat_interval_s)
+        self._policies = self._make_policies(heartbeat_interval_s)
 
     def _leave_local_mode(self) -> None:
         since = self._state.local_mode_since

@@ -45,6 +45,8 @@ DEFAULT_DEMO_INTERVAL_S = 1.0
 DEFAULT_DEMO_LOG_EVERY = 30
 # After the program's leader exits, how long its output pipes may take to drain.
 DEFAULT_DRAIN_TIMEOUT_S = 1.0
+# How often a running program counts as progress on its stream (output counts too).
+DEFAULT_ALIVE_EVERY_S = 1.0
 # Remembered stderr lines, so a failure report says why the program died.
 STDERR_TAIL_LINES = 5
 # Never handed to a stream's program: they are the cluster's secrets, not the stream's.
@@ -301,10 +303,12 @@ class CommandProcessor:
         *,
         shell: str = "/bin/sh",
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        alive_every_s: float = DEFAULT_ALIVE_EVERY_S,
     ) -> None:
         self.template = template
         self.shell = shell
         self.drain_timeout_s = drain_timeout_s
+        self.alive_every_s = alive_every_s
         self._groups: set[int] = set()
 
     async def run(self, ctx: StreamContext) -> None:
@@ -334,7 +338,16 @@ class CommandProcessor:
         # Waited on through asyncio.wait only: a cancelled run must not cancel the reaping.
         exited = asyncio.create_task(proc.wait())
         try:
-            await asyncio.wait({exited, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+            while not (exited.done() or stop_waiter.done()):
+                await asyncio.wait(
+                    {exited, stop_waiter},
+                    timeout=self.alive_every_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not exited.done():
+                    # A running program is a stream being processed, whether or not it
+                    # prints: local-mode history must show it (contract semantic 6).
+                    ctx.record_progress()
             if not exited.done():
                 _signal_group(pgid, signal.SIGTERM)
                 await asyncio.wait({exited})

@@ -61,7 +61,7 @@ class WorkerClient(Protocol):
     async def report_failure(self, stream_id: int, error: str) -> FailureAnswer | None: ...
     async def health_check(self) -> dict[str, Any]: ...
     async def leave(self) -> list[int]: ...
-    async def shutdown(self) -> None: ...
+    async def shutdown(self, *, leave: bool = True) -> None: ...
     def assignments(self) -> Mapping[int, Assignment]: ...
     def revoked(self) -> AbstractSet[int]: ...
     def record_stream_processing(self, stream_id: int) -> None: ...
@@ -218,6 +218,11 @@ class Runtime:
                     if now >= next_beat:
                         next_beat = now + self.client.heartbeat_interval_s
                 await self._unless_stopped(stop, self._pass(beat=beat))
+                if beat:
+                    # The pass may have (re-)registered and learned a shorter interval
+                    # than the one the next beat was planned with: the lease it was just
+                    # given would run out before that beat.
+                    next_beat = min(next_beat, now + self.client.heartbeat_interval_s)
                 hint = self.client.take_beat_hint() if beat else None
                 if hint is not None:
                     # A failover is about to free streams: hear of them at once. An extra
@@ -568,14 +573,14 @@ class Runtime:
         self._reap()
         self._set_gauge()
         # Leave first, so the orchestrator hands our streams to others now rather than
-        # after the lease; shutdown() then persists and closes (its own leave is a no-op).
+        # after the lease; shutdown() then persists and closes, without a second leave.
         released_on_leave: list[int] = []
         try:
             released_on_leave = await self.client.leave()
         except Exception:
             logger.exception("worker.leave_failed", extra={"worker_id": self.worker_id})
         try:
-            await self.client.shutdown()
+            await self.client.shutdown(leave=False)
         except Exception:
             logger.exception("worker.shutdown_failed", extra={"worker_id": self.worker_id})
         self._phase = "stopped"

@@ -46,6 +46,11 @@ class LocalState(BaseModel):
     last_contact: datetime | None = None
     local_mode_since: datetime | None = None
     saved_at: datetime | None = None
+    # The orchestrator's timing as its last registration answer gave it: a worker that
+    # restarts while the orchestrator is away must probe (and beat once back) at that
+    # pace, not the built-in default, or it comes back after its grace lease has run out.
+    heartbeat_interval_s: float | None = Field(default=None, gt=0)
+    lease_ttl_s: float | None = Field(default=None, gt=0)
 
 
 class StateCorrupt(Exception):

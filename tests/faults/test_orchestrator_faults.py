@@ -143,3 +143,43 @@ async def test_workers_back_within_the_lease_after_a_short_outage_keep_everythin
     check.assert_clean()
     assert await cluster.events("worker_lost") == []
     assert await cluster.owners() == before
+
+
+async def test_a_worker_restarted_during_an_outage_comes_back_at_the_orchestrators_pace(
+    make_cluster: MakeCluster,
+) -> None:
+    """A worker restarted while the orchestrator is down resumes from its state file; once
+    the orchestrator is back it must reconnect (and beat) at the orchestrator's interval,
+    which its file remembers, not the built-in 5 s: that would outlast the grace lease it
+    is given. Spec 5 and 6: zero ownership changes."""
+    cluster = await make_cluster(timing=Timing(lease_s=3.0))  # still well under 5 s
+    check = cluster.check
+    await cluster.create_streams(6)
+    w1 = await cluster.add_worker("w1", 6)
+    await cluster.add_worker("w2", 6)
+    [orch] = cluster.orchestrators
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(check.run(stop))
+    try:
+        await cluster.settle()
+        before = await cluster.owners()
+        mine = {s: t for s, (o, t) in before.items() if o == "w1"}
+        assert mine, "w1 holds streams"
+        await orch.kill()
+        await w1.kill()
+        await w1.start()
+
+        def resumed() -> bool:
+            published = read_running(cluster.probe_dir, "w1")
+            return published is not None and published[0] == w1.pid and published[1] == mine
+
+        await eventually(resumed, timeout=20, what="w1 running its streams from the file")
+        await orch.start()
+        await cluster.settle()
+        assert await cluster.owners() == before
+        assert await cluster.events("worker_lost") == []
+        assert "worker.session_over" not in w1.log_text()
+    finally:
+        stop.set()
+        await watcher
+    check.assert_clean()

@@ -69,6 +69,7 @@ class FakeClient:
         self.beat_hint: float | None = None
         self.heartbeat_block: asyncio.Event | None = None  # when set, heartbeats hang on it
         self.register_block: asyncio.Event | None = None  # likewise for register
+        self.interval_on_register: float | None = None  # learned by the next beat
         self._assigned: dict[int, Assignment] = {}
         self._revoked: set[int] = set()
         self._changed = asyncio.Event()
@@ -124,6 +125,9 @@ class FakeClient:
             return False
         if not self.is_registered:
             await self.register()
+        if self.interval_on_register is not None:
+            # The orchestrator answered this (re-)registration with its own interval.
+            self.heartbeat_interval_s, self.interval_on_register = self.interval_on_register, None
         return True
 
     def take_beat_hint(self) -> float | None:
@@ -185,8 +189,9 @@ class FakeClient:
         self.is_registered = False
         return left
 
-    async def shutdown(self) -> None:
-        await self.leave()
+    async def shutdown(self, *, leave: bool = True) -> None:
+        if leave:
+            await self.leave()
         self.calls.append("shutdown")
 
     def assignments(self) -> dict[int, Assignment]:

@@ -648,3 +648,79 @@ async def test_transport_errors_become_ours(make_client: MakeClient) -> None:
             Operation.REQUEST, "POST", "/api/v1/workers/w1/streams/request", StreamsRequestAnswer
         )
     assert isinstance(caught.value.__cause__, httpx.RemoteProtocolError)
+
+
+async def test_a_restart_during_an_outage_probes_at_the_orchestrators_pace(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """The interval and lease of the last registration are in the state file: a worker
+    restarted while the orchestrator is away probes (and beats once back) at that pace,
+    not the built-in 5 s, which could outlast the grace lease it gets on return."""
+    orchestrator.heartbeat_interval_s = 1.0
+    first = make_client()
+    await first.register()
+    assert state_file(first)["heartbeat_interval_s"] == 1.0
+    assert state_file(first)["lease_ttl_s"] == 3.0
+    await go_down(first, orchestrator)
+    await first.aclose()
+
+    second = make_client()
+    assert second.heartbeat_interval_s == 5.0  # nothing learned yet
+    await second.load_state()
+    assert (second.heartbeat_interval_s, second.lease_ttl_s) == (1.0, 3.0)
+    assert second.breaker.open_period <= 1.0
+
+
+async def test_a_state_file_without_timing_keeps_the_defaults(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """A file written before the timing was remembered still loads (same version)."""
+    first = make_client()
+    await first.register()
+    await first.request_streams(1)
+    assert first.state_path is not None
+    doc = state_file(first)
+    del doc["heartbeat_interval_s"], doc["lease_ttl_s"]
+    first.state_path.write_text(json.dumps(doc))
+    await first.aclose()
+    second = make_client()
+    await second.load_state()
+    assert set(second.assignments()) == {1}
+    assert second.heartbeat_interval_s == 5.0
+
+
+async def test_a_request_right_after_registering_hears_what_the_balancer_already_gave(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """The orchestrator's balancer runs on every join and may give a new worker its share
+    before the worker asks: the request then comes back short, and the worker would only
+    hear of its streams at the next heartbeat. Seed 001's flow is register, then request:
+    the request asks with a heartbeat once, and answers with what that brought."""
+    client = make_client()
+    await client.register()
+    orchestrator.reassign(4, to="w1")  # the balancer, between register and request
+    orchestrator.reassign(5, to="w1")
+    orchestrator.reassign(6, to="w1")
+    assert sorted(await client.request_streams()) == [4, 5, 6]
+    assert set(client.assignments()) == {4, 5, 6}
+    assert len(orchestrator.calls("/heartbeat")) == 1
+    # Once per registration: later short requests do not beat.
+    await client.release_streams([6])
+    orchestrator.reassign(7, to="w1")
+    assert await client.request_streams(1) == []
+    assert len(orchestrator.calls("/heartbeat")) == 1
+
+
+async def test_shutdown_after_a_failed_leave_does_not_wait_for_a_second(
+    make_client: MakeClient, orchestrator: FakeOrchestrator
+) -> None:
+    """The runtime leaves first (to log what went), then shuts the client down: against an
+    unreachable orchestrator that must not try (and wait out) the leave twice."""
+    client = make_client()
+    await client.register()
+    orchestrator.down = True
+    assert await client.leave() == []
+    leaves = len([r for r in orchestrator.requests if r.method == "DELETE"])
+    assert leaves >= 1
+    await client.shutdown(leave=False)
+    assert len([r for r in orchestrator.requests if r.method == "DELETE"]) == leaves

@@ -92,6 +92,21 @@ async def test_a_worker_lifecycle_against_the_real_orchestrator(
     assert await owned(h, "w1") == {}
 
 
+async def test_seed_flow_hears_of_streams_the_balancer_gave_before_the_request(
+    h: Harness, connect: MakeClient
+) -> None:
+    """Seed 001 registers, then requests. The orchestrator's balancer runs on every join
+    and may fill the newcomer first: the request is then short, and the client asks with a
+    heartbeat so the caller gets its streams now, not an interval later."""
+    await h.create_streams(5)
+    client = connect(capacity=3)
+    assert await client.register() is True
+    report = await h.reap()  # the pass the join woke up, before the worker's request
+    assert report.assigned == 3
+    assert sorted(await client.request_streams()) == sorted(await owned(h, "w1"))
+    assert len(client.assigned_streams) == 3
+
+
 async def test_an_outage_within_the_lease_changes_no_owner(
     h: Harness, clock: FakeClock, fake_time: FakeTime, connect: MakeClient, switch: Switch
 ) -> None:

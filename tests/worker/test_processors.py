@@ -173,6 +173,22 @@ async def test_stop_terminates_the_program_and_returns_cleanly(tmp_path: Path) -
     assert processor._groups == set()
 
 
+async def test_a_silent_program_counts_as_progress_while_it_runs(tmp_path: Path) -> None:
+    """A program that prints nothing is still processing its stream: local-mode history
+    (contract semantic 6) must show it, so its running counts every ``alive_every_s``."""
+    started = tmp_path / "started"
+    progress: list[int] = []
+    processor = CommandProcessor(f"touch {started}; exec sleep 60", alive_every_s=0.01)
+    ctx = make_ctx(progress=progress)
+    run = asyncio.create_task(processor.run(ctx))
+    await eventually(started.exists)
+    counted = len(progress)  # the spawn
+    await eventually(lambda: len(progress) >= counted + 3)
+    ctx.stopping.set()
+    await asyncio.wait_for(run, 5)
+    assert set(progress) == {7}
+
+
 @linux_only
 async def test_cancel_kills_a_program_that_ignores_sigterm(tmp_path: Path) -> None:
     """Past the deadline the run is cancelled and the whole group gets SIGKILL."""

@@ -485,3 +485,22 @@ async def test_a_heartbeat_hint_brings_the_next_beat_forward() -> None:
         now[0] = 1000.0 + 60.0 + 60.0  # the regular beats keep their phase: 60 s after the first
         runtime._wake.set()
         await eventually(lambda: client.beats == 3)
+
+
+async def test_a_beat_that_learns_a_shorter_interval_beats_again_by_it() -> None:
+    """A worker that comes back (registers during a beat) and learns a shorter interval
+    than the one its next beat was planned with beats by the new one: planned with the old,
+    the next beat would come after the fresh lease had run out."""
+    now = [1000.0]
+    client = FakeClient(capacity=1, heartbeat_interval_s=5.0)
+    runtime = make_runtime(client, Recorder(), clock=lambda: now[0])
+    async with running(runtime):
+        await eventually(lambda: "request:1" in client.calls)  # started
+        client.interval_on_register = 1.0
+        now[0] += 5.0
+        runtime._wake.set()
+        await eventually(lambda: client.beats == 1)
+        assert client.heartbeat_interval_s == 1.0
+        now[0] += 1.0  # the new interval, not the 5 s the beat was planned with
+        runtime._wake.set()
+        await eventually(lambda: client.beats == 2)
