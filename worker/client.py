@@ -323,6 +323,9 @@ class ResilientWorkerClient:
                 self._use_timing(interval, ttl)
                 break
         self.metrics.local_mode_active.set(1 if self.local_mode_active else 0)
+        if self.local_mode_active:
+            # This process starts in local mode: one activation, as if it had entered it.
+            self.metrics.count_local_mode_activation()
         self._held_changed()
         log.info(
             "worker.state_loaded",

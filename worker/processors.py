@@ -138,6 +138,10 @@ def parse_processor_spec(spec: str) -> ProcessorSpec:
     path = text.removeprefix("module:")
     if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", path):
         return ProcessorSpec("module", path)
+    if text.startswith("module:") and re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", path):
+        # The dotted form (module:pkg.mod.fn), as uvicorn and Celery read such paths.
+        module_name, _, attr = path.rpartition(".")
+        return ProcessorSpec("module", f"{module_name}:{attr}")
     raise ProcessorSpecError(
         f"unknown processor {spec!r}; use demo, command:<template> or module:pkg.mod:callable"
     )

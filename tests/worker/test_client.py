@@ -346,6 +346,7 @@ async def test_restart_during_an_outage_resumes_from_the_state_file(
     await second.load_state()
     assert {sid: a.token for sid, a in second.assignments().items()} == tokens
     assert second.local_mode_active and not second.is_registered
+    assert second._health()["metrics"]["local_mode_activations"] == 1
     assert await second.register() is False  # still down: nothing raises
     second.record_stream_processing(2)
     orchestrator.down = False

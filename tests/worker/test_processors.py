@@ -76,14 +76,18 @@ def not_async(ctx: StreamContext) -> None:
         ("command:echo {id}", ProcessorSpec("command", "echo {id}")),
         ("module:pkg.mod:fn", ProcessorSpec("module", "pkg.mod:fn")),
         ("pkg.mod:Klass.method", ProcessorSpec("module", "pkg.mod:Klass.method")),
+        ("module:pkg.mod.fn", ProcessorSpec("module", "pkg.mod:fn")),
     ],
 )
 def test_processor_spec_forms(spec: str, expected: ProcessorSpec) -> None:
-    """demo, command:<template>, module:pkg.mod:fn and bare pkg.mod:fn are understood."""
+    """demo, command:<template>, module:pkg.mod:fn (or module:pkg.mod.fn) and bare
+    pkg.mod:fn are understood."""
     assert parse_processor_spec(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["", "demo2", "command:", "command:   ", "module:nocolon"])
+@pytest.mark.parametrize(
+    "spec", ["", "demo2", "command:", "command:   ", "module:nocolon", "pkg.mod.fn"]
+)
 def test_nonsense_processor_specs_are_refused(spec: str) -> None:
     """Anything else is a one-line ProcessorSpecError."""
     with pytest.raises(ProcessorSpecError) as info:
