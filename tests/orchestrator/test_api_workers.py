@@ -544,6 +544,36 @@ async def test_reconcile_hands_back_only_while_capacity_allows(
         assert await owned_by(h, "a") == [held[0]["stream_id"]]
 
 
+async def test_registering_with_a_lower_capacity_gives_up_the_excess_at_once(
+    db_url: str, clock: FakeClock
+) -> None:
+    """Semantic 2 holds across a re-registration: a worker back with a lower capacity owns
+    no more than it, at once. Streams it does not run go first; held ones it must stop are
+    dropped with reason ``capacity``; the balancer hands them to others."""
+    async with running(db_url, clock) as h:
+        await h.create_streams(6)
+        a = await h.register("a", capacity=5)
+        held = held_of(await grant(h, a, 5))
+        running_now = held[:4]  # it runs four of its five
+        r = await h.client.post(
+            f"{API}/workers/register",
+            json={"worker_id": "a", "capacity": 2, "held": running_now},
+            headers=CLUSTER,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        kept = sorted(ids_of(body["assignments"]))
+        assert kept == sorted(x["stream_id"] for x in running_now)[:2]
+        dropped = {d["stream_id"]: d["reason"] for d in body["dropped"]}
+        assert dropped == {x["stream_id"]: "capacity" for x in running_now[2:]}
+        assert await owned_by(h, "a") == kept
+        worker = (await h.client.get(f"{API}/workers/a", headers=ADMIN)).json()
+        assert (worker["capacity"], worker["held"]) == (2, 2)
+        b = await h.register("b", capacity=5)
+        await h.reap()
+        assert len(await owned_by(h, "b")) == 4  # what a gave up, and the spare
+
+
 async def test_reconcile_with_a_stale_epoch_is_refused(db_url: str, clock: FakeClock) -> None:
     """Reconcile names its epoch; an old one is 409 STALE_EPOCH."""
     async with running(db_url, clock) as h:
