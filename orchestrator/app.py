@@ -56,6 +56,13 @@ def create_app(
         task = asyncio.create_task(reaper.run(stop), name="reaper") if run_reaper else None
         await live.start(service)
         watcher = asyncio.create_task(service.views.watch(db, stop), name="view-watcher")
+        for name in settings.weak_tokens:
+            # Named, never shown: the value is a secret however weak.
+            log.warning(
+                "orchestrator.weak_token: %s is short; use a long random value",
+                name,
+                extra={"setting": name},
+            )
         log.info(
             "orchestrator.started",
             extra={

@@ -17,6 +17,8 @@ from shared.limits import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./streamherd.db"
 SUPPORTED_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+# Tokens shorter than this are accepted but warned about at start (guessable).
+WEAK_TOKEN_LEN = 16
 
 
 class Settings(BaseSettings):
@@ -72,12 +74,27 @@ class Settings(BaseSettings):
 
     @field_validator("admin_token", "worker_token")
     @classmethod
-    def _strong_enough(cls, value: SecretStr | None) -> SecretStr | None:
+    def _usable_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and value.get_secret_value() == "":
             return None
-        if value is not None and len(value.get_secret_value()) < 8:
-            raise ValueError("must be at least 8 characters")
+        if value is not None and not value.get_secret_value().isprintable():
+            raise ValueError("must be printable characters (it is sent as a Bearer token)")
+        if value is not None and any(c.isspace() for c in value.get_secret_value()):
+            raise ValueError("must not contain whitespace (it is sent as a Bearer token)")
         return value
+
+    @property
+    def weak_tokens(self) -> list[str]:
+        """The token settings shorter than ``WEAK_TOKEN_LEN``: warned about at start.
+
+        Not refused: the contract sets no minimum, and a test cluster may use short ones.
+        """
+        tokens = {"ORCH_ADMIN_TOKEN": self.admin_token, "ORCH_WORKER_TOKEN": self.worker_token}
+        return [
+            name
+            for name, token in tokens.items()
+            if token is not None and len(token.get_secret_value()) < WEAK_TOKEN_LEN
+        ]
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:

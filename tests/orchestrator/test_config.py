@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from orchestrator.__main__ import EXIT_BAD_CONFIG, load_settings
 from orchestrator.config import Settings
@@ -99,8 +100,8 @@ def test_nonsense_flag_is_refused_in_one_line(
 
 
 def test_refusal_never_prints_the_token(tmp_path: Path) -> None:
-    """A too-short token is named, but its value never reaches the output."""
-    secret = "s3cr3t!"
+    """An unusable token is named, but its value never reaches the output."""
+    secret = "s3cr3t! with spaces"
     result = run_orchestrator_cli(env={"ORCH_ADMIN_TOKEN": secret}, cwd=tmp_path)
     assert_refused_in_one_line(result, "ORCH_ADMIN_TOKEN")
     assert secret not in result.stderr + result.stdout
@@ -163,3 +164,16 @@ def test_without_tokens_serves_on_loopback_and_says_so(tmp_path: Path) -> None:
     assert "orchestrator.stopped" in log
     assert "no_tokens" in log and "loopback" in log
     assert "Traceback" not in log
+
+
+def test_short_tokens_are_accepted_and_named_as_weak() -> None:
+    """The contract sets no minimum length: short tokens work, and start-up warns."""
+    settings = Settings(admin_token="adm", worker_token="a-long-random-token-value")
+    assert settings.weak_tokens == ["ORCH_ADMIN_TOKEN"]
+    assert Settings().weak_tokens == []
+
+
+@pytest.mark.parametrize("token", ["has space", "tab\there", "nul\x00byte"])
+def test_tokens_that_cannot_be_a_bearer_value_are_refused(token: str) -> None:
+    with pytest.raises(ValidationError, match="admin_token"):
+        Settings(admin_token=token)
