@@ -569,7 +569,7 @@ async def test_registering_with_a_lower_capacity_gives_up_the_excess_at_once(
         assert await owned_by(h, "a") == kept
         worker = (await h.client.get(f"{API}/workers/a", headers=ADMIN)).json()
         assert (worker["capacity"], worker["held"]) == (2, 2)
-        b = await h.register("b", capacity=5)
+        await h.register("b", capacity=5)
         await h.reap()
         assert len(await owned_by(h, "b")) == 4  # what a gave up, and the spare
 
