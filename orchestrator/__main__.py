@@ -2,16 +2,20 @@
 
 Every ``ORCH_*`` setting is also a flag (``ORCH_LEASE_TTL_S`` is ``--lease-ttl-s``); flags
 win over the environment. A setting that makes no sense ends the start with one line that
-names it and exit status 2, never a traceback.
+names it and exit status 2, never a traceback; so does a database that cannot be opened
+(or, with ``ORCH_AUTO_MIGRATE``, migrated) before the server starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import ValidationError
 
@@ -63,13 +67,85 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
     return Settings(**overrides)
 
 
+def masked_url(url: str) -> str:
+    """``url`` with its password (in the user part or a ``password=`` parameter) as ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    # The last "@" ends the user part even when an unencoded password holds "/" or "@";
+    # masking too much is harmless, too little is not.
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _password = rest[:at].partition(":")
+        if colon:
+            rest = f"{user}:***{rest[at:]}"
+    rest = re.sub(r"([?&]password=)[^&]*", r"\1***", rest, flags=re.IGNORECASE)
+    return f"{scheme}://{rest}"
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own words for why (the innermost cause), on one line."""
+    root = exc
+    for _ in range(8):
+        if root.__cause__ is None:
+            break
+        root = root.__cause__
+    message = " ".join(str(root).split())[:300]
+    return f"{message} ({type(root).__name__})" if message else type(root).__name__
+
+
+def prepare_database(settings: Settings) -> str | None:
+    """Open the database, and migrate it with ORCH_AUTO_MIGRATE, before serving.
+
+    None when it is ready to serve from, else one line saying why not. Without
+    ORCH_AUTO_MIGRATE a reachable database whose schema is behind still starts (``/ready``
+    says what is missing); one that cannot be opened at all does not.
+    """
+    from orchestrator.migrations import check_connection, upgrade_to_head
+
+    where = f"ORCH_DATABASE_URL={masked_url(settings.database_url)}"
+    try:
+        asyncio.run(check_connection(settings.database_url))
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it is said in one line
+        return f"cannot open the database {where}: {_reason(exc)}"
+    if settings.auto_migrate:
+        try:
+            asyncio.run(upgrade_to_head(settings.database_url))
+        except Exception as exc:  # noqa: BLE001 - as above
+            return f"cannot migrate the database {where} (ORCH_AUTO_MIGRATE): {_reason(exc)}"
+    return None
+
+
+def _without_password(line: str, url: str) -> str:
+    """``line`` with the URL's password nowhere in it, should a driver echo it."""
+    rest = url.partition("://")[2]
+    at = rest.rfind("@")
+    found = set(re.findall(r"[?&]password=([^&]*)", rest, flags=re.IGNORECASE))
+    if at >= 0:
+        found.add(rest[:at].partition(":")[2])
+    for secret in sorted({s for v in found for s in (v, unquote(v))}, key=len, reverse=True):
+        if len(secret) >= 3:  # shorter ones would mangle the line, and are no secret
+            line = line.replace(secret, "***")
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
     except ValidationError as exc:
         print(f"{PROG}: {explain(exc)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    # Imported before logging is set up: alembic announces its plugins at INFO on import.
+    import orchestrator.migrations  # noqa: F401
+
     configure_logging(level=settings.log_level, json_format=settings.log_json)
+    try:
+        problem = prepare_database(settings)
+    except KeyboardInterrupt:
+        return 130
+    if problem is not None:
+        print(f"{PROG}: {_without_password(problem, settings.database_url)}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     if settings.admin_token is None and settings.worker_token is None:
         log.warning(
             "orchestrator.no_tokens: serving on loopback only; set ORCH_ADMIN_TOKEN and "
@@ -80,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator.app import create_app
     from orchestrator.live import run_server
 
-    app = create_app(settings)
+    # Migrated above: the lifespan need not do it again (nor fail there, in a traceback).
+    app = create_app(settings.model_copy(update={"auto_migrate": False}))
     try:
         run_server(
             app,

@@ -1,4 +1,5 @@
-"""Alembic from inside the process: migrate on start, and tell /ready whether we are at head."""
+"""Alembic from inside the process: check and migrate the database on start, and tell
+/ready whether we are at head."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from orchestrator.db import Database
 
 log = logging.getLogger(__name__)
+
+# How long start-up waits for a PostgreSQL server that does not answer (asyncpg: 60 s).
+CONNECT_TIMEOUT_S = 10.0
 
 
 def _project_root() -> Path:
@@ -44,6 +50,21 @@ async def upgrade_to_head(database_url: str) -> None:
     # Alembic's env.py runs its own event loop, so it gets a thread of its own.
     await asyncio.to_thread(_upgrade, database_url)
     log.info("orchestrator.migrated", extra={"revision": head_revision()})
+
+
+async def check_connection(database_url: str) -> None:
+    """Open one connection and run ``SELECT 1``; raises whatever stopped it."""
+    sqlite = database_url.startswith("sqlite")
+    engine = create_async_engine(
+        database_url,
+        poolclass=NullPool,
+        connect_args={} if sqlite else {"timeout": CONNECT_TIMEOUT_S},
+    )
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    finally:
+        await engine.dispose()
 
 
 async def schema_problem(db: Database) -> str | None:
