@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote
 
 from pydantic import ValidationError
+from sqlalchemy import make_url
 
 from orchestrator.config import Settings
 from shared.logs import configure_logging
@@ -67,22 +66,6 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
     return Settings(**overrides)
 
 
-def masked_url(url: str) -> str:
-    """``url`` with its password (in the user part or a ``password=`` parameter) as ***."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    # The last "@" ends the user part even when an unencoded password holds "/" or "@";
-    # masking too much is harmless, too little is not.
-    at = rest.rfind("@")
-    if at >= 0:
-        user, colon, _password = rest[:at].partition(":")
-        if colon:
-            rest = f"{user}:***{rest[at:]}"
-    rest = re.sub(r"([?&]password=)[^&]*", r"\1***", rest, flags=re.IGNORECASE)
-    return f"{scheme}://{rest}"
-
-
 def _reason(exc: BaseException) -> str:
     """The driver's own words for why (the innermost cause), on one line."""
     root = exc
@@ -103,7 +86,8 @@ def prepare_database(settings: Settings) -> str | None:
     """
     from orchestrator.migrations import check_connection, upgrade_to_head
 
-    where = f"ORCH_DATABASE_URL={masked_url(settings.database_url)}"
+    masked = make_url(settings.database_url).render_as_string(hide_password=True)
+    where = f"ORCH_DATABASE_URL={masked}"
     try:
         asyncio.run(check_connection(settings.database_url))
     except Exception as exc:  # noqa: BLE001 - whatever it is, it is said in one line
@@ -117,13 +101,12 @@ def prepare_database(settings: Settings) -> str | None:
 
 
 def _without_password(line: str, url: str) -> str:
-    """``line`` with the URL's password nowhere in it, should a driver echo it."""
-    rest = url.partition("://")[2]
-    at = rest.rfind("@")
-    found = set(re.findall(r"[?&]password=([^&]*)", rest, flags=re.IGNORECASE))
-    if at >= 0:
-        found.add(rest[:at].partition(":")[2])
-    for secret in sorted({s for v in found for s in (v, unquote(v))}, key=len, reverse=True):
+    """``line`` with the URL's password (user part or ``password=`` parameter) as ***,
+    wherever it appears: in the URL we echo, or in a driver's message."""
+    parsed = make_url(url)
+    query = parsed.query.get("password", ())
+    secrets = {parsed.password, *((query,) if isinstance(query, str) else query)}
+    for secret in sorted((str(s) for s in secrets if s), key=len, reverse=True):
         if len(secret) >= 3:  # shorter ones would mangle the line, and are no secret
             line = line.replace(secret, "***")
     return line

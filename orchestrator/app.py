@@ -1,8 +1,9 @@
 """``create_app(settings)``: the FastAPI application and its lifespan.
 
 Nothing is built at import time: tests build as many apps as they like, each with its own
-settings, database and clock. The lifespan migrates (``ORCH_AUTO_MIGRATE``), starts the
-failure detector, and on shutdown stops it, flushes buffered leases and disposes engines.
+settings, database and clock. The lifespan migrates (``ORCH_AUTO_MIGRATE``; the CLI does it
+before serving instead, to report a failure in one line), starts the failure detector,
+and on shutdown stops it, flushes buffered leases and disposes engines.
 """
 
 from __future__ import annotations

@@ -375,6 +375,31 @@ async def settle_held(
     return settled
 
 
+async def shed_over_capacity(
+    session: AsyncSession,
+    worker: WorkerRow,
+    owned: Sequence[Any],
+    held: Sequence[Held],
+    now: float,
+) -> set[int]:
+    """Release what ``worker`` owns beyond its capacity; the ids released.
+
+    A worker that registers again with a lower capacity (restarted with a smaller
+    ``WORKER_MAX_STREAMS``) must not own more than it even until a rebalance. Streams it
+    does not run (not in ``held``) go first, then the newest ids.
+    """
+    excess = len(owned) - worker.capacity
+    if excess <= 0:
+        return set()
+    running = {h.stream_id for h in held}
+    order = sorted(owned, key=lambda r: (r.id not in running, r.id), reverse=True)
+    return set(
+        await release(
+            session, worker.worker_id, [r.id for r in order[:excess]], now, reason="capacity"
+        )
+    )
+
+
 async def drops_for(session: AsyncSession, worker_id: str, stream_ids: Sequence[int]) -> list[Drop]:
     """Reasons for streams a worker reports holding that it does not own (heartbeat)."""
     rows = await _rows_by_id(session, stream_ids, lock=False)

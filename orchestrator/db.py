@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import event, func, select, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -64,6 +65,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         raise
 
 
+def _failed_connect_is_an_outage(context: ExceptionContext) -> None:
+    """A connection the pool could not open is the database being away, whatever the
+    driver says why (no such database, not accepting connections, a refused role): marked
+    as a disconnect, so ``errors.is_database_trouble`` answers 503, never 500. The same
+    SQLSTATE from a statement on a connection we hold stays a bug.
+    """
+    if context.connection is None:  # SQLAlchemy: only when the connect itself failed
+        context.is_disconnect = True
+
+
 def _make_engine(settings: Settings, *, immediate: bool) -> AsyncEngine:
     if settings.is_sqlite:
         engine = create_async_engine(
@@ -75,15 +86,17 @@ def _make_engine(settings: Settings, *, immediate: bool) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(begin))
-        return engine
-    return create_async_engine(
-        settings.database_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_size,
-        pool_pre_ping=True,
-        pool_recycle=1800,
-        pool_timeout=10,
-    )
+    else:
+        engine = create_async_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_pool_size,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            pool_timeout=10,
+        )
+    event.listen(engine.sync_engine, "handle_error", _failed_connect_is_an_outage)
+    return engine
 
 
 def _sqlstate(exc: BaseException) -> str | None:

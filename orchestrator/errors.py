@@ -10,14 +10,14 @@
     └── Unavailable              503 UNAVAILABLE (+ Retry-After)
 
 ``install_error_handlers`` maps FastAPI's validation errors, Starlette's HTTP errors and
-database failures (SQLite busy, PostgreSQL restarting, any failure to open a connection)
-onto that tree; anything else is a bare 500 INTERNAL without a traceback in the answer.
+database failures (SQLite busy, PostgreSQL restarting, any failure to open a connection:
+``db.py`` marks those as disconnects) onto that tree; anything else is a bare 500
+INTERNAL without a traceback in the answer.
 """
 
 from __future__ import annotations
 
 import logging
-import traceback
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -131,15 +131,6 @@ _ASYNCPG_TROUBLE = {
     "InterfaceError",
     "InternalClientError",
 }
-# Where a new connection is made: SQLAlchemy's pool opens every one in
-# ``_ConnectionRecord.__connect`` (the driver's connect and the dialect's first queries),
-# asyncpg in ``connect_utils``. A database error raised in there is a failure to obtain a
-# connection, whatever its SQLSTATE: 3D000 (no such database), 55000 (not accepting
-# connections), a pg_hba.conf rejection... The same SQLSTATE from a statement on a
-# connection we hold is a bug, and stays a 500.
-_CONNECTING_FUNCTIONS = {("sqlalchemy.pool.base", "__connect")}
-_CONNECTING_MODULES = ("asyncpg.connect_utils",)
-_DRIVER_MODULES = ("asyncpg", "sqlite3", "aiosqlite")
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -158,22 +149,6 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _is_driver_error(exc: BaseException) -> bool:
-    module = type(exc).__module__ or ""
-    return isinstance(exc, sa_exc.DBAPIError) or module.startswith(_DRIVER_MODULES)
-
-
-def raised_while_connecting(exc: BaseException) -> bool:
-    """True when ``exc`` was raised while a new database connection was being opened."""
-    for frame, _line in traceback.walk_tb(exc.__traceback__):
-        module = str(frame.f_globals.get("__name__", ""))
-        if module.startswith(_CONNECTING_MODULES):
-            return True
-        if (module, frame.f_code.co_name) in _CONNECTING_FUNCTIONS:
-            return True
-    return False
-
-
 def is_database_trouble(exc: BaseException) -> bool:
     """True for failures that go away when the database comes back: answer 503, not 500."""
     for item in _causes(exc):
@@ -190,8 +165,6 @@ def is_database_trouble(exc: BaseException) -> bool:
         if "no such table" in str(item) and module.startswith(("sqlite3", "sqlalchemy")):
             return True
         if module.startswith("asyncpg") and type(item).__name__ in _ASYNCPG_TROUBLE:
-            return True
-        if _is_driver_error(item) and raised_while_connecting(item):
             return True
     return False
 

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -186,10 +186,17 @@ class Orchestrator:
             settled = await asg.settle_held(session, row, req.held, now)
             await self._store_history(session, wid, req.history, now)
             owned = await asg.owned_streams(session, wid)
-            shed = await self._shed_over_capacity(session, row, owned, req.held, now)
+            shed = await asg.shed_over_capacity(session, row, owned, req.held, now)
             if shed:
-                settled.drop = sorted([*settled.drop, *shed], key=lambda d: d.stream_id)
-                owned = await asg.owned_streams(session, wid)
+                # Back with a lower capacity (semantic 2): the held ones it must stop are
+                # dropped; the balancer, woken after the commit, hands them all to others.
+                owned = [r for r in owned if r.id not in shed]
+                settled.drop.extend(
+                    m.Drop(stream_id=h.stream_id, reason=m.DropReason.CAPACITY)
+                    for h in req.held
+                    if h.stream_id in shed
+                )
+                settled.drop.sort(key=lambda d: d.stream_id)
             await ev.record_one(
                 session,
                 ev.WORKER_REGISTERED,
@@ -404,37 +411,6 @@ class Orchestrator:
             if replayed is None:
                 raise
             return replayed[1]
-
-    async def _shed_over_capacity(
-        self,
-        session: AsyncSession,
-        row: WorkerRow,
-        owned: Sequence[Any],
-        held: Sequence[m.Held],
-        now: float,
-    ) -> list[m.Drop]:
-        """Release what a worker owns beyond the capacity it registered with (semantic 2).
-
-        A worker that comes back smaller (restarted with a lower ``WORKER_MAX_STREAMS``)
-        would otherwise own more than its capacity until a rebalance. Streams it does not
-        run (not in ``held``) go first, then the newest ids; the held ones it must stop are
-        answered as ``dropped`` with reason ``capacity``.
-        """
-        excess = len(owned) - row.capacity
-        if excess <= 0:
-            return []
-        running = {h.stream_id for h in held}
-        # Not running first, then the newest ids.
-        order = sorted(owned, key=lambda r: (r.id not in running, r.id), reverse=True)
-        released = await asg.release(
-            session, row.worker_id, [r.id for r in order[:excess]], now, reason="capacity"
-        )
-        # register() wakes the balancer after the commit: it hands these to workers with room.
-        return [
-            m.Drop(stream_id=sid, reason=m.DropReason.CAPACITY, owner=None)
-            for sid in released
-            if sid in running
-        ]
 
     async def request_streams(
         self, caller: Caller, worker_id: str, req: m.StreamsRequest, key: str | None

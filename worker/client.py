@@ -314,14 +314,11 @@ class ResilientWorkerClient:
         # Anything this process already learned wins over the file.
         loaded.held.update(self._state.held)
         loaded.history.update(self._state.history)
-        learned = self._state
         self._state = loaded
-        for timing in (learned, loaded):  # what this process learned wins over the file
-            interval, ttl = timing.heartbeat_interval_s, timing.lease_ttl_s
-            if interval is not None and ttl is not None:
-                # Until the orchestrator answers, probe at the pace it last gave us.
-                self._use_timing(interval, ttl)
-                break
+        interval, ttl = loaded.heartbeat_interval_s, loaded.lease_ttl_s
+        if interval is not None and ttl is not None and not self.is_registered:
+            # Until the orchestrator answers, probe at the pace it last gave us.
+            self._use_timing(interval, ttl)
         self.metrics.local_mode_active.set(1 if self.local_mode_active else 0)
         if self.local_mode_active:
             # This process starts in local mode: one activation, as if it had entered it.

@@ -19,9 +19,10 @@ import httpx
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.pg import dsn, with_database
+from orchestrator.config import Settings
+from orchestrator.db import Database
 from orchestrator.errors import as_api_error, is_database_trouble
 from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, CLUSTER, Harness, assert_error, running
@@ -125,16 +126,17 @@ async def test_a_database_that_cannot_be_opened_is_503(
 
 
 async def statement_error(url: str, *statements: str) -> sa_exc.DBAPIError:
-    """What SQLAlchemy raises for the first of ``statements`` that fails, or for connecting."""
-    engine = create_async_engine(url)
+    """What the orchestrator's own engine raises for the first of ``statements`` that
+    fails, or for connecting."""
+    db = Database(Settings(database_url=url))
     try:
-        async with engine.connect() as conn:
+        async with db.read_engine.connect() as conn:
             for sql in statements:
                 await conn.execute(text(sql))
     except sa_exc.DBAPIError as exc:
         return exc
     finally:
-        await engine.dispose()
+        await db.dispose()
     raise AssertionError(f"{statements!r} did not fail")
 
 
