@@ -13,57 +13,33 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import make_url
 
 from orchestrator.config import Settings
+from shared import cli
+from shared.cli import CommandLineError, settings_parser
 from shared.logs import configure_logging
 
 PROG = "streamherd-orchestrator"
+ENV_PREFIX = "ORCH_"
 EXIT_BAD_CONFIG = 2
 
 log = logging.getLogger("orchestrator")
 
 
-def _env_name(field: str) -> str:
-    return f"ORCH_{field.upper()}"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    return settings_parser(
+        Settings,
         prog=PROG,
         description="Serve the streamherd orchestrator API. Flags override ORCH_* variables.",
+        env_prefix=ENV_PREFIX,
     )
-    for name, field in Settings.model_fields.items():
-        default = field.default
-        if hasattr(default, "get_secret_value"):
-            default = "(set)"
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            default=None,
-            metavar=name.upper(),
-            help=f"{_env_name(name)} (default: {default})",
-        )
-    return parser
-
-
-def explain(error: ValidationError) -> str:
-    """One line naming the first offending setting."""
-    first = error.errors()[0]
-    loc = first.get("loc", ())
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if loc:
-        return f"invalid setting {_env_name(str(loc[0]))}: {message}"
-    return f"invalid settings: {message}"
 
 
 def load_settings(argv: Sequence[str] | None = None) -> Settings:
-    args = build_parser().parse_args(argv)
-    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
-    return Settings(**overrides)
+    """Environment plus flags, validated; nonsense raises ``CommandLineError``."""
+    return cli.load_settings(Settings, build_parser(), argv, env_prefix=ENV_PREFIX)
 
 
 def _reason(exc: BaseException) -> str:
@@ -115,8 +91,8 @@ def _without_password(line: str, url: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-    except ValidationError as exc:
-        print(f"{PROG}: {explain(exc)}", file=sys.stderr)
+    except CommandLineError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     # Imported before logging is set up: alembic announces its plugins at INFO on import.
     import orchestrator.migrations  # noqa: F401

@@ -3,9 +3,11 @@
 The orchestrator enforces them on input; the worker keeps within them on output.
 """
 
+import re
 from typing import Final
 
 WORKER_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+WORKER_ID_RE: Final = re.compile(WORKER_ID_PATTERN)
 MAX_CAPACITY: Final = 100_000
 MAX_HELD: Final = MAX_CAPACITY
 MAX_HISTORY: Final = MAX_CAPACITY

@@ -91,6 +91,12 @@ def from_timestamp(seconds: float | None) -> datetime | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
 
 
+def rfc3339(value: float | datetime) -> str:
+    """Unix seconds (or an aware ``datetime``) as RFC 3339 UTC, as pydantic writes one."""
+    stamp = value if isinstance(value, datetime) else datetime.fromtimestamp(value, UTC)
+    return stamp.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -28,7 +28,7 @@ import re
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Self
 
 from pydantic import (
     Field,
@@ -38,8 +38,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared import cli
+from shared.cli import CommandLineError, settings_parser
 from shared.limits import MAX_CAPACITY, WORKER_ID_PATTERN
 from shared.models import Labels
 from worker.processors import ProcessorSpecError, parse_processor_spec, resolve_callable
@@ -57,12 +59,11 @@ DEFAULT_MAX_STREAMS = 10
 FALLBACK_WORKER_ID = "worker"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-_WORKER_ID_RE = re.compile(WORKER_ID_PATTERN)
 _LABELS = TypeAdapter(Labels)
 
 
-class ConfigError(Exception):
-    """A setting that makes no sense; ``str()`` is the one line printed at start."""
+# A setting that makes no sense; ``str()`` is the one line printed at start.
+ConfigError = CommandLineError
 
 
 def default_worker_id(hostname: str | None = None) -> str:
@@ -245,55 +246,18 @@ _HELP_DEFAULTS: dict[str, object] = {
 }
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage and exits on a bad flag; we want our single line instead."""
-
-    def error(self, message: str) -> Any:  # noqa: D401 - argparse's signature
-        raise ConfigError(message)
-
-
-def env_name(field: str) -> str:
-    return f"{ENV_PREFIX}{field.upper()}"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    return settings_parser(
+        WorkerSettings,
         prog=PROG,
         description="Run one streamherd worker. Every flag also reads from its WORKER_* "
         "environment variable; a flag wins over the environment.",
-        argument_default=argparse.SUPPRESS,
+        env_prefix=ENV_PREFIX,
+        extra_flags=_EXTRA_FLAGS,
+        help_defaults=_HELP_DEFAULTS,
     )
-    for name, field in WorkerSettings.model_fields.items():
-        flags = (f"--{name.replace('_', '-')}", *_EXTRA_FLAGS.get(name, ()))
-        default = _HELP_DEFAULTS.get(name, field.get_default(call_default_factory=True))
-        parser.add_argument(
-            *flags,
-            dest=name,
-            metavar="VALUE",
-            help=f"env {env_name(name)}; default: {default}",
-        )
-    return parser
-
-
-def _one_line(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_url=False):
-        message = str(error["msg"]).removeprefix("Value error, ")
-        loc = error["loc"]
-        if loc:
-            parts.append(f"invalid setting {env_name(str(loc[0]))}: {message}")
-        else:
-            parts.append(f"invalid settings: {message}")
-    return "; ".join(parts)
 
 
 def load_settings(argv: Sequence[str] | None = None) -> WorkerSettings:
     """Environment plus flags, validated; any nonsense raises ``ConfigError`` with one line."""
-    flags = vars(build_parser().parse_args(argv))
-    try:
-        return WorkerSettings(**flags)
-    except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None
-    except SettingsError as exc:
-        # pydantic-settings fails this way on an environment value it cannot even decode.
-        raise ConfigError(f"invalid settings: {exc}") from None
+    return cli.load_settings(WorkerSettings, build_parser(), argv, env_prefix=ENV_PREFIX)
