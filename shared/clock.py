@@ -2,7 +2,7 @@
 
 Whatever behaves by the clock (breaker, backoff, leases, the live hub, the view cache)
 takes one ``clock: Clock`` instead of three or four loose callables, so a test hands in
-one fake and moves time by hand.
+one fake (``devkit.clock.FakeClock``) and moves time by hand.
 """
 
 from __future__ import annotations
@@ -10,19 +10,41 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from typing import Protocol
 
 
-@dataclass(frozen=True)
-class Clock:
-    """``wall`` is Unix seconds (what is stored and shown); ``monotonic`` measures
-    durations; ``sleep`` waits; ``rand`` draws jitter."""
+class Clock(Protocol):
+    """``wall()`` is Unix seconds (what is stored and shown); ``monotonic()`` measures
+    durations; ``sleep()`` waits; ``rand`` draws jitter."""
 
-    wall: Callable[[], float] = time.time
-    monotonic: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    rand: random.Random = field(default_factory=random.Random)
+    @property
+    def rand(self) -> random.Random: ...
+
+    def wall(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
 
 
-SYSTEM_CLOCK = Clock()
+class SystemClock:
+    """The real clock."""
+
+    def __init__(self, rand: random.Random | None = None) -> None:
+        self._rand = rand if rand is not None else random.Random()
+
+    @property
+    def rand(self) -> random.Random:
+        return self._rand
+
+    def wall(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+SYSTEM_CLOCK: Clock = SystemClock()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils.clock import FakeClock
+from devkit.clock import FakeClock
 from tests.utils.pg import PgDatabases, skip_or_fail, unavailable_reason
 
 _pg_status: dict[str, str | None] = {}

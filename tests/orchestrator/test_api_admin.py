@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.utils.clock import FakeClock
+from devkit.clock import FakeClock
 from tests.utils.harness import (
     ADMIN,
     API,

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devkit.clock import FakeClock
 from shared.errors import STATUS_BY_CODE, ErrorCode
-from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, CLUSTER, WORKER_TOKEN, Harness, Session, running
 
 API = "/api/v1"

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.utils.clock import FakeClock
+from devkit.clock import FakeClock
 from tests.utils.harness import (
     ADMIN,
     API,

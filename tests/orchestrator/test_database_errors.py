@@ -21,10 +21,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url, text
 
 from bench.pg import dsn, with_database
+from devkit.clock import FakeClock
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.errors import as_api_error, is_database_trouble
-from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, CLUSTER, Harness, assert_error, running
 from tests.utils.pg import PgDatabases, admin_url
 

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from devkit.clock import FakeClock
 from orchestrator import events as ev
 from shared.models import Event
-from tests.utils.clock import FakeClock
 from tests.utils.harness import Harness, running
 from tests.utils.pg import PgDatabases
 from tests.utils.poll import eventually

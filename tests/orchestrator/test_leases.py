@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
+from devkit.clock import FakeClock
 from orchestrator.app import create_app
-from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, CLUSTER, running, settings_for
 from tests.utils.pg import PgDatabases
 from tests.utils.poll import eventually

@@ -38,8 +38,8 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import func, select
 
+from devkit.clock import FakeClock
 from orchestrator.models import StreamRow
-from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, Harness, running
 
 API = "/api/v1"

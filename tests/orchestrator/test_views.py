@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from devkit.clock import FakeClock
 from orchestrator.assignment import to_assignment
 from orchestrator.views import LegacyWriters, ViewCache, WorkerView, assignment_json
-from tests.utils.clock import FakeClock
 from tests.utils.harness import ADMIN, API, Harness, Session, held_of, running
 from tests.utils.pg import PgDatabases
 from tests.utils.poll import eventually

@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 
+from devkit.clock import FakeClock
 from orchestrator.app import create_app
 from orchestrator.config import Settings
-from tests.utils.clock import FakeClock
 
 API = "/api/v1"
 ADMIN_TOKEN = "admin-token-for-tests"

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.utils.clock import FakeClock
+from devkit.clock import FakeClock
 from tests.utils.harness import WORKER_TOKEN, Harness, running
 from tests.worker.conftest import FakeTime, MakeClient
 from worker.client import ResilientWorkerClient
