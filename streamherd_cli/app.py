@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
-import click
 import httpx
 import typer
+
+# typer vendors click (pinned in constraints.txt); its exceptions live here.
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
 from shared import limits
@@ -81,21 +83,21 @@ class OneLineGroup(TyperGroup):
 def _run(call: Callable[[], Any]) -> int:
     try:
         result = call()
-    except click.exceptions.NoArgsIsHelpError as exc:
-        click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+    except NoArgsIsHelpError as exc:
+        output.note(exc.format_message())
         return errors.USAGE
-    except click.UsageError as exc:
+    except UsageError as exc:
         hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
-        click.echo(f"{PROG}: usage: {exc.format_message()}{hint}", err=True)
+        output.line_err(f"{PROG}: usage: {exc.format_message()}{hint}")
         return errors.USAGE
     except errors.CliError as exc:
-        click.echo(f"{PROG}: {exc}", err=True)
+        output.line_err(f"{PROG}: {exc}")
         return exc.exit_code
-    except (KeyboardInterrupt, click.Abort):
-        click.echo(f"{PROG}: interrupted", err=True)
+    except (KeyboardInterrupt, typer.Abort):
+        output.line_err(f"{PROG}: interrupted")
         return errors.INTERRUPTED
-    except click.ClickException as exc:
-        click.echo(f"{PROG}: {exc.format_message()}", err=True)
+    except ClickException as exc:
+        output.line_err(f"{PROG}: {exc.format_message()}")
         return exc.exit_code
     except BrokenPipeError:
         return errors.OK
@@ -202,16 +204,8 @@ def ui(
     """Open the orchestrator's dashboard (<url>/ui) in a browser."""
     state = _state(ctx)
     with _client(ctx) as client:
-        try:
-            client.request("GET", "/ui", api=False)
-        except errors.Refused as exc:
-            if exc.status in (404, 405):
-                raise errors.TooOld("the dashboard (/ui)") from None
-            if exc.status not in (401, 403) and not exc.code.startswith("HTTP_"):
-                raise
-        except errors.Unreachable as exc:
-            if "other than JSON" not in str(exc):
-                raise
+        if client.status_of("/ui") in (404, 405):
+            raise errors.TooOld("the dashboard (/ui)")
     target = f"{state.url}/ui"
     if not print_only and state.seams.open_browser(target):
         output.note(f"opened {target}")

@@ -115,6 +115,15 @@ class Client:
                     ) from exc
             raise _error_of(response)
 
+    def status_of(self, path: str) -> int:
+        """The HTTP status a GET of ``path`` (outside the API) answers with."""
+        try:
+            return self._http.get(path).status_code
+        except httpx.TimeoutException as exc:
+            raise Unreachable(f"the orchestrator at {self.url} did not answer in time") from exc
+        except (httpx.TransportError, httpx.InvalidURL, ValueError) as exc:
+            raise Unreachable(f"cannot reach the orchestrator at {self.url}: {exc}") from exc
+
     # --- admin calls ------------------------------------------------------------------
 
     def cluster(self) -> dict[str, Any]:

@@ -43,7 +43,7 @@ class Refused(CliError):
     def __init__(
         self, code: str, message: str, *, status: int, details: dict[str, Any] | None = None
     ) -> None:
-        super().__init__(f"{code}: {message} (HTTP {status})")
+        super().__init__(f"{code}: {message}" + (f" (HTTP {status})" if status else ""))
         self.code = code
         self.message = message
         self.status = status
@@ -57,7 +57,7 @@ class TooOld(Refused):
         super().__init__(
             "NOT_SUPPORTED",
             f"the orchestrator is too old for {what} (it needs contract v1.1)",
-            status=404,
+            status=0,
         )
 
 

@@ -31,6 +31,12 @@ def note(line: str) -> None:
     errors.print(line, markup=False, soft_wrap=True)
 
 
+def line_err(line: str) -> None:
+    """An error: one line on stderr, never wrapped, never a traceback."""
+    sys.stderr.write(" ".join(line.split()) + "\n")
+    sys.stderr.flush()
+
+
 def say(line: str) -> None:
     console.print(line, markup=False, soft_wrap=True)
 
