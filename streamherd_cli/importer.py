@@ -171,6 +171,9 @@ def run_import(
     advance = (
         progress(len(to_create) + len(to_patch) + len(to_disable)) if progress else lambda n: None
     )
+    # Rows with ids go first: a row without one takes the next free id, which must not be
+    # an id a later row of the same input asks for.
+    to_create.sort(key=lambda row: row.id is None)
     for start in range(0, len(to_create), batch_size):
         batch = to_create[start : start + batch_size]
         _create(client, batch, report)
@@ -203,8 +206,10 @@ def _create(client: Client, batch: list[Row], report: Report) -> None:
                 raise
             taken = {int(i) for i in exc.details.get("ids", []) if isinstance(i, int)}
             if exc.code == "CONFLICT" and taken:
-                # Created by someone else since we read the catalogue: exists, as asked.
-                report.existing.extend(sorted(taken))
+                # Created since we read the catalogue: existing if it is this row's stream.
+                for row in pending:
+                    if row.id in taken:
+                        _taken(client, row, report)
                 pending = [row for row in pending if row.id not in taken]
                 continue
             if len(pending) == 1:
@@ -215,6 +220,15 @@ def _create(client: Client, batch: list[Row], report: Report) -> None:
             return
         report.created.extend(int(stream["id"]) for stream in created)
         return
+
+
+def _taken(client: Client, row: Row, report: Report) -> None:
+    assert row.id is not None
+    stream = client.stream(row.id)
+    if stream.get("name") == row.spec["name"] and stream.get("url") == row.spec.get("url"):
+        report.existing.append(row.id)
+    else:
+        report.refused.append(_refusal(row, f"id {row.id} belongs to another stream"))
 
 
 def _patch(

@@ -187,14 +187,24 @@ def test_console_script_in_a_subprocess(cli: Cli) -> None:
     env = {**os.environ, "STREAMHERD_URL": cli.url, "STREAMHERD_TOKEN": ADMIN_TOKEN}
     ok = subprocess.run(
         [_console_script(), "streams", "ls", "--json"],
-        env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        check=False,
     )
     assert ok.returncode == 0, ok.stderr
     assert len(json.loads(ok.stdout)["items"]) == 5
     env["STREAMHERD_TOKEN"] = "wrong-token"
     refused = subprocess.run(
         [_console_script(), "status"],
-        env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        check=False,
     )
     assert refused.returncode == errors.REFUSED
     assert refused.stdout == ""
