@@ -425,9 +425,10 @@ function hostFigures(stats) {
   const shown = new Set([...STAT_PERCENTS.map(([k]) => k), "load_1m", "load_5m", "load_15m", "held"]);
   const others = Object.entries(stats).filter(
     ([k, v]) => !shown.has(k) && (typeof v === "number" || typeof v === "string"));
-  for (const [key, value] of others.slice(0, 3)) {
-    parts.push(h("span", { class: "stat" }, h("span", { class: "stat-label" }, key),
-      h("span", { class: "stat-value" }, typeof value === "number" ? +value.toFixed(2) : value)));
+  if (others.length) {
+    // Other figures the worker reports (its client's counters): on hover, not in the way.
+    parts.push(h("span", { class: "chip", title: others.map(([k, v]) => `${k}: ${v}`).join("\n") },
+      parts.length ? `+${others.length}` : `${others.length} figures`));
   }
   return parts.length ? h("span", { class: "stats" }, parts) : h("span", { class: "muted" }, "—");
 }
