@@ -33,7 +33,8 @@ def decode_token(protocol: str) -> str | None:
         return None
     raw = protocol[len(BEARER_PREFIX) :]
     try:
-        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("utf-8")
+        padded = raw + "=" * (-len(raw) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
 

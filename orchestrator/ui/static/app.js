@@ -776,6 +776,7 @@ function onLiveMessage(data) {
   switch (data.type) {
     case "subscribed": {
       const resumed = state.lastEventId !== null;
+      const reconnected = state.wsAttempt > 0;
       state.wsAttempt = 0;
       state.lastBeatAt = Date.now();
       state.problems.ws = null;
@@ -787,8 +788,8 @@ function onLiveMessage(data) {
         backfill(data.after);
       } else {
         addFeedNotice("connection", "live feed reconnected; missed events replayed", "info");
-        refresh(["cluster", "workers", "streams"], true);
       }
+      if (resumed || reconnected) refresh(["cluster", "workers", "streams"], true);
       break;
     }
     case "event": {
