@@ -27,6 +27,7 @@ from orchestrator.middleware import BodyLimitMiddleware, MetricsMiddleware
 from orchestrator.migrations import upgrade_to_head
 from orchestrator.reaper import Reaper
 from orchestrator.service import Orchestrator
+from orchestrator.ui import mount_ui
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def create_app(
         version="1.0.0",
         lifespan=lifespan,
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # served by mount_ui, from the package instead of a CDN
         redoc_url=None,
     )
     app.state.settings = settings
@@ -104,6 +105,7 @@ def create_app(
     app.include_router(health.router, prefix=API_PREFIX, include_in_schema=False)
     app.include_router(admin.router, prefix=API_PREFIX)
     app.include_router(events_ws.router, prefix=API_PREFIX)
+    mount_ui(app, settings)
     # The last added is the outermost: metrics see every answer, the body limit's too.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -1,0 +1,36 @@
+"""The operator's dashboard at ``/ui`` and the offline API docs at ``/docs``.
+
+``mount_ui(app, settings)`` adds both to an app. The dashboard is static files shipped in
+the package (no build step); it reads the public API and the live event WebSocket with the
+admin token the person types in, so serving the page itself needs no token and holds no
+data. ``/docs`` is FastAPI's Swagger UI with its assets from the ``fastapi-offline``
+package instead of a CDN.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from orchestrator.ui.docs import add_docs_routes
+from orchestrator.ui.headers import SecurityHeadersMiddleware
+from orchestrator.ui.pages import add_ui_routes
+from orchestrator.ui.ws_token import EVENTS_WS_PATH, BearerSubprotocolMiddleware
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from orchestrator.config import Settings
+
+__all__ = ["mount_ui"]
+
+
+def mount_ui(app: FastAPI, settings: Settings, *, events_ws_path: str = EVENTS_WS_PATH) -> None:
+    """Serve the dashboard at ``/ui/`` and Swagger UI at ``/docs`` (create the app with
+    ``docs_url=None``), and let browsers give the event WebSocket its token as a
+    subprotocol. ``settings`` is taken for symmetry with the routers; the page learns
+    whether a token is needed from the API itself."""
+    del settings
+    add_ui_routes(app)
+    docs_csp = add_docs_routes(app)
+    app.add_middleware(BearerSubprotocolMiddleware, path=events_ws_path)
+    app.add_middleware(SecurityHeadersMiddleware, docs_csp=docs_csp)
