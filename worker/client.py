@@ -9,6 +9,9 @@ or None and the worker keeps running what it holds (local mode), persisted under
 - ``worker.holdings``: the held set and the rules of which answer wins;
 - ``worker.transport``: one HTTP call through breaker, retries and budget, the one place
   httpx errors become ours; ``worker.status``: the status dicts and call logs.
+
+Over 500 lines, and one concept: the session's life (join, beat, call, lose contact,
+come back, leave), whose transitions read best in one place.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from shared.clock import SYSTEM_CLOCK, Clock
 from shared.models import (
     Answer,
     Assignment,
+    Drop,
     FailureAnswer,
     FailureReport,
     HeartbeatAnswer,
     HeartbeatRequest,
+    Held,
     LeaveAnswer,
     ReconcileAnswer,
     ReconcileRequest,
@@ -132,11 +137,6 @@ class ResilientWorkerClient:
     def breaker(self) -> CircuitBreaker:
         """For operators: ``force_open()``, ``disable()``, ``reset()``, ``stats()``."""
         return self._link.breaker
-
-    @property
-    def transport(self) -> OrchestratorLink:
-        """The link below the session (breaker, retries, the httpx client)."""
-        return self._link
 
     @property
     def state_path(self) -> Path | None:
@@ -436,10 +436,7 @@ class ResilientWorkerClient:
         self._use_timing(answer.heartbeat_interval_s, answer.lease_ttl_s)
         self.is_registered = True
         self._beat_since_register = False
-        self._holdings.replace(answer.assignments, body.held)
-        self._calls.dropped(answer.dropped)
-        self._holdings.history.clear()
-        self._leave_local_mode()
+        self._back_in_contact(answer.assignments, body.held, answer.dropped)
         log.info(
             "worker.registered",
             extra={
@@ -507,10 +504,7 @@ class ResilientWorkerClient:
             answer, sent = result
             self._beat_since_register = True
             # The orchestrator's owner wins: drops are gone, keep and assign are ours.
-            self._holdings.replace([*answer.keep, *answer.assign], sent.held)
-            self._calls.dropped(answer.drop)
-            self._holdings.history.clear()
-            self._leave_local_mode()
+            self._back_in_contact([*answer.keep, *answer.assign], sent.held, answer.drop)
             log.info(
                 "worker.reconciled",
                 extra={
@@ -663,6 +657,16 @@ class ResilientWorkerClient:
         self._state.heartbeat_interval_s = heartbeat_interval_s
         self._state.lease_ttl_s = lease_ttl_s
         self._link.pace(heartbeat_interval_s)
+
+    def _back_in_contact(
+        self, assignments: Iterable[Assignment], sent: Iterable[Held], dropped: Iterable[Drop]
+    ) -> None:
+        """A registration or reconcile answered: adopt it, and leave local mode; the history
+        it was told is of no use any more."""
+        self._holdings.replace(assignments, sent)
+        self._calls.dropped(dropped)
+        self._holdings.history.clear()
+        self._leave_local_mode()
 
     def _leave_local_mode(self) -> None:
         since = self._state.local_mode_since

@@ -133,29 +133,13 @@ class StateStore:
     def _move_aside(self, reason: str) -> None:
         stamp = datetime.fromtimestamp(self._clock.wall(), UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        extra = {"worker_id": self.worker_id, "path": str(self.path), "reason": reason}
         try:
             os.replace(self.path, target)
         except OSError as exc:
-            log.error(
-                "worker.state_corrupt",
-                extra={
-                    "worker_id": self.worker_id,
-                    "path": str(self.path),
-                    "reason": reason,
-                    "moved_to": None,
-                    "error": str(exc),
-                },
-            )
+            log.error("worker.state_corrupt", extra={**extra, "moved_to": None, "error": str(exc)})
             return
-        log.error(
-            "worker.state_corrupt",
-            extra={
-                "worker_id": self.worker_id,
-                "path": str(self.path),
-                "reason": reason,
-                "moved_to": str(target),
-            },
-        )
+        log.error("worker.state_corrupt", extra={**extra, "moved_to": str(target)})
 
     def _write_sync(self, data: bytes) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -93,10 +93,11 @@ class OrchestratorLink:
         heartbeat_interval: float,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        metrics: WorkerMetrics | None = None,
+        metrics: WorkerMetrics,
     ) -> None:
         self.config = config
-        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        # The client's metrics: its health dict reads the same figures the link counts.
+        self.metrics = metrics
         self._clock = clock
         self.breaker = CircuitBreaker(config.breaker, clock=clock)
         self.breaker.add_listener(self._on_breaker_change)

@@ -26,6 +26,7 @@ from worker.errors import (
     ServerError,
     StaleEpochError,
 )
+from worker.metrics import WorkerMetrics
 from worker.retry import Operation, RetryPolicy
 from worker.transport import OrchestratorLink
 
@@ -45,6 +46,7 @@ async def make_link() -> AsyncIterator[MakeLink]:
             heartbeat_interval=5.0,
             transport=httpx.MockTransport(handler),
             clock=FakeClock(START, wall_offset=WALL_OFFSET, seed=3),
+            metrics=WorkerMetrics(),
         )
         made.append(link)
         return link
