@@ -12,7 +12,9 @@ from devkit.clock import FakeClock
 from devkit.fake_orchestrator import CLUSTER_TOKEN, ORCH_URL, FakeOrchestrator
 from tests.worker.conftest import START, WALL_OFFSET
 from worker import create_resilient_worker_client
+from worker.breaker import BreakerConfig
 from worker.client import ResilientWorkerClient
+from worker.retry import RetryPolicy
 
 SEED_METRICS = {
     "total_requests",
@@ -88,6 +90,35 @@ async def test_the_seed_factory_call_works_as_written() -> None:
     assert status["circuit_breaker"]["state"] == "closed"
     assert status["config"]["capacity"] == 50
     await client.aclose()
+
+
+async def test_the_seed_keywords_land_in_the_breaker_and_retry_configs() -> None:
+    """The seed's flat keywords (and the other breaker/retry ones) fill BreakerConfig and
+    RetryPolicy; unset ones keep their defaults; nonsense is refused as before."""
+    client = create_resilient_worker_client(
+        orchestrator_url="http://orchestrator:8001",
+        server_id="worker-prod-01",
+        max_streams=50,
+        circuit_failure_threshold=3,
+        circuit_recovery_timeout=30,
+        circuit_success_threshold=2,
+        retry_max_attempts=5,
+        retry_base_delay=0.5,
+        retry_max_delay=9.0,
+        request_timeout=4.0,
+    )
+    config = client.config
+    assert config.breaker == BreakerConfig(
+        failure_threshold=3, recovery_timeout=30.0, success_threshold=2
+    )
+    assert isinstance(config.breaker.recovery_timeout, float)
+    assert config.retry == RetryPolicy(max_attempts=5, base_delay=0.5, max_delay=9.0)
+    assert config.request_timeout == 4.0
+    await client.aclose()
+    with pytest.raises(ValueError):
+        create_resilient_worker_client(
+            orchestrator_url="http://o", server_id="w", max_streams=1, circuit_failure_threshold=0
+        )
 
 
 async def test_the_seed_flow_against_a_live_orchestrator(
