@@ -4,6 +4,7 @@ Shaped after arq's worker: settings are constructor arguments, one small loop bo
 (``tick``: heartbeat, reap, converge, hand back revoked streams, ask for more), a bounded
 set of per-stream tasks reaped every pass, and a two-phase shutdown (ask every processor
 to stop and wait with a deadline, cancel the rest) ending in one ``worker.stopped`` line.
+Over 500 lines, and one concept: supervising the stream tasks, start to stop.
 """
 
 from __future__ import annotations
