@@ -15,7 +15,6 @@ neither reopen it nor count as a half-open probe.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
+from shared.clock import SYSTEM_CLOCK, Clock
 from worker.errors import CircuitOpenError
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,15 @@ class BreakerState(StrEnum):
     HALF_OPEN = "half_open"
     FORCED_OPEN = "forced_open"
     DISABLED = "disabled"
+
+    @property
+    def seed_name(self) -> str:
+        """Seed 001 knows three states: forced_open reads as open, disabled as closed."""
+        if self is BreakerState.FORCED_OPEN:
+            return BreakerState.OPEN.value
+        if self is BreakerState.DISABLED:
+            return BreakerState.CLOSED.value
+        return self.value
 
 
 class Outcome(StrEnum):
@@ -142,11 +151,12 @@ class CircuitBreaker:
         config: BreakerConfig | None = None,
         *,
         name: str = "orchestrator",
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config or BreakerConfig()
         self.name = name
-        self._clock = clock
+        # Only durations matter here: the open period is measured on the monotonic clock.
+        self._clock = clock.monotonic
         self._state = BreakerState.CLOSED
         # Bumped on every transition; permits from an older generation are stale.
         self._generation = 0

@@ -27,8 +27,9 @@ import json
 import re
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Self
+from typing import Annotated, Self
 
 from pydantic import (
     Field,
@@ -42,12 +43,17 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared import cli
 from shared.cli import CommandLineError, settings_parser
-from shared.limits import MAX_CAPACITY, WORKER_ID_PATTERN
+from shared.limits import MAX_CAPACITY, WORKER_ID_PATTERN, WORKER_ID_RE
 from shared.models import Labels
+from worker import breaker, retry
+from worker.breaker import BreakerConfig
 from worker.processors import ProcessorSpecError, parse_processor_spec, resolve_callable
-
-if TYPE_CHECKING:
-    from worker.client import ClientConfig
+from worker.retry import DEFAULT_REQUEST_TIMEOUT_S, RetryPolicy
+from worker.runtime import (
+    DEFAULT_RESTART_BASE_S,
+    DEFAULT_RESTART_MAX_S,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+)
 
 ENV_PREFIX = "WORKER_"
 PROG = "streamherd-worker"
@@ -99,6 +105,39 @@ def parse_labels(value: object) -> dict[str, str]:
     return labels
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """What one ``ResilientWorkerClient`` needs: who it is, where the orchestrator is, and
+    how it calls it (``breaker`` and ``retry`` hold their own defaults, written once)."""
+
+    orchestrator_url: str
+    worker_id: str
+    capacity: int
+    # The cluster worker token, only sent to register; never printed.
+    token: str | None = field(default=None, repr=False)
+    state_dir: str | Path | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    # Attempts and delays of an ordinary call; ``retry.default_policies`` scales the policy
+    # of each operation (deadlines, heartbeat bounds) from it.
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def __post_init__(self) -> None:
+        # BreakerConfig and RetryPolicy refuse their own nonsense when they are built.
+        if not WORKER_ID_RE.match(self.worker_id):
+            raise ValueError(f"worker_id must match {WORKER_ID_PATTERN}")
+        if not 0 <= self.capacity <= MAX_CAPACITY:
+            raise ValueError(f"capacity must be within 0..{MAX_CAPACITY}")
+        if self.request_timeout <= 0:
+            raise ValueError("request_timeout must be positive")
+        if self.client_key and not self.client_cert:
+            raise ValueError("client_key needs client_cert")
+
+
 def _existing_file(value: str | None) -> str | None:
     if value is not None and not Path(value).is_file():
         raise ValueError(f"no such file: {value}")
@@ -120,18 +159,20 @@ class WorkerSettings(BaseSettings):
     labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     log_level: str = "INFO"
     log_json: bool = False
-    shutdown_timeout_s: float = Field(default=10.0, gt=0)
-    processor_restart_base_s: float = Field(default=1.0, gt=0)
-    processor_restart_max_s: float = Field(default=60.0, gt=0)
-    circuit_failure_threshold: int = Field(default=5, ge=1)
-    circuit_recovery_timeout_s: float = Field(default=60.0, gt=0)
-    circuit_success_threshold: int = Field(default=3, ge=1)
-    circuit_half_open_max_calls: int = Field(default=1, ge=1)
-    circuit_max_recovery_timeout_s: float = Field(default=600.0, gt=0)
-    retry_max_attempts: int = Field(default=3, ge=1)
-    retry_base_delay_s: float = Field(default=1.0, ge=0)
-    retry_max_delay_s: float = Field(default=30.0, ge=0)
-    request_timeout_s: float = Field(default=10.0, gt=0)
+    shutdown_timeout_s: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT_S, gt=0)
+    processor_restart_base_s: float = Field(default=DEFAULT_RESTART_BASE_S, gt=0)
+    processor_restart_max_s: float = Field(default=DEFAULT_RESTART_MAX_S, gt=0)
+    circuit_failure_threshold: int = Field(default=breaker.DEFAULT_FAILURE_THRESHOLD, ge=1)
+    circuit_recovery_timeout_s: float = Field(default=breaker.DEFAULT_RECOVERY_TIMEOUT_S, gt=0)
+    circuit_success_threshold: int = Field(default=breaker.DEFAULT_SUCCESS_THRESHOLD, ge=1)
+    circuit_half_open_max_calls: int = Field(default=breaker.DEFAULT_HALF_OPEN_MAX_CALLS, ge=1)
+    circuit_max_recovery_timeout_s: float = Field(
+        default=breaker.DEFAULT_MAX_RECOVERY_TIMEOUT_S, gt=0
+    )
+    retry_max_attempts: int = Field(default=retry.DEFAULT_MAX_ATTEMPTS, ge=1)
+    retry_base_delay_s: float = Field(default=retry.DEFAULT_BASE_DELAY_S, ge=0)
+    retry_max_delay_s: float = Field(default=retry.DEFAULT_MAX_DELAY_S, ge=0)
+    request_timeout_s: float = Field(default=DEFAULT_REQUEST_TIMEOUT_S, gt=0)
     ca_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
@@ -212,9 +253,6 @@ class WorkerSettings(BaseSettings):
         return self.state_dir if self.state_dir is not None else DEFAULT_STATE_DIR
 
     def client_config(self) -> ClientConfig:
-        # Imported here so the settings load (and --help answers) without the HTTP stack.
-        from worker.client import ClientConfig
-
         return ClientConfig(
             orchestrator_url=self.orchestrator_url,
             worker_id=self.id,
@@ -222,14 +260,18 @@ class WorkerSettings(BaseSettings):
             token=self.token.get_secret_value() if self.token else None,
             state_dir=self.effective_state_dir,
             labels=dict(self.labels),
-            circuit_failure_threshold=self.circuit_failure_threshold,
-            circuit_recovery_timeout=self.circuit_recovery_timeout_s,
-            circuit_success_threshold=self.circuit_success_threshold,
-            circuit_half_open_max_calls=self.circuit_half_open_max_calls,
-            circuit_max_recovery_timeout=self.circuit_max_recovery_timeout_s,
-            retry_max_attempts=self.retry_max_attempts,
-            retry_base_delay=self.retry_base_delay_s,
-            retry_max_delay=self.retry_max_delay_s,
+            breaker=BreakerConfig(
+                failure_threshold=self.circuit_failure_threshold,
+                recovery_timeout=self.circuit_recovery_timeout_s,
+                success_threshold=self.circuit_success_threshold,
+                half_open_max_calls=self.circuit_half_open_max_calls,
+                max_recovery_timeout=self.circuit_max_recovery_timeout_s,
+            ),
+            retry=RetryPolicy(
+                max_attempts=self.retry_max_attempts,
+                base_delay=self.retry_base_delay_s,
+                max_delay=self.retry_max_delay_s,
+            ),
             request_timeout=self.request_timeout_s,
             ca_file=self.ca_file,
             client_cert=self.client_cert,

@@ -14,8 +14,8 @@
     ├── InvalidAnswer                  a 2xx whose body does not match the contract
     └── ClientClosed                   the client was closed (shutdown) before the call
 
-httpx's own errors become these in exactly one place, ``ResilientWorkerClient._send``
-(``raise ... from exc``); nothing outside ``worker/client.py`` sees an httpx exception.
+httpx's own errors become these in exactly one place, ``worker.transport``
+(``raise ... from exc``); nothing outside ``worker/transport.py`` sees an httpx exception.
 """
 
 from __future__ import annotations

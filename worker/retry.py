@@ -11,17 +11,16 @@ of time and randomness is injected.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import TypeVar
+from typing import Literal, TypeVar
 
+from shared.clock import SYSTEM_CLOCK, Clock
 from worker.errors import CircuitOpenError, OrchestratorError, OrchestratorUnavailable
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ DEFAULT_EXP_BASE = 2.0
 DEFAULT_DEADLINE_S = 30.0
 DEFAULT_MAX_RETRY_AFTER_S = 60.0
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
-DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 MIN_HEARTBEAT_DEADLINE_S = 1.0
 # gRPC's retry throttling defaults: retries stop while the bucket is at or below half.
 DEFAULT_BUDGET_MAX_TOKENS = 10.0
@@ -73,28 +71,54 @@ class RetryPolicy:
 
     def backoff(self, retry: int, rand: random.Random) -> float:
         """Full jitter (AWS): uniform over [0, min(max_delay, base * exp_base ** retry)]."""
-        try:
-            ceiling = min(self.max_delay, self.base_delay * self.exp_base**retry)
-        except OverflowError:
-            ceiling = self.max_delay
+        return backoff_delay(
+            retry,
+            base=self.base_delay,
+            maximum=self.max_delay,
+            exp_base=self.exp_base,
+            rand=rand,
+            jitter="full",
+        )
+
+
+Jitter = Literal["full", "equal"]
+
+
+def backoff_delay(
+    retry: int,
+    *,
+    base: float,
+    maximum: float,
+    rand: random.Random,
+    exp_base: float = DEFAULT_EXP_BASE,
+    jitter: Jitter,
+) -> float:
+    """A capped exponential delay, ``min(maximum, base * exp_base ** retry)``, jittered.
+
+    ``full`` (AWS) draws over [0, ceiling]: calls to a struggling orchestrator spread out
+    most. ``equal`` draws over [ceiling / 2, ceiling]: a failing processor still waits at
+    least half the delay before its restart, yet restarts of many streams stay apart.
+    """
+    try:
+        ceiling = min(maximum, base * exp_base**retry)
+    except OverflowError:
+        ceiling = maximum
+    if jitter == "full":
         return rand.uniform(0.0, ceiling)
+    return ceiling / 2 + rand.random() * ceiling / 2
 
 
 def default_policies(
+    retry: RetryPolicy | None = None,
     *,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    base_delay: float = DEFAULT_BASE_DELAY_S,
-    max_delay: float = DEFAULT_MAX_DELAY_S,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
-    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+    heartbeat_interval: float,
 ) -> dict[Operation, RetryPolicy]:
-    """One policy per operation, scaled from the configured attempts and delays."""
-    common = RetryPolicy(
-        max_attempts=max_attempts,
-        base_delay=base_delay,
-        max_delay=max_delay,
-        deadline=max(3 * request_timeout, DEFAULT_DEADLINE_S),
-    )
+    """One policy per operation, scaled from the configured attempts and delays (``retry``;
+    its deadline is replaced by one scaled from ``request_timeout``)."""
+    retry = retry if retry is not None else RetryPolicy()
+    max_attempts, base_delay = retry.max_attempts, retry.base_delay
+    common = replace(retry, deadline=max(3 * request_timeout, DEFAULT_DEADLINE_S))
     # The next beat supersedes this one, so it gives up before the next is due; but never
     # in less than a second, or a sub-second test interval would make a slow answer an outage.
     beat = max(0.8 * heartbeat_interval, MIN_HEARTBEAT_DEADLINE_S)
@@ -211,9 +235,7 @@ async def call_with_retry(
     policy: RetryPolicy,
     operation: str = "call",
     budget: RetryBudget | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    rand: random.Random | None = None,
+    clock: Clock = SYSTEM_CLOCK,
     on_retry: Callable[[RetryDetails], None] | None = None,
 ) -> T:
     """Run ``attempt(timeout_s)`` until it succeeds or retrying is pointless.
@@ -222,24 +244,24 @@ async def call_with_retry(
     it. The last error is raised unchanged when attempts, budget or deadline run out, or
     when the orchestrator asks for a wait (Retry-After) that would end past the deadline.
     """
-    rand = rand or random.Random()
-    deadline = clock() + policy.deadline
+    now = clock.monotonic
+    deadline = now() + policy.deadline
     number = 0
     while True:
         number += 1
         try:
-            result = await attempt(max(0.0, deadline - clock()))
+            result = await attempt(max(0.0, deadline - now()))
         except OrchestratorError as exc:
             if not is_retryable(exc):
                 raise
             if budget is not None:
                 budget.on_failure()
-            delay = _next_delay(exc, number, policy, rand, budget, deadline - clock())
+            delay = _next_delay(exc, number, policy, clock.rand, budget, deadline - now())
             if delay is None:
                 raise
             if on_retry is not None:
                 on_retry(RetryDetails(operation=operation, attempt=number, delay=delay, error=exc))
-            await sleep(delay)
+            await clock.sleep(delay)
             continue
         if budget is not None:
             budget.on_success()

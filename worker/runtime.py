@@ -4,6 +4,7 @@ Shaped after arq's worker: settings are constructor arguments, one small loop bo
 (``tick``: heartbeat, reap, converge, hand back revoked streams, ask for more), a bounded
 set of per-stream tasks reaped every pass, and a two-phase shutdown (ask every processor
 to stop and wait with a deadline, cancel the rest) ending in one ``worker.stopped`` line.
+Over 500 lines, and one concept: supervising the stream tasks, start to stop.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.limits import MAX_ERROR_LEN
 from shared.models import Assignment, FailureAnswer
 from worker.errors import RequestRejected
 from worker.metrics import WorkerMetrics
 from worker.processors import Processor, StreamContext, stream_logger
+from worker.retry import backoff_delay
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Runtime:
 
     ``shutdown_timeout`` bounds both the graceful stop and each single stream's stop
     (revoke, drop) before its task is cancelled; ``restart_base``/``restart_max`` bound a
-    processor's restart backoff. ``clock``, ``sleep`` and ``rand`` are injected for tests.
+    processor's restart backoff. ``clock`` (time, sleep, jitter) is injected for tests.
     """
 
     def __init__(
@@ -135,9 +136,7 @@ class Runtime:
         restart_base: float = DEFAULT_RESTART_BASE_S,
         restart_max: float = DEFAULT_RESTART_MAX_S,
         cancel_grace: float = CANCEL_GRACE_S,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        rand: Callable[[], float] = random.random,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.client = client
         self.processor = processor
@@ -147,9 +146,10 @@ class Runtime:
         self.restart_base = restart_base
         self.restart_max = max(restart_max, restart_base)
         self.cancel_grace = cancel_grace
-        self._clock = clock
-        self._sleep = sleep
-        self._rand = rand
+        # Beats, uptimes and run lengths are durations: the monotonic clock.
+        self._clock = clock.monotonic
+        self._sleep = clock.sleep
+        self._rand = clock.rand
         self._held: dict[int, _Held] = {}
         # Streams whose processor got them quarantined, by token: not restarted until the
         # orchestrator's answer catches up (drops them or hands them out with a new token).
@@ -157,7 +157,7 @@ class Runtime:
         self._wake = asyncio.Event()
         self._phase: Phase = "created"
         self._accepting = True
-        self._started_at = clock()
+        self._started_at = self._clock()
         self._over_capacity_logged = False
         self.counts = RunCounts()
 
@@ -228,7 +228,7 @@ class Runtime:
                     # A failover is about to free streams: hear of them at once. An extra
                     # beat, spread a little so a fleet told at once does not beat at once;
                     # the regular ones keep their own phase.
-                    extra_beat = self._clock() + hint + self._rand() * HINT_SPREAD_S
+                    extra_beat = self._clock() + hint + self._rand.random() * HINT_SPREAD_S
                 until = min(next_beat, extra_beat, self._next_stop_deadline())
                 await self._idle(stop, until=until)
         finally:
@@ -508,8 +508,13 @@ class Runtime:
 
     def backoff(self, failures: int) -> float:
         """Capped exponential delay with equal jitter, so failing streams restart apart."""
-        ceiling = min(self.restart_max, self.restart_base * 2.0 ** min(failures - 1, 62))
-        return ceiling / 2 + self._rand() * ceiling / 2
+        return backoff_delay(
+            failures - 1,
+            base=self.restart_base,
+            maximum=self.restart_max,
+            rand=self._rand,
+            jitter="equal",
+        )
 
     async def _report_failure(self, ctx: StreamContext, error: str) -> bool:
         """Tell the orchestrator; True when it quarantined the stream."""

@@ -12,14 +12,13 @@ import contextlib
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.models import Assignment, HistoryEntry
 
 log = logging.getLogger(__name__)
@@ -65,12 +64,12 @@ class StateStore:
         state_dir: str | Path,
         worker_id: str,
         *,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.worker_id = worker_id
         self.path = self.state_dir / f"worker-{worker_id}.json"
-        self._wall_clock = wall_clock
+        self._clock = clock
         # Saves run in threads; the lock keeps an older snapshot from landing last.
         self._lock = asyncio.Lock()
         self._failing = False
@@ -83,7 +82,7 @@ class StateStore:
         """Persist ``state``; False (and one warning per failure streak) when it cannot."""
         async with self._lock:
             # Serialised here, on the loop, so the thread never sees a dict being changed.
-            state.saved_at = datetime.fromtimestamp(self._wall_clock(), UTC)
+            state.saved_at = datetime.fromtimestamp(self._clock.wall(), UTC)
             data = state.model_dump_json(indent=1).encode()
             try:
                 await asyncio.to_thread(self._write_sync, data)
@@ -132,31 +131,15 @@ class StateStore:
         return state
 
     def _move_aside(self, reason: str) -> None:
-        stamp = datetime.fromtimestamp(self._wall_clock(), UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = datetime.fromtimestamp(self._clock.wall(), UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        extra = {"worker_id": self.worker_id, "path": str(self.path), "reason": reason}
         try:
             os.replace(self.path, target)
         except OSError as exc:
-            log.error(
-                "worker.state_corrupt",
-                extra={
-                    "worker_id": self.worker_id,
-                    "path": str(self.path),
-                    "reason": reason,
-                    "moved_to": None,
-                    "error": str(exc),
-                },
-            )
+            log.error("worker.state_corrupt", extra={**extra, "moved_to": None, "error": str(exc)})
             return
-        log.error(
-            "worker.state_corrupt",
-            extra={
-                "worker_id": self.worker_id,
-                "path": str(self.path),
-                "reason": reason,
-                "moved_to": str(target),
-            },
-        )
+        log.error("worker.state_corrupt", extra={**extra, "moved_to": str(target)})
 
     def _write_sync(self, data: bytes) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

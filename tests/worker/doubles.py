@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -241,21 +243,48 @@ class Recorder:
         return {c.stream_id for c in self.started} - set(self.stopped)
 
 
-class RecordingSleep:
-    """Injected sleep: records each delay and returns at once (no waiting in tests)."""
+class FixedRandom(random.Random):
+    """Every draw is ``value``: jitter pinned to one end of its range."""
 
-    def __init__(self) -> None:
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+class RuntimeClock:
+    """The runtime's ``Clock`` in tests: its loop waits on real time (or on ``now`` when a
+    test sets it and moves it by hand); restart sleeps are recorded in ``delays`` and return
+    at once (after ``pause`` real seconds, for processes that must get to run); jitter is
+    pinned at ``jitter``. Unlike ``FakeClock``, time does not jump on a sleep."""
+
+    def __init__(self, *, now: float | None = None, jitter: float = 1.0, pause: float = 0.0):
+        self.now = now
+        self.pause = pause
         self.delays: list[float] = []
+        self._rand = FixedRandom(jitter)
 
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
-        await asyncio.sleep(0)
+    @property
+    def rand(self) -> random.Random:
+        return self._rand
+
+    def wall(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic() if self.now is None else self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        await asyncio.sleep(self.pause)
 
 
 def make_runtime(client: FakeClient, processor: Any, **kwargs: Any) -> Runtime:
     kwargs.setdefault("capacity", client.capacity)
     kwargs.setdefault("shutdown_timeout", 2.0)
-    kwargs.setdefault("rand", lambda: 1.0)
+    kwargs.setdefault("clock", RuntimeClock())
     return Runtime(client, processor, worker_id="w1", **kwargs)
 
 

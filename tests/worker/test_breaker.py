@@ -6,13 +6,13 @@ import logging
 
 import pytest
 
-from tests.worker.conftest import FakeTime
+from devkit.clock import FakeClock
 from worker.breaker import BreakerConfig, BreakerState, CircuitBreaker, StateChange
 from worker.errors import CircuitOpenError
 
 
-def make(fake_time: FakeTime, **config: float) -> CircuitBreaker:
-    return CircuitBreaker(BreakerConfig(**config), clock=fake_time.monotonic)  # type: ignore[arg-type]
+def make(fake_time: FakeClock, **config: float) -> CircuitBreaker:
+    return CircuitBreaker(BreakerConfig(**config), clock=fake_time)  # type: ignore[arg-type]
 
 
 def fail(breaker: CircuitBreaker, times: int = 1) -> None:
@@ -30,7 +30,7 @@ def open_breaker(breaker: CircuitBreaker) -> None:
     assert breaker.state is BreakerState.OPEN
 
 
-def test_closed_breaker_lets_calls_through(fake_time: FakeTime) -> None:
+def test_closed_breaker_lets_calls_through(fake_time: FakeClock) -> None:
     """A new breaker is closed and hands out permits."""
     breaker = make(fake_time)
     succeed(breaker, 3)
@@ -38,7 +38,7 @@ def test_closed_breaker_lets_calls_through(fake_time: FakeTime) -> None:
     assert breaker.stats()["total_successes"] == 3
 
 
-def test_opens_after_consecutive_failures(fake_time: FakeTime) -> None:
+def test_opens_after_consecutive_failures(fake_time: FakeClock) -> None:
     """N consecutive failures open it; the next call fails fast with the time to wait."""
     breaker = make(fake_time, failure_threshold=5, recovery_timeout=60)
     fail(breaker, 4)
@@ -52,7 +52,7 @@ def test_opens_after_consecutive_failures(fake_time: FakeTime) -> None:
     assert breaker.trips == 1
 
 
-def test_a_success_resets_the_consecutive_count(fake_time: FakeTime) -> None:
+def test_a_success_resets_the_consecutive_count(fake_time: FakeClock) -> None:
     """Failures separated by a success do not add up to the threshold."""
     breaker = make(fake_time, failure_threshold=3, minimum_calls=100)
     fail(breaker, 2)
@@ -61,7 +61,7 @@ def test_a_success_resets_the_consecutive_count(fake_time: FakeTime) -> None:
     assert breaker.state is BreakerState.CLOSED
 
 
-def test_opens_on_failure_rate_once_the_window_has_minimum_calls(fake_time: FakeTime) -> None:
+def test_opens_on_failure_rate_once_the_window_has_minimum_calls(fake_time: FakeClock) -> None:
     """Half the calls in the window failing opens it, but only after minimum_calls."""
     breaker = make(
         fake_time,
@@ -82,7 +82,7 @@ def test_opens_on_failure_rate_once_the_window_has_minimum_calls(fake_time: Fake
     assert breaker.history[-1].reason == "failure_rate"
 
 
-def test_turns_half_open_after_the_recovery_timeout(fake_time: FakeTime) -> None:
+def test_turns_half_open_after_the_recovery_timeout(fake_time: FakeClock) -> None:
     """Once the recovery timeout has passed the breaker is half-open and lets a probe through."""
     breaker = make(fake_time, recovery_timeout=60)
     open_breaker(breaker)
@@ -93,7 +93,7 @@ def test_turns_half_open_after_the_recovery_timeout(fake_time: FakeTime) -> None
     assert breaker.retry_after() == 0.0
 
 
-def test_half_open_bounds_concurrent_probes(fake_time: FakeTime) -> None:
+def test_half_open_bounds_concurrent_probes(fake_time: FakeClock) -> None:
     """Only half_open_max_calls probes may be in flight; everyone else fails fast."""
     breaker = make(fake_time, half_open_max_calls=2)
     open_breaker(breaker)
@@ -108,7 +108,7 @@ def test_half_open_bounds_concurrent_probes(fake_time: FakeTime) -> None:
     assert breaker.state is BreakerState.CLOSED
 
 
-def test_half_open_closes_after_enough_successes(fake_time: FakeTime) -> None:
+def test_half_open_closes_after_enough_successes(fake_time: FakeClock) -> None:
     """M successful probes close it again."""
     breaker = make(fake_time, success_threshold=3)
     open_breaker(breaker)
@@ -120,7 +120,7 @@ def test_half_open_closes_after_enough_successes(fake_time: FakeTime) -> None:
     assert breaker.history[-1].reason == "probes_succeeded"
 
 
-def test_a_failed_probe_reopens_with_a_longer_timeout_up_to_the_cap(fake_time: FakeTime) -> None:
+def test_a_failed_probe_reopens_with_a_longer_timeout_up_to_the_cap(fake_time: FakeClock) -> None:
     """While the orchestrator stays down the wait doubles, capped at max_recovery_timeout."""
     breaker = make(fake_time, recovery_timeout=60, max_recovery_timeout=200)
     open_breaker(breaker)
@@ -138,7 +138,7 @@ def test_a_failed_probe_reopens_with_a_longer_timeout_up_to_the_cap(fake_time: F
     assert breaker.retry_after() == 60  # back to the base after closing
 
 
-def test_neutral_outcomes_count_neither_way(fake_time: FakeTime) -> None:
+def test_neutral_outcomes_count_neither_way(fake_time: FakeClock) -> None:
     """A rejected request (neutral) neither opens the breaker nor counts as a probe success."""
     breaker = make(fake_time, failure_threshold=2, minimum_calls=2)
     for _ in range(10):
@@ -151,7 +151,7 @@ def test_neutral_outcomes_count_neither_way(fake_time: FakeTime) -> None:
     assert breaker.stats()["half_open_in_flight"] == 0
 
 
-def test_a_late_answer_from_before_the_transition_is_ignored(fake_time: FakeTime) -> None:
+def test_a_late_answer_from_before_the_transition_is_ignored(fake_time: FakeClock) -> None:
     """A permit taken while closed cannot close or reopen the breaker later."""
     breaker = make(fake_time, failure_threshold=2, success_threshold=1)
     slow_ok, slow_bad = breaker.acquire(), breaker.acquire()
@@ -164,7 +164,7 @@ def test_a_late_answer_from_before_the_transition_is_ignored(fake_time: FakeTime
     assert breaker.state is BreakerState.HALF_OPEN
 
 
-def test_a_permit_reports_once(fake_time: FakeTime) -> None:
+def test_a_permit_reports_once(fake_time: FakeClock) -> None:
     """Reporting twice is harmless: only the first outcome counts."""
     breaker = make(fake_time, failure_threshold=2)
     permit = breaker.acquire()
@@ -173,7 +173,7 @@ def test_a_permit_reports_once(fake_time: FakeTime) -> None:
     assert breaker.stats()["consecutive_failures"] == 1
 
 
-def test_leaving_a_permit_unreported_frees_the_probe_slot(fake_time: FakeTime) -> None:
+def test_leaving_a_permit_unreported_frees_the_probe_slot(fake_time: FakeClock) -> None:
     """A cancelled probe (context exit without outcome) is neutral and frees its slot."""
     breaker = make(fake_time)
     open_breaker(breaker)
@@ -183,7 +183,7 @@ def test_leaving_a_permit_unreported_frees_the_probe_slot(fake_time: FakeTime) -
     breaker.acquire().success()  # would raise if the slot had leaked
 
 
-def test_force_open_rejects_everything_until_reset(fake_time: FakeTime) -> None:
+def test_force_open_rejects_everything_until_reset(fake_time: FakeClock) -> None:
     """An operator's forced_open ignores the clock; reset closes it."""
     breaker = make(fake_time)
     breaker.force_open()
@@ -197,7 +197,7 @@ def test_force_open_rejects_everything_until_reset(fake_time: FakeTime) -> None:
     assert breaker.state is BreakerState.CLOSED
 
 
-def test_disabled_breaker_never_opens(fake_time: FakeTime) -> None:
+def test_disabled_breaker_never_opens(fake_time: FakeClock) -> None:
     """Disabled: every call goes through and failures are not counted."""
     breaker = make(fake_time, failure_threshold=1)
     breaker.disable()
@@ -207,7 +207,7 @@ def test_disabled_breaker_never_opens(fake_time: FakeTime) -> None:
     assert breaker.state is BreakerState.CLOSED
 
 
-def test_listeners_see_each_change_and_history_is_bounded(fake_time: FakeTime) -> None:
+def test_listeners_see_each_change_and_history_is_bounded(fake_time: FakeClock) -> None:
     """Listeners get frozen StateChange records; the history keeps the last history_size."""
     breaker = make(fake_time, failure_threshold=1, history_size=3)
     seen: list[StateChange] = []
@@ -229,7 +229,7 @@ def test_listeners_see_each_change_and_history_is_bounded(fake_time: FakeTime) -
 
 
 def test_a_broken_listener_does_not_break_calls(
-    fake_time: FakeTime, caplog: pytest.LogCaptureFixture
+    fake_time: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A listener that raises is logged; the transition still happens."""
     breaker = make(fake_time, failure_threshold=1)
@@ -244,7 +244,7 @@ def test_a_broken_listener_does_not_break_calls(
     assert "worker.breaker_listener_failed" in caplog.messages
 
 
-def test_stats_report_counts_and_state(fake_time: FakeTime) -> None:
+def test_stats_report_counts_and_state(fake_time: FakeClock) -> None:
     """stats() carries the figures an operator reads."""
     breaker = make(fake_time, failure_threshold=2)
     succeed(breaker)
@@ -274,7 +274,7 @@ def test_nonsense_configuration_is_refused(bad: dict[str, float]) -> None:
         BreakerConfig(**bad)  # type: ignore[arg-type]
 
 
-def test_open_period_never_exceeds_the_owners_cap(fake_time: FakeTime) -> None:
+def test_open_period_never_exceeds_the_owners_cap(fake_time: FakeClock) -> None:
     """With a cap (the heartbeat interval) a 60 s recovery timeout probes after 5 s."""
     breaker = make(fake_time, recovery_timeout=60)
     breaker.cap_open_period(5.0)
@@ -285,7 +285,7 @@ def test_open_period_never_exceeds_the_owners_cap(fake_time: FakeTime) -> None:
 
 
 def test_allow_probe_ends_the_open_period_but_not_an_operators_force(
-    fake_time: FakeTime,
+    fake_time: FakeClock,
 ) -> None:
     """allow_probe(): open turns half-open at once; closed and forced_open stay as they are."""
     breaker = make(fake_time, recovery_timeout=60)

@@ -9,25 +9,21 @@ import logging
 import shutil
 import ssl
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from shared.models import StreamsRequestAnswer
-from tests.worker.conftest import (
-    CLUSTER_TOKEN,
-    LOSE_RESPONSE,
-    FakeOrchestrator,
-    FakeTime,
-    MakeClient,
-    body_of,
-    error,
-)
-from worker.client import ClientConfig, ResilientWorkerClient, build_ssl_context
-from worker.errors import ConnectFailed
-from worker.retry import Operation
+from devkit.clock import FakeClock
+from devkit.fake_orchestrator import CLUSTER_TOKEN, LOSE_RESPONSE, FakeOrchestrator, body_of, error
+from tests.worker.conftest import MakeClient
+from worker.breaker import BreakerConfig
+from worker.client import ResilientWorkerClient
+from worker.config import ClientConfig
+from worker.retry import RetryPolicy
+from worker.transport import build_ssl_context
 
 
 def state_file(client: ResilientWorkerClient) -> Any:
@@ -60,114 +56,107 @@ async def test_register_uses_the_cluster_token_then_the_session(
 
 
 async def test_normal_operation_requests_processes_and_releases(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """Streams come with tokens, heartbeats keep them, release hands them back."""
-    client = make_client()
-    await client.register()
-    assert await client.request_streams() == [1, 2, 3]
-    assert {sid: a.token for sid, a in client.assignments().items()} == orchestrator.owned_by("w1")
-    assert await client.request_streams() == []  # at capacity: nothing asked
+    assert await registered_client.request_streams() == [1, 2, 3]
+    assert {
+        sid: a.token for sid, a in registered_client.assignments().items()
+    } == orchestrator.owned_by("w1")
+    assert await registered_client.request_streams() == []  # at capacity: nothing asked
     assert len(orchestrator.calls("/streams/request")) == 1
-    assert client.can_process_stream(2) and not client.can_process_stream(9)
-    assert await client.send_heartbeat() is True
+    assert registered_client.can_process_stream(2) and not registered_client.can_process_stream(9)
+    assert await registered_client.send_heartbeat() is True
     assert body_of(orchestrator.calls("/heartbeat")[-1])["held"] == [
         {"stream_id": sid, "token": token} for sid, token in orchestrator.owned_by("w1").items()
     ]
-    assert await client.release_streams([2]) is True
-    assert set(client.assignments()) == {1, 3}
+    assert await registered_client.release_streams([2]) is True
+    assert set(registered_client.assignments()) == {1, 3}
     assert orchestrator.owned_by("w1").keys() == {1, 3}
-    assert client.local_mode_active is False
+    assert registered_client.local_mode_active is False
 
 
 async def test_heartbeat_answer_is_authoritative(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """A heartbeat adopts new assignments, drops lost ones, records revokes until released."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(2)
+    await registered_client.request_streams(2)
     orchestrator.reassign(1, to="w2")
     orchestrator.reassign(5, to="w1")
     orchestrator.revokes.add(2)
-    assert await client.send_heartbeat()
-    assert set(client.assignments()) == {2, 5}
-    assert client.revoked() == {2}
-    assert not client.can_process_stream(2)
-    assert client.assigned_streams == [5]
-    assert await client.release_streams(sorted(client.revoked()))
-    assert client.revoked() == set()
-    assert set(client.assignments()) == {5}
-    assert state_file(client)["held"].keys() == {"5"}
+    assert await registered_client.send_heartbeat()
+    assert set(registered_client.assignments()) == {2, 5}
+    assert registered_client.revoked() == {2}
+    assert not registered_client.can_process_stream(2)
+    assert registered_client.assigned_streams == [5]
+    assert await registered_client.release_streams(sorted(registered_client.revoked()))
+    assert registered_client.revoked() == set()
+    assert set(registered_client.assignments()) == {5}
+    assert state_file(registered_client)["held"].keys() == {"5"}
 
 
 async def test_a_heartbeat_hint_is_taken_once_and_never_past_the_interval(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
-    client = make_client()
-    await client.register()
-    assert await client.send_heartbeat()
-    assert client.take_beat_hint() is None  # an answer without one
+    assert await registered_client.send_heartbeat()
+    assert registered_client.take_beat_hint() is None  # an answer without one
     orchestrator.beat_hint = 0.35
-    assert await client.send_heartbeat()
-    assert client.take_beat_hint() == 0.35
-    assert client.take_beat_hint() is None, "a hint is for the next beat only"
+    assert await registered_client.send_heartbeat()
+    assert registered_client.take_beat_hint() == 0.35
+    assert registered_client.take_beat_hint() is None, "a hint is for the next beat only"
     orchestrator.beat_hint = orchestrator.heartbeat_interval_s + 1
-    assert await client.send_heartbeat()
-    assert client.take_beat_hint() is None, "later than the regular beat: ignored"
+    assert await registered_client.send_heartbeat()
+    assert registered_client.take_beat_hint() is None, "later than the regular beat: ignored"
 
 
 async def test_a_lost_answer_is_retried_with_the_same_idempotency_key(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """The answer to request_streams is lost; the retry replays it instead of assigning twice."""
-    client = make_client()
-    await client.register()
     orchestrator.faults.append(LOSE_RESPONSE)
-    assert await client.request_streams(2) == [1, 2]
+    assert await registered_client.request_streams(2) == [1, 2]
     first, retry = orchestrator.calls("/streams/request")
     assert first.headers["Idempotency-Key"] == retry.headers["Idempotency-Key"]
     assert orchestrator.owned_by("w1").keys() == {1, 2}
-    assert client.metrics.summary()["retry_attempts"] == 1
+    assert registered_client.metrics.summary()["retry_attempts"] == 1
 
 
 async def test_every_mutating_call_carries_its_own_key(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """Each call has an Idempotency-Key, and two calls never share one."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(1)
-    await client.send_heartbeat()
-    await client.release_streams([1])
-    await client.leave()
+    await registered_client.request_streams(1)
+    await registered_client.send_heartbeat()
+    await registered_client.release_streams([1])
+    await registered_client.leave()
     keys = [r.headers.get("Idempotency-Key") for r in orchestrator.requests]
     assert None not in keys and len(set(keys)) == len(keys)
 
 
 async def test_unreachable_orchestrator_means_local_mode_and_nothing_raises(
-    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
 ) -> None:
     """Connection errors put the client in local mode: state persisted, calls fail fast."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(2)
+    await registered_client.request_streams(2)
     orchestrator.down = True
-    assert await client.send_heartbeat() is False
-    assert client.local_mode_active
-    saved = state_file(client)
+    assert await registered_client.send_heartbeat() is False
+    assert registered_client.local_mode_active
+    saved = state_file(registered_client)
     assert saved["held"].keys() == {"1", "2"} and saved["local_mode_since"] is not None
     assert saved["held"]["1"]["metadata"] == {"genre": "news"}
     for _ in range(5):
-        await client.send_heartbeat()
-    assert client.breaker.state == "open"
+        await registered_client.send_heartbeat()
+    assert registered_client.breaker.state == "open"
     sent = len(orchestrator.requests)
-    assert await client.send_heartbeat() is False
-    assert await client.request_streams() == [1, 2]  # the cached held ids, as in seed 001
-    assert await client.report_failure(1, "boom") is None
+    assert await registered_client.send_heartbeat() is False
+    assert await registered_client.request_streams() == [
+        1,
+        2,
+    ]  # the cached held ids, as in seed 001
+    assert await registered_client.report_failure(1, "boom") is None
     assert len(orchestrator.requests) == sent  # the breaker kept them all off the wire
-    assert set(client.assignments()) == {1, 2}
-    health = await client.health_check()
+    assert set(registered_client.assignments()) == {1, 2}
+    health = await registered_client.health_check()
     assert health["circuit_breaker_state"] == "open"
     assert health["orchestrator_available"] is False and health["local_mode_active"] is True
     assert health["metrics"]["local_mode_activations"] == 1
@@ -175,30 +164,28 @@ async def test_unreachable_orchestrator_means_local_mode_and_nothing_raises(
 
 
 async def test_coming_back_reconciles_and_leaves_local_mode(
-    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
 ) -> None:
     """After the recovery timeout the first call is a reconcile carrying history; then normal."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(2)
-    await go_down(client, orchestrator)
-    client.record_stream_processing(1)
-    client.record_stream_processing(1)
+    await registered_client.request_streams(2)
+    await go_down(registered_client, orchestrator)
+    registered_client.record_stream_processing(1)
+    registered_client.record_stream_processing(1)
     orchestrator.down = False
     fake_time.advance(60)
-    assert await client.send_heartbeat() is True
-    assert not client.local_mode_active
+    assert await registered_client.send_heartbeat() is True
+    assert not registered_client.local_mode_active
     reconcile = body_of(orchestrator.calls("/reconcile")[-1])
     assert reconcile["local_mode_since"] is not None
     assert [(h["stream_id"], h["count"]) for h in reconcile["history"]] == [(1, 2)]
     assert {h["stream_id"] for h in reconcile["held"]} == {1, 2}
-    assert set(client.assignments()) == {1, 2}
-    assert state_file(client)["local_mode_since"] is None
-    assert state_file(client)["history"] == {}
+    assert set(registered_client.assignments()) == {1, 2}
+    assert state_file(registered_client)["local_mode_since"] is None
+    assert state_file(registered_client)["history"] == {}
 
 
 async def test_local_mode_probes_every_beat_and_reconciles_at_the_first_after_return(
-    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
 ) -> None:
     """Beats one interval apart each reach the wire while down (the breaker opens partway
     through a beat, so its capped open period alone would skip every other beat)."""
@@ -236,103 +223,91 @@ async def test_local_mode_probes_every_beat_and_reconciles_at_the_first_after_re
 
 
 async def test_beating_faster_than_the_interval_in_local_mode_probes_once_per_interval(
-    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
 ) -> None:
     """Beats between the probing ones stay off the wire; the next interval probes again."""
-    client = make_client()
-    await client.register()
-    await go_down(client, orchestrator)
-    interval = client.heartbeat_interval_s
+    await go_down(registered_client, orchestrator)
+    interval = registered_client.heartbeat_interval_s
     fake_time.advance(interval)
     probe_at = fake_time.now
     sent = len(orchestrator.requests)
-    assert await client.send_heartbeat() is False
+    assert await registered_client.send_heartbeat() is False
     assert len(orchestrator.requests) == sent + 1
     for _ in range(4):
         fake_time.advance(interval / 10)
-        assert await client.send_heartbeat() is False
+        assert await registered_client.send_heartbeat() is False
     assert len(orchestrator.requests) == sent + 1
     fake_time.advance(probe_at + interval - fake_time.now)
-    assert await client.send_heartbeat() is False
+    assert await registered_client.send_heartbeat() is False
     assert len(orchestrator.requests) == sent + 2
 
 
 async def test_reconcile_drops_reassigned_and_takes_back_unowned(
-    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
 ) -> None:
     """The current owner wins; an unowned stream comes back with a new token."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(3)
-    old_token = client.assignments()[3].token
-    await go_down(client, orchestrator)
+    await registered_client.request_streams(3)
+    old_token = registered_client.assignments()[3].token
+    await go_down(registered_client, orchestrator)
     orchestrator.reassign(1, to="w2")
     orchestrator.reassign(3, to=None)
     orchestrator.down = False
     fake_time.advance(60)
-    assert await client.send_heartbeat()
-    assert set(client.assignments()) == {2, 3}
-    assert client.assignments()[3].token > old_token
+    assert await registered_client.send_heartbeat()
+    assert set(registered_client.assignments()) == {2, 3}
+    assert registered_client.assignments()[3].token > old_token
     assert orchestrator.streams[1].owner == "w2"
 
 
 async def test_stale_epoch_registers_again_presenting_what_it_holds(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """A 409 STALE_EPOCH makes the client register again with its held streams."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(2)
-    held = {sid: a.token for sid, a in client.assignments().items()}
+    await registered_client.request_streams(2)
+    held = {sid: a.token for sid, a in registered_client.assignments().items()}
     orchestrator.end_session("w1")
     orchestrator.reassign(2, to="w2")
-    assert await client.send_heartbeat() is True
+    assert await registered_client.send_heartbeat() is True
     presented = orchestrator.workers["w1"].registrations[-1]
     assert {h["stream_id"]: h["token"] for h in presented["held"]} == held
-    assert client.epoch == 3
-    assert set(client.assignments()) == {1}
+    assert registered_client.epoch == 3
+    assert set(registered_client.assignments()) == {1}
 
 
 async def test_a_rejected_request_does_not_trip_the_breaker(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """4xx answers are our fault: neutral for the breaker, no local mode, no retry."""
-    client = make_client()
-    await client.register()
     for _ in range(10):
         orchestrator.faults.append(error(422, "VALIDATION_ERROR"))
-        assert await client.request_streams(1) == []
-    assert client.breaker.state == "closed"
-    assert not client.local_mode_active
+        assert await registered_client.request_streams(1) == []
+    assert registered_client.breaker.state == "closed"
+    assert not registered_client.local_mode_active
     assert len(orchestrator.calls("/streams/request")) == 10
-    assert client.metrics.summary()["failed_requests"] == 10
+    assert registered_client.metrics.summary()["failed_requests"] == 10
 
 
 async def test_rate_limited_call_waits_as_told(
-    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
 ) -> None:
     """A 429 with Retry-After is retried after exactly that wait."""
-    client = make_client()
-    await client.register()
     orchestrator.faults.append(error(429, "RATE_LIMITED", **{"Retry-After": "7"}))
-    assert await client.request_streams(1) == [1]
+    assert await registered_client.request_streams(1) == [1]
     assert fake_time.sleeps == [7.0]
 
 
 async def test_a_retry_after_beyond_the_heartbeat_deadline_fails_fast(
-    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
 ) -> None:
     """The next beat supersedes this one: a 503 asking for 30 s is not waited for."""
-    client = make_client()
-    await client.register()
     orchestrator.faults.append(error(503, "UNAVAILABLE", **{"Retry-After": "30"}))
-    assert await client.send_heartbeat() is False
+    assert await registered_client.send_heartbeat() is False
     assert len(orchestrator.calls("/heartbeat")) == 1
     assert fake_time.sleeps == []
 
 
 async def test_restart_during_an_outage_resumes_from_the_state_file(
-    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
 ) -> None:
     """A new process with the same state dir runs what the file held, then re-registers."""
     first = make_client()
@@ -361,39 +336,38 @@ async def test_restart_during_an_outage_resumes_from_the_state_file(
 
 
 async def test_release_while_unreachable_is_sent_on_reconnect(
-    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeTime
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
 ) -> None:
     """A release the orchestrator cannot hear is queued (and persisted), then delivered."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(2)
-    await go_down(client, orchestrator)
-    assert await client.release_streams([2]) is False
-    assert set(client.assignments()) == {1}
-    assert state_file(client)["pending_release"] == [2]
+    await registered_client.request_streams(2)
+    await go_down(registered_client, orchestrator)
+    assert await registered_client.release_streams([2]) is False
+    assert set(registered_client.assignments()) == {1}
+    assert state_file(registered_client)["pending_release"] == [2]
     orchestrator.down = False
     fake_time.advance(60)
-    assert await client.send_heartbeat()
+    assert await registered_client.send_heartbeat()
     assert orchestrator.owned_by("w1").keys() == {1}
-    assert set(client.assignments()) == {1}
-    assert state_file(client)["pending_release"] == []
+    assert set(registered_client.assignments()) == {1}
+    assert state_file(registered_client)["pending_release"] == []
 
 
 async def test_report_failure_uses_the_token_and_honours_quarantine(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """Failures go out with the grant's token; a quarantined stream leaves the held set."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(1)
+    await registered_client.request_streams(1)
     orchestrator.quarantine_after = 2
-    first = await client.report_failure(1, "decoder crashed")
+    first = await registered_client.report_failure(1, "decoder crashed")
     assert first is not None and first.failures == 1 and not first.quarantined
-    assert body_of(orchestrator.calls("/failures")[0])["token"] == client.assignments()[1].token
-    second = await client.report_failure(1, "decoder crashed again")
+    assert (
+        body_of(orchestrator.calls("/failures")[0])["token"]
+        == registered_client.assignments()[1].token
+    )
+    second = await registered_client.report_failure(1, "decoder crashed again")
     assert second is not None and second.quarantined
-    assert client.assignments() == {}
-    assert await client.report_failure(42, "not ours") is None
+    assert registered_client.assignments() == {}
+    assert await registered_client.report_failure(42, "not ours") is None
 
 
 async def test_a_corrupt_state_file_does_not_stop_the_client(
@@ -427,21 +401,19 @@ async def test_an_unwritable_state_dir_does_not_stop_the_client(
 
 
 async def test_answers_in_flight_do_not_undo_concurrent_changes(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """Streams obtained while a heartbeat is in flight survive its (older) answer."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(1)
+    await registered_client.request_streams(1)
     orchestrator.heartbeat_gate = asyncio.Event()
-    beat = asyncio.create_task(client.send_heartbeat())
+    beat = asyncio.create_task(registered_client.send_heartbeat())
     while not orchestrator.calls("/heartbeat"):
         await asyncio.sleep(0)
-    assert await client.request_streams(1) == [2]
-    await client.release_streams([1])
+    assert await registered_client.request_streams(1) == [2]
+    await registered_client.release_streams([1])
     orchestrator.heartbeat_gate.set()
     assert await beat is True
-    assert set(client.assignments()) == {2}
+    assert set(registered_client.assignments()) == {2}
 
 
 async def test_forced_open_reads_as_open_and_disabled_as_closed(make_client: MakeClient) -> None:
@@ -455,34 +427,32 @@ async def test_forced_open_reads_as_open_and_disabled_as_closed(make_client: Mak
     assert client.get_detailed_status()["circuit_breaker"]["state"] == "disabled"
 
 
-async def test_metrics_render_in_the_client_registry(make_client: MakeClient) -> None:
+async def test_metrics_render_in_the_client_registry(
+    make_client: MakeClient, registered_client: ResilientWorkerClient
+) -> None:
     """Prometheus text carries the client's figures under the worker prefix."""
-    client = make_client()
-    await client.register()
-    text = client.metrics.render().decode()
+    text = registered_client.metrics.render().decode()
     assert 'streamherd_worker_requests_total{operation="register",outcome="success"} 1.0' in text
     assert "streamherd_worker_breaker_state 0.0" in text
     assert "streamherd_worker_request_duration_seconds_count" in text
     other = make_client(worker_id="w2")
-    assert other.metrics.registry is not client.metrics.registry
+    assert other.metrics.registry is not registered_client.metrics.registry
 
 
 async def test_summary_matches_the_counters_it_summarises(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """health's metrics block agrees with the Prometheus counters after retries and trips."""
-    client = make_client()
-    await client.register()
     orchestrator.faults.append(LOSE_RESPONSE)
-    await client.send_heartbeat()  # one retry
-    await client.request_streams(1)
-    await go_down(client, orchestrator)  # failures, a trip, local mode
+    await registered_client.send_heartbeat()  # one retry
+    await registered_client.request_streams(1)
+    await go_down(registered_client, orchestrator)  # failures, a trip, local mode
 
     def total(name: str, **labels: str) -> int:
         return int(
             sum(
                 sample.value
-                for family in client.metrics.registry.collect()
+                for family in registered_client.metrics.registry.collect()
                 for sample in family.samples
                 if sample.name == name and labels.items() <= sample.labels.items()
             )
@@ -490,7 +460,7 @@ async def test_summary_matches_the_counters_it_summarises(
 
     requests = total("streamherd_worker_requests_total")
     successful = total("streamherd_worker_requests_total", outcome="success")
-    assert client.metrics.summary() == {
+    assert registered_client.metrics.summary() == {
         "total_requests": requests,
         "successful_requests": successful,
         "failed_requests": requests - successful,
@@ -519,39 +489,39 @@ async def test_a_refused_cluster_token_is_reported_not_taken_for_an_outage(
 
 
 async def test_refusals_after_registering_are_logged_at_most_once_a_minute(
-    make_client: MakeClient,
+    registered_client: ResilientWorkerClient,
     orchestrator: FakeOrchestrator,
-    fake_time: FakeTime,
+    fake_time: FakeClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A token rotated under a running worker: one error line per minute, counting the
     refusals; streams stay held; the first accepted registration clears the refusal."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(2)
+    await registered_client.request_streams(2)
     # The heartbeat's 401 ends the session; registering again is refused, beat after beat.
     orchestrator.faults.extend(error(401, "UNAUTHORIZED") for _ in range(14))
     with caplog.at_level(logging.ERROR, logger="worker.client"):
         for _ in range(13):
-            assert await client.send_heartbeat() is False
+            assert await registered_client.send_heartbeat() is False
             fake_time.advance(5.0)
     lines = [r for r in caplog.records if r.getMessage() == "worker.registration_refused"]
     assert [vars(r)["refusals"] for r in lines] == [1, 12]
-    assert set(client.assignments()) == {1, 2} and not client.local_mode_active
-    assert await client.send_heartbeat() is True
-    assert client.registration_refused is None
+    assert (
+        set(registered_client.assignments()) == {1, 2} and not registered_client.local_mode_active
+    )
+    assert await registered_client.send_heartbeat() is True
+    assert registered_client.registration_refused is None
 
 
 async def test_leave_releases_everything_and_shutdown_never_raises(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    make_client: MakeClient,
+    registered_client: ResilientWorkerClient,
+    orchestrator: FakeOrchestrator,
 ) -> None:
     """leave() answers the released ids; shutdown against a dead orchestrator is quiet."""
-    client = make_client()
-    await client.register()
-    await client.request_streams(2)
-    assert sorted(await client.leave()) == [1, 2]
-    assert client.assignments() == {} and not client.is_registered
-    assert state_file(client)["held"] == {}  # a restart must not resume them
+    await registered_client.request_streams(2)
+    assert sorted(await registered_client.leave()) == [1, 2]
+    assert registered_client.assignments() == {} and not registered_client.is_registered
+    assert state_file(registered_client)["held"] == {}  # a restart must not resume them
     again = make_client()
     await again.register()
     await again.request_streams(1)
@@ -578,16 +548,17 @@ async def test_the_session_token_never_reaches_the_logs(
 
 def test_config_refuses_nonsense() -> None:
     """A bad worker id, capacity or breaker number fails at construction."""
-    base = {"orchestrator_url": "http://x", "worker_id": "w1", "capacity": 1}
-    for bad in (
-        {"worker_id": "-bad id"},
-        {"capacity": -1},
-        {"circuit_failure_threshold": 0},
-        {"retry_max_attempts": 0},
-        {"client_key": "k.pem"},
-    ):
+    base: dict[str, Any] = {"orchestrator_url": "http://x", "worker_id": "w1", "capacity": 1}
+    nonsense: list[Callable[[], object]] = [
+        lambda: ClientConfig(**{**base, "worker_id": "-bad id"}),
+        lambda: ClientConfig(**{**base, "capacity": -1}),
+        lambda: ClientConfig(**base, breaker=BreakerConfig(failure_threshold=0)),
+        lambda: ClientConfig(**base, retry=RetryPolicy(max_attempts=0)),
+        lambda: ClientConfig(**{**base, "client_key": "k.pem"}),
+    ]
+    for build in nonsense:
         with pytest.raises(ValueError):
-            ClientConfig(**{**base, **bad})  # type: ignore[arg-type]
+            build()
     assert "secret" not in repr(ClientConfig(**base, token="secret"))  # type: ignore[arg-type]
 
 
@@ -636,21 +607,6 @@ def test_tls_context_uses_the_ca_file_and_client_certificate(tmp_path: Path) -> 
         build_ssl_context(missing)
 
 
-async def test_transport_errors_become_ours(make_client: MakeClient) -> None:
-    """Whatever httpx raises, the client only ever sees its own error tree."""
-
-    def broken(request: httpx.Request) -> httpx.Response:
-        raise httpx.RemoteProtocolError("garbled", request=request)
-
-    client = make_client(transport=httpx.MockTransport(broken), retry_max_attempts=1)
-    with pytest.raises(ConnectFailed) as caught:
-        # The one translation point, called directly to see the exception itself.
-        await client._call(
-            Operation.REQUEST, "POST", "/api/v1/workers/w1/streams/request", StreamsRequestAnswer
-        )
-    assert isinstance(caught.value.__cause__, httpx.RemoteProtocolError)
-
-
 async def test_a_restart_during_an_outage_probes_at_the_orchestrators_pace(
     make_client: MakeClient, orchestrator: FakeOrchestrator
 ) -> None:
@@ -691,37 +647,33 @@ async def test_a_state_file_without_timing_keeps_the_defaults(
 
 
 async def test_a_request_right_after_registering_hears_what_the_balancer_already_gave(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """The orchestrator's balancer runs on every join and may give a new worker its share
     before the worker asks: the request then comes back short, and the worker would only
     hear of its streams at the next heartbeat. Seed 001's flow is register, then request:
     the request asks with a heartbeat once, and answers with what that brought."""
-    client = make_client()
-    await client.register()
     orchestrator.reassign(4, to="w1")  # the balancer, between register and request
     orchestrator.reassign(5, to="w1")
     orchestrator.reassign(6, to="w1")
-    assert sorted(await client.request_streams()) == [4, 5, 6]
-    assert set(client.assignments()) == {4, 5, 6}
+    assert sorted(await registered_client.request_streams()) == [4, 5, 6]
+    assert set(registered_client.assignments()) == {4, 5, 6}
     assert len(orchestrator.calls("/heartbeat")) == 1
     # Once per registration: later short requests do not beat.
-    await client.release_streams([6])
+    await registered_client.release_streams([6])
     orchestrator.reassign(7, to="w1")
-    assert await client.request_streams(1) == []
+    assert await registered_client.request_streams(1) == []
     assert len(orchestrator.calls("/heartbeat")) == 1
 
 
 async def test_shutdown_after_a_failed_leave_does_not_wait_for_a_second(
-    make_client: MakeClient, orchestrator: FakeOrchestrator
+    registered_client: ResilientWorkerClient, orchestrator: FakeOrchestrator
 ) -> None:
     """The runtime leaves first (to log what went), then shuts the client down: against an
     unreachable orchestrator that must not try (and wait out) the leave twice."""
-    client = make_client()
-    await client.register()
     orchestrator.down = True
-    assert await client.leave() == []
+    assert await registered_client.leave() == []
     leaves = len([r for r in orchestrator.requests if r.method == "DELETE"])
     assert leaves >= 1
-    await client.shutdown(leave=False)
+    await registered_client.shutdown(leave=False)
     assert len([r for r in orchestrator.requests if r.method == "DELETE"]) == leaves

@@ -11,7 +11,7 @@ import pytest
 
 from devkit.clock import FakeClock
 from tests.utils.harness import WORKER_TOKEN, Harness, running
-from tests.worker.conftest import FakeTime, MakeClient
+from tests.worker.conftest import MakeClient
 from worker.client import ResilientWorkerClient
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -108,7 +108,7 @@ async def test_seed_flow_hears_of_streams_the_balancer_gave_before_the_request(
 
 
 async def test_an_outage_within_the_lease_changes_no_owner(
-    h: Harness, clock: FakeClock, fake_time: FakeTime, connect: MakeClient, switch: Switch
+    h: Harness, clock: FakeClock, fake_time: FakeClock, connect: MakeClient, switch: Switch
 ) -> None:
     """Back before the lease ends, reconcile keeps every stream under the same token."""
     await h.create_streams(3)
@@ -128,7 +128,7 @@ async def test_an_outage_within_the_lease_changes_no_owner(
 
 
 async def test_a_lease_lost_while_away_ends_in_the_owner_winning(
-    h: Harness, clock: FakeClock, fake_time: FakeTime, connect: MakeClient, switch: Switch
+    h: Harness, clock: FakeClock, fake_time: FakeClock, connect: MakeClient, switch: Switch
 ) -> None:
     """STALE_EPOCH after the outage: re-register presenting held; reassigned streams are
     dropped, the one left unowned comes back under a new token."""
@@ -174,7 +174,7 @@ async def test_a_lost_answer_assigns_nothing_twice(
 
 
 async def test_a_restart_during_an_outage_keeps_every_stream(
-    h: Harness, fake_time: FakeTime, connect: MakeClient, switch: Switch
+    h: Harness, fake_time: FakeClock, connect: MakeClient, switch: Switch
 ) -> None:
     """A worker restarted while the orchestrator is away resumes from its file and keeps all."""
     await h.create_streams(2)

@@ -192,6 +192,6 @@ def test_client_config_carries_every_client_setting(tmp_path: Path) -> None:
     assert (config.worker_id, config.capacity, config.token) == ("w7", 4, "cluster-token")
     assert Path(str(config.state_dir)) == tmp_path
     assert config.labels == {"zone": "eu"}
-    assert config.circuit_recovery_timeout == 0.25
-    assert config.retry_max_attempts == 5
+    assert config.breaker.recovery_timeout == 0.25
+    assert config.retry.max_attempts == 5
     assert config.request_timeout == 2.5

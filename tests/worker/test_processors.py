@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker.doubles import FakeClient, assignment, eventually
+from tests.worker.doubles import FakeClient, RuntimeClock, assignment, eventually
 from worker.processors import (
     CallableProcessor,
     CommandProcessor,
@@ -219,12 +219,7 @@ async def test_failing_command_is_restarted_with_backoff_and_reported(tmp_path: 
     runs = tmp_path / "runs"
     processor = CommandProcessor(f"echo run >> {runs}; echo 'cannot open stream' >&2; exit 1")
     client = FakeClient(capacity=1, pool=[assignment(11)], quarantine_after=4)
-    delays: list[float] = []
-
-    async def sleep(delay: float) -> None:
-        delays.append(delay)
-        await asyncio.sleep(0.01)
-
+    clock = RuntimeClock(pause=0.01)
     runtime = Runtime(
         client,
         processor,
@@ -232,8 +227,7 @@ async def test_failing_command_is_restarted_with_backoff_and_reported(tmp_path: 
         capacity=1,
         restart_base=0.01,
         restart_max=0.04,
-        sleep=sleep,
-        rand=lambda: 1.0,
+        clock=clock,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(runtime.run(stop))
@@ -243,7 +237,7 @@ async def test_failing_command_is_restarted_with_backoff_and_reported(tmp_path: 
         stop.set()
         await asyncio.wait_for(task, 10)
     assert runs.read_text().count("run") == 4
-    assert delays == [0.01, 0.02, 0.04]
+    assert clock.delays == [0.01, 0.02, 0.04]
     assert (
         client.failures[11]
         == ["ProcessorError: command exited with status 1: cannot open stream"] * 4

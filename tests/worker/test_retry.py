@@ -7,7 +7,8 @@ from email.utils import formatdate
 
 import pytest
 
-from tests.worker.conftest import FakeTime
+from devkit.clock import FakeClock
+from tests.worker.conftest import START, WALL_OFFSET
 from worker.errors import (
     CircuitOpenError,
     ConnectFailed,
@@ -41,13 +42,17 @@ class Flaky:
         return "ok"
 
 
-async def run(attempt: Flaky, fake_time: FakeTime, policy: RetryPolicy, **kwargs: object) -> str:
+@pytest.fixture
+def fake_time() -> FakeClock:
+    """The worker tests' clock, drawing jitter from Random(1) as these tests expect."""
+    return FakeClock(START, wall_offset=WALL_OFFSET, seed=1)
+
+
+async def run(attempt: Flaky, fake_time: FakeClock, policy: RetryPolicy, **kwargs: object) -> str:
     return await call_with_retry(
         attempt,
         policy=policy,
-        clock=fake_time.monotonic,
-        sleep=fake_time.sleep,
-        rand=random.Random(1),
+        clock=fake_time,
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -71,7 +76,7 @@ def test_backoff_stays_within_its_ceiling_and_survives_huge_exponents() -> None:
     assert 0 <= policy.backoff(5000, rand) <= 4.0
 
 
-async def test_retries_transient_failures_then_succeeds(fake_time: FakeTime) -> None:
+async def test_retries_transient_failures_then_succeeds(fake_time: FakeClock) -> None:
     """Two connection failures, then success: two backoff sleeps, three attempts."""
     attempt = Flaky(ConnectFailed("down"), ServerError("oops", status=502))
     result = await run(attempt, fake_time, RetryPolicy(max_attempts=3, base_delay=1.0))
@@ -81,7 +86,7 @@ async def test_retries_transient_failures_then_succeeds(fake_time: FakeTime) -> 
     assert fake_time.sleeps == [rand.uniform(0, 1.0), rand.uniform(0, 2.0)]
 
 
-async def test_gives_up_after_max_attempts_with_the_last_error(fake_time: FakeTime) -> None:
+async def test_gives_up_after_max_attempts_with_the_last_error(fake_time: FakeClock) -> None:
     """max_attempts bounds the attempts; the last error comes out unchanged."""
     last = ConnectFailed("still down")
     attempt = Flaky(ConnectFailed("down"), ConnectFailed("down"), last)
@@ -99,7 +104,7 @@ async def test_gives_up_after_max_attempts_with_the_last_error(fake_time: FakeTi
     ],
 )
 async def test_rejections_and_an_open_breaker_are_not_retried(
-    fake_time: FakeTime, error: OrchestratorError
+    fake_time: FakeClock, error: OrchestratorError
 ) -> None:
     """Our own bad request and an open breaker fail at once."""
     attempt = Flaky(error)
@@ -109,7 +114,7 @@ async def test_rejections_and_an_open_breaker_are_not_retried(
     assert fake_time.sleeps == []
 
 
-async def test_retry_after_replaces_the_backoff_and_is_capped(fake_time: FakeTime) -> None:
+async def test_retry_after_replaces_the_backoff_and_is_capped(fake_time: FakeClock) -> None:
     """The orchestrator's Retry-After is the wait, cut to max_retry_after."""
     attempt = Flaky(RateLimited("slow down", retry_after=4.0), RateLimited("x", retry_after=50.0))
     policy = RetryPolicy(max_attempts=3, deadline=100, max_retry_after=10)
@@ -117,7 +122,7 @@ async def test_retry_after_replaces_the_backoff_and_is_capped(fake_time: FakeTim
     assert fake_time.sleeps == [4.0, 10.0]
 
 
-async def test_retry_after_past_the_deadline_fails_fast(fake_time: FakeTime) -> None:
+async def test_retry_after_past_the_deadline_fails_fast(fake_time: FakeClock) -> None:
     """Asked to wait beyond the deadline, the call gives up now instead of sleeping."""
     attempt = Flaky(ServerError("unavailable", status=503, retry_after=30.0))
     with pytest.raises(ServerError):
@@ -125,8 +130,9 @@ async def test_retry_after_past_the_deadline_fails_fast(fake_time: FakeTime) -> 
     assert fake_time.sleeps == []
 
 
-async def test_the_deadline_bounds_every_attempt_and_wait(fake_time: FakeTime) -> None:
+async def test_the_deadline_bounds_every_attempt_and_wait() -> None:
     """Each attempt gets what is left of the deadline; a wait past it ends the call."""
+    fake_time = FakeClock(START, wall_offset=WALL_OFFSET, seed=5)
     policy = RetryPolicy(max_attempts=10, base_delay=4.0, max_delay=4.0, exp_base=1.0, deadline=10)
     attempt = Flaky(*[ConnectFailed("down") for _ in range(10)])
 
@@ -138,9 +144,7 @@ async def test_the_deadline_bounds_every_attempt_and_wait(fake_time: FakeTime) -
         await call_with_retry(
             slow,
             policy=policy,
-            clock=fake_time.monotonic,
-            sleep=fake_time.sleep,
-            rand=random.Random(5),
+            clock=fake_time,
         )
     assert attempt.timeouts[0] == 10
     assert all(a > b for a, b in zip(attempt.timeouts, attempt.timeouts[1:], strict=False))
@@ -165,7 +169,7 @@ def test_budget_allows_retries_only_above_half() -> None:
     assert budget.tokens == 0
 
 
-async def test_an_exhausted_budget_stops_retries(fake_time: FakeTime) -> None:
+async def test_an_exhausted_budget_stops_retries(fake_time: FakeClock) -> None:
     """With the shared budget spent, a failing call is tried once."""
     budget = RetryBudget()
     for _ in range(5):
@@ -176,7 +180,7 @@ async def test_an_exhausted_budget_stops_retries(fake_time: FakeTime) -> None:
     assert len(attempt.timeouts) == 1
 
 
-async def test_on_retry_hears_each_wait(fake_time: FakeTime) -> None:
+async def test_on_retry_hears_each_wait(fake_time: FakeClock) -> None:
     """The hook gets a frozen record per retry: operation, attempt, delay, error."""
     seen: list[RetryDetails] = []
     attempt = Flaky(RateLimited("x", retry_after=2.0))
@@ -211,7 +215,9 @@ def test_parse_retry_after(header: str | None, expected: float | None) -> None:
 
 def test_policies_differ_per_operation() -> None:
     """Heartbeats give up before the next beat; register tries hardest; leave is short."""
-    policies = default_policies(max_attempts=3, heartbeat_interval=5.0, request_timeout=10)
+    policies = default_policies(
+        RetryPolicy(max_attempts=3), heartbeat_interval=5.0, request_timeout=10
+    )
     assert set(policies) == set(Operation)
     beat = policies[Operation.HEARTBEAT]
     assert beat.deadline < 5.0 and beat.max_attempts <= 2

@@ -14,7 +14,7 @@ from shared.models import Assignment, utcnow
 from tests.worker.doubles import (
     FakeClient,
     Recorder,
-    RecordingSleep,
+    RuntimeClock,
     assignment,
     eventually,
     make_runtime,
@@ -204,13 +204,13 @@ async def test_failing_processor_is_reported_with_capped_backoff_until_quarantin
     """Each failure is reported; restarts back off exponentially up to the cap; no spin."""
     client = FakeClient(capacity=1, pool=[assignment(3)], quarantine_after=5)
     proc = Recorder(fail=True)
-    sleep = RecordingSleep()
-    runtime = make_runtime(client, proc, restart_base=1.0, restart_max=4.0, sleep=sleep)
+    clock = RuntimeClock()
+    runtime = make_runtime(client, proc, restart_base=1.0, restart_max=4.0, clock=clock)
     async with running(runtime):
         await eventually(lambda: runtime.counts.streams_quarantined == 1)
         assert len(client.failures[3]) == 5
         assert client.failures[3][0] == "RuntimeError: boom on 3"
-        assert sleep.delays == [1.0, 2.0, 4.0, 4.0]
+        assert clock.delays == [1.0, 2.0, 4.0, 4.0]
         assert len(proc.started) == 5
         registry = client.metrics.registry
         assert registry.get_sample_value("streamherd_worker_processor_failures_total") == 5
@@ -223,7 +223,7 @@ async def test_quarantined_stream_is_not_restarted_while_still_assigned() -> Non
         capacity=1, pool=[assignment(3)], quarantine_after=1, drop_on_quarantine=False
     )
     proc = Recorder(fail=True)
-    runtime = make_runtime(client, proc, sleep=RecordingSleep())
+    runtime = make_runtime(client, proc, clock=RuntimeClock())
     async with running(runtime):
         await eventually(lambda: runtime.counts.streams_quarantined == 1)
         beats = client.beats
@@ -238,17 +238,17 @@ async def test_processor_that_returns_is_restarted_after_base_delay_unreported()
     """A clean return is not a failure: restart after the base delay, report nothing."""
     client = FakeClient(capacity=1, pool=[assignment(4)])
     proc = Recorder(returns=True)
-    sleep = RecordingSleep()
-    runtime = make_runtime(client, proc, restart_base=0.5, sleep=sleep)
+    clock = RuntimeClock()
+    runtime = make_runtime(client, proc, restart_base=0.5, clock=clock)
     async with running(runtime):
         await eventually(lambda: len(proc.started) >= 3)
-    assert set(sleep.delays) == {0.5}
+    assert set(clock.delays) == {0.5}
     assert not client.failures
 
 
 async def test_a_long_healthy_run_forgets_earlier_failures() -> None:
     """Backoff restarts from the base after a run that lasted restart_max."""
-    now = [0.0]
+    clock = RuntimeClock(now=0.0)
     outcomes = iter([False, False, True, False, False])  # True: a long healthy run, then fail
 
     class Flaky(Recorder):
@@ -258,23 +258,20 @@ async def test_a_long_healthy_run_forgets_earlier_failures() -> None:
                 await ctx.stopping.wait()
                 return
             if len(self.started) == 3:
-                now[0] += 100.0
+                clock.now = (clock.now or 0.0) + 100.0
             raise RuntimeError("flaky")
 
     client = FakeClient(capacity=1, pool=[assignment(1)])
-    sleep = RecordingSleep()
-    runtime = make_runtime(
-        client, Flaky(), restart_base=1.0, restart_max=8.0, sleep=sleep, clock=lambda: now[0]
-    )
+    runtime = make_runtime(client, Flaky(), restart_base=1.0, restart_max=8.0, clock=clock)
     async with running(runtime):
-        await eventually(lambda: len(sleep.delays) == 5)
-    assert sleep.delays == [1.0, 2.0, 1.0, 2.0, 4.0]
+        await eventually(lambda: len(clock.delays) == 5)
+    assert clock.delays == [1.0, 2.0, 1.0, 2.0, 4.0]
 
 
 def test_backoff_jitter_stays_within_half_and_full_delay() -> None:
     """Equal jitter: between half and all of the capped exponential delay."""
-    low = Runtime(FakeClient(), Recorder(), worker_id="w", capacity=1, rand=lambda: 0.0)
-    high = Runtime(FakeClient(), Recorder(), worker_id="w", capacity=1, rand=lambda: 1.0)
+    low = Runtime(FakeClient(), Recorder(), worker_id="w", capacity=1, clock=RuntimeClock(jitter=0))
+    high = Runtime(FakeClient(), Recorder(), worker_id="w", capacity=1, clock=RuntimeClock())
     assert (low.backoff(1), high.backoff(1)) == (0.5, 1.0)
     assert (low.backoff(3), high.backoff(3)) == (2.0, 4.0)
     assert high.backoff(10_000) == 60.0
@@ -470,19 +467,19 @@ async def test_second_signal_exits_at_once_and_takes_the_programs_along(tmp_path
 async def test_a_heartbeat_hint_brings_the_next_beat_forward() -> None:
     """An answer's ``next_heartbeat_in_s`` (a failover is about to free streams) adds one
     beat that much later (plus a little spread); the regular beats keep their phase."""
-    now = [1000.0]
+    clock = RuntimeClock(now=1000.0)
     client = FakeClient(capacity=1, heartbeat_interval_s=60.0)
-    runtime = make_runtime(client, Recorder(), clock=lambda: now[0])
+    runtime = make_runtime(client, Recorder(), clock=clock)
     async with running(runtime):
         await eventually(lambda: "request:1" in client.calls)  # started
         client.hints = [0.5]
-        now[0] += 60.0
+        clock.now += 60.0
         runtime._wake.set()
         await eventually(lambda: client.beats == 1)
-        now[0] += 0.5 + HINT_SPREAD_S  # the hint (+ spread, rand() is 1 here), not 60 s
+        clock.now += 0.5 + HINT_SPREAD_S  # the hint (+ spread, rand() is 1 here), not 60 s
         runtime._wake.set()
         await eventually(lambda: client.beats == 2)
-        now[0] = 1000.0 + 60.0 + 60.0  # the regular beats keep their phase: 60 s after the first
+        clock.now = 1000.0 + 60.0 + 60.0  # the regular beats keep their phase: 60 s after the first
         runtime._wake.set()
         await eventually(lambda: client.beats == 3)
 
@@ -491,16 +488,16 @@ async def test_a_beat_that_learns_a_shorter_interval_beats_again_by_it() -> None
     """A worker that comes back (registers during a beat) and learns a shorter interval
     than the one its next beat was planned with beats by the new one: planned with the old,
     the next beat would come after the fresh lease had run out."""
-    now = [1000.0]
+    clock = RuntimeClock(now=1000.0)
     client = FakeClient(capacity=1, heartbeat_interval_s=5.0)
-    runtime = make_runtime(client, Recorder(), clock=lambda: now[0])
+    runtime = make_runtime(client, Recorder(), clock=clock)
     async with running(runtime):
         await eventually(lambda: "request:1" in client.calls)  # started
         client.interval_on_register = 1.0
-        now[0] += 5.0
+        clock.now += 5.0
         runtime._wake.set()
         await eventually(lambda: client.beats == 1)
         assert client.heartbeat_interval_s == 1.0
-        now[0] += 1.0  # the new interval, not the 5 s the beat was planned with
+        clock.now += 1.0  # the new interval, not the 5 s the beat was planned with
         runtime._wake.set()
         await eventually(lambda: client.beats == 2)

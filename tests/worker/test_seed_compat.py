@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.worker.conftest import CLUSTER_TOKEN, ORCH_URL, FakeOrchestrator, FakeTime
+from devkit.clock import FakeClock
+from devkit.fake_orchestrator import CLUSTER_TOKEN, ORCH_URL, FakeOrchestrator
+from tests.worker.conftest import START, WALL_OFFSET
 from worker import create_resilient_worker_client
+from worker.breaker import BreakerConfig
 from worker.client import ResilientWorkerClient
+from worker.retry import RetryPolicy
 
 SEED_METRICS = {
     "total_requests",
@@ -23,8 +26,14 @@ SEED_METRICS = {
 }
 
 
+@pytest.fixture
+def fake_time() -> FakeClock:
+    """The worker tests' clock, drawing jitter from Random(1)."""
+    return FakeClock(START, wall_offset=WALL_OFFSET, seed=1)
+
+
 def seed_client(
-    orchestrator: FakeOrchestrator, fake_time: FakeTime, state_dir: Path
+    orchestrator: FakeOrchestrator, fake_time: FakeClock, state_dir: Path
 ) -> ResilientWorkerClient:
     """The factory call of seed 001's fingerv7.py, plus the test seams and our token/state_dir."""
     return create_resilient_worker_client(
@@ -38,10 +47,7 @@ def seed_client(
         token=CLUSTER_TOKEN,
         state_dir=state_dir,
         transport=httpx.MockTransport(orchestrator),
-        clock=fake_time.monotonic,
-        wall_clock=fake_time.wall,
-        sleep=fake_time.sleep,
-        rand=random.Random(1),
+        clock=fake_time,
     )
 
 
@@ -86,8 +92,37 @@ async def test_the_seed_factory_call_works_as_written() -> None:
     await client.aclose()
 
 
+async def test_the_seed_keywords_land_in_the_breaker_and_retry_configs() -> None:
+    """The seed's flat keywords (and the other breaker/retry ones) fill BreakerConfig and
+    RetryPolicy; unset ones keep their defaults; nonsense is refused as before."""
+    client = create_resilient_worker_client(
+        orchestrator_url="http://orchestrator:8001",
+        server_id="worker-prod-01",
+        max_streams=50,
+        circuit_failure_threshold=3,
+        circuit_recovery_timeout=30,
+        circuit_success_threshold=2,
+        retry_max_attempts=5,
+        retry_base_delay=0.5,
+        retry_max_delay=9.0,
+        request_timeout=4.0,
+    )
+    config = client.config
+    assert config.breaker == BreakerConfig(
+        failure_threshold=3, recovery_timeout=30.0, success_threshold=2
+    )
+    assert isinstance(config.breaker.recovery_timeout, float)
+    assert config.retry == RetryPolicy(max_attempts=5, base_delay=0.5, max_delay=9.0)
+    assert config.request_timeout == 4.0
+    await client.aclose()
+    with pytest.raises(ValueError):
+        create_resilient_worker_client(
+            orchestrator_url="http://o", server_id="w", max_streams=1, circuit_failure_threshold=0
+        )
+
+
 async def test_the_seed_flow_against_a_live_orchestrator(
-    orchestrator: FakeOrchestrator, fake_time: FakeTime, tmp_path: Path
+    orchestrator: FakeOrchestrator, fake_time: FakeClock, tmp_path: Path
 ) -> None:
     """register → request → process → heartbeat → health → release → shutdown, all succeed."""
     client = seed_client(orchestrator, fake_time, tmp_path)
@@ -112,7 +147,7 @@ async def test_the_seed_flow_against_a_live_orchestrator(
 
 
 async def test_the_seed_flow_with_the_orchestrator_unreachable(
-    orchestrator: FakeOrchestrator, fake_time: FakeTime, tmp_path: Path
+    orchestrator: FakeOrchestrator, fake_time: FakeClock, tmp_path: Path
 ) -> None:
     """The same calls with nobody answering: no exception, honest answers, local mode."""
     orchestrator.down = True
@@ -134,7 +169,7 @@ async def test_the_seed_flow_with_the_orchestrator_unreachable(
 
 @pytest.mark.parametrize("kind", ["refused", "timeout", "500", "garbage"])
 async def test_no_seed_call_raises_whatever_the_orchestrator_does(
-    fake_time: FakeTime, tmp_path: Path, kind: str
+    fake_time: FakeClock, tmp_path: Path, kind: str
 ) -> None:
     """Refused connections, timeouts, 5xx and nonsense bodies all end in False/[]/None."""
 
@@ -154,9 +189,7 @@ async def test_no_seed_call_raises_whatever_the_orchestrator_does(
         token=CLUSTER_TOKEN,
         state_dir=tmp_path,
         transport=httpx.MockTransport(handler),
-        clock=fake_time.monotonic,
-        wall_clock=fake_time.wall,
-        sleep=fake_time.sleep,
+        clock=fake_time,
     )
     assert await client.register() is False
     assert await client.send_heartbeat() is False

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from devkit.clock import FakeClock
 from shared.models import Assignment, HistoryEntry
 from tests.worker.conftest import WALL_OFFSET
 from worker.state import LocalState, StateStore
@@ -42,7 +43,7 @@ def sample_state() -> LocalState:
 
 
 def store(tmp_path: Path, worker_id: str = "w1") -> StateStore:
-    return StateStore(tmp_path / "state", worker_id, wall_clock=lambda: WALL_OFFSET)
+    return StateStore(tmp_path / "state", worker_id, clock=FakeClock(0.0, wall_offset=WALL_OFFSET))
 
 
 async def test_saved_state_loads_back_unchanged(tmp_path: Path) -> None:
