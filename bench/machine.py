@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.procs import REPO_ROOT
+from devkit.procs import REPO_ROOT
 
 
 def cpu_model() -> str:

@@ -301,7 +301,7 @@ def _noop() -> int:
 
 def _die_with_parent() -> None:
     """A load process must not outlive a benchmark that was killed."""
-    from bench.procs import _die_with_parent as arrange
+    from devkit.procs import _die_with_parent as arrange
 
     arrange()
 

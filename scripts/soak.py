@@ -56,7 +56,7 @@ async def soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     databases: Any = None
     database_url: str | None = None
     if args.replicas > 1:
-        from tests.utils.pg import PgDatabases
+        from devkit.pg import PgDatabases
 
         databases = PgDatabases()
         database_url = await asyncio.to_thread(databases.new)

@@ -21,9 +21,9 @@ import httpx
 import pytest
 import yaml
 
+from devkit.pg import PgDatabases
+from devkit.procs import free_port
 from orchestrator.config import Settings
-from tests.utils.pg import PgDatabases
-from tests.utils.processes import free_port
 from worker.config import WorkerSettings
 
 pytestmark = pytest.mark.e2e

@@ -16,9 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.utils.processes import OrchestratorProcess, astart_orchestrator
+from devkit.procs import (
+    OrchestratorProcess,
+    Process,
+    astart_orchestrator,
+    process_alive,
+    worker_env,
+)
 from tests.worker.doubles import eventually
-from tests.worker.processes import Process, process_alive, worker_env
 
 pytestmark = pytest.mark.e2e
 

@@ -23,17 +23,17 @@ from typing import Any, BinaryIO
 
 import httpx
 
-from tests.faults.invariants import InvariantChecker, WorkerInfo
-from tests.faults.netns import Namespace
-from tests.faults.probe import PROBE_DIR_ENV
-from tests.faults.proxy import TcpProxy
-from tests.utils.poll import eventually
-from tests.utils.processes import (
+from devkit.poll import eventually
+from devkit.procs import (
     REPO_ROOT,
     OrchestratorProcess,
     astart_orchestrator,
     free_port,
 )
+from tests.faults.invariants import InvariantChecker, WorkerInfo
+from tests.faults.netns import Namespace
+from tests.faults.probe import PROBE_DIR_ENV
+from tests.faults.proxy import TcpProxy
 
 API = "/api/v1"
 ADMIN_TOKEN = "faults-admin-token-0123"

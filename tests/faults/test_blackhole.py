@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from devkit.poll import eventually
 from tests.faults.cluster import Timing, WorkerNode
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

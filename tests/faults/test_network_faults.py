@@ -12,12 +12,12 @@ import asyncio
 
 import pytest
 
+from devkit.poll import eventually
 from tests.faults import netns
 from tests.faults.cluster import Cluster, Timing, WorkerNode
 from tests.faults.conftest import MakeCluster
 from tests.faults.probe import read_running
 from tests.faults.proxy import LinkShape, TcpProxy
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

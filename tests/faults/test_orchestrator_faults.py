@@ -10,10 +10,10 @@ import signal
 import httpx
 import pytest
 
+from devkit.poll import eventually
 from tests.faults.cluster import Cluster, Timing
 from tests.faults.conftest import MakeCluster
 from tests.faults.probe import read_running
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -10,10 +10,10 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devkit.pg import PgDatabases
+from devkit.poll import eventually
 from tests.faults.cluster import Cluster, OrchestratorNode
 from tests.faults.conftest import MakeCluster
-from tests.utils.pg import PgDatabases
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.postgres]
 

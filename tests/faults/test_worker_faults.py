@@ -10,9 +10,9 @@ import asyncio
 
 import pytest
 
+from devkit.poll import eventually
 from tests.faults.cluster import Cluster, Timing
 from tests.faults.conftest import MakeCluster
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

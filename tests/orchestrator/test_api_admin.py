@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.clock import FakeClock
-from tests.utils.harness import (
+from devkit.harness import (
     ADMIN,
     API,
     CLUSTER,

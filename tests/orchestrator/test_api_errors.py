@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devkit.clock import FakeClock
+from devkit.harness import ADMIN, CLUSTER, WORKER_TOKEN, Harness, Session, running
 from shared.errors import STATUS_BY_CODE, ErrorCode
-from tests.utils.harness import ADMIN, CLUSTER, WORKER_TOKEN, Harness, Session, running
 
 API = "/api/v1"
 JSON = {"content-type": "application/json"}

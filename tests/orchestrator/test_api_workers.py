@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from devkit.clock import FakeClock
-from tests.utils.harness import (
+from devkit.harness import (
     ADMIN,
     API,
     CLUSTER,
