@@ -671,6 +671,11 @@ class Process:
         assert code is not None
         return code
 
+    async def terminate(self, timeout: float = 20) -> int:
+        """A graceful stop: SIGTERM to the child alone, then its exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.wait(timeout)
+
     async def kill(self) -> None:
         """SIGKILL its group if still running, then reap."""
         await self.child.akill()
