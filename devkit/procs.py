@@ -148,6 +148,7 @@ class ChildProcess:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    cwd: Path = REPO_ROOT
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -166,7 +167,7 @@ class ChildProcess:
         try:
             self.process = subprocess.Popen(
                 self.argv,
-                cwd=REPO_ROOT,
+                cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
