@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from devkit.faults.cluster import Timing, WorkerNode
 from devkit.poll import eventually
-from tests.faults.cluster import Timing, WorkerNode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

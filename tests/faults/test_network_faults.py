@@ -12,12 +12,12 @@ import asyncio
 
 import pytest
 
+from devkit.faults import netns
+from devkit.faults.cluster import Cluster, Timing, WorkerNode
+from devkit.faults.probe import read_running
+from devkit.faults.proxy import LinkShape, TcpProxy
 from devkit.poll import eventually
-from tests.faults import netns
-from tests.faults.cluster import Cluster, Timing, WorkerNode
 from tests.faults.conftest import MakeCluster
-from tests.faults.probe import read_running
-from tests.faults.proxy import LinkShape, TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -10,10 +10,10 @@ import signal
 import httpx
 import pytest
 
+from devkit.faults.cluster import Cluster, Timing
+from devkit.faults.probe import read_running
 from devkit.poll import eventually
-from tests.faults.cluster import Cluster, Timing
 from tests.faults.conftest import MakeCluster
-from tests.faults.probe import read_running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

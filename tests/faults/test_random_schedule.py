@@ -12,9 +12,9 @@ import asyncio
 
 import pytest
 
-from tests.faults import chaos
+from devkit.faults import chaos
+from devkit.faults.netns import NetLab
 from tests.faults.conftest import MakeCluster
-from tests.faults.netns import NetLab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

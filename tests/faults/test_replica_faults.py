@@ -10,9 +10,9 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devkit.faults.cluster import Cluster, OrchestratorNode
 from devkit.pg import PgDatabases
 from devkit.poll import eventually
-from tests.faults.cluster import Cluster, OrchestratorNode
 from tests.faults.conftest import MakeCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.postgres]

@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
+from devkit.faults.cluster import Cluster, Timing
 from devkit.poll import eventually
-from tests.faults.cluster import Cluster, Timing
 from tests.faults.conftest import MakeCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]

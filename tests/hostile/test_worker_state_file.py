@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from devkit.faults.cluster import Cluster, Timing, WorkerNode
 from devkit.poll import eventually
-from tests.faults.cluster import Cluster, Timing, WorkerNode
 
 pytestmark = [pytest.mark.e2e]
 

@@ -2,7 +2,7 @@
 
 It polls ``GET /api/v1/streams`` and ``/workers`` through every orchestrator replica, each
 live worker's ``/health``, and what each worker's processors really run (the probe files
-of ``tests.faults.probe``). Every snapshot is held against the safety rules:
+of ``devkit.faults.probe``). Every snapshot is held against the safety rules:
 
 - no stream owned twice: within one snapshot by construction (one owner column), and
   across replicas: owners read through replica A, then B, then A again must agree
@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from tests.faults.probe import read_journal, read_running
+from devkit.faults.probe import read_journal, read_running
 
 API = "/api/v1"
 READ_TIMEOUT_S = 3.0

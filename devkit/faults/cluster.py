@@ -2,7 +2,7 @@
 
 ``Cluster`` starts ``python -m orchestrator`` replicas (a SQLite file or a PostgreSQL
 database), real ``python -m worker`` processes running the probe processor, optionally
-each in its own network namespace (``tests.faults.netns``), and wires the invariant checker
+each in its own network namespace (``devkit.faults.netns``), and wires the invariant checker
 to them. Every process is started in its own session and killed on ``close()``, whatever
 happened. Times are shrunk (heartbeat 0.3 s, lease 1.5 s, reaper 0.2 s) so a fault and the
 recovery from it take a second or two.
@@ -23,6 +23,10 @@ from typing import Any
 
 import httpx
 
+from devkit.faults.invariants import InvariantChecker, WorkerInfo
+from devkit.faults.netns import Namespace
+from devkit.faults.probe import PROBE_DIR_ENV
+from devkit.faults.proxy import TcpProxy
 from devkit.poll import eventually
 from devkit.procs import (
     ChildProcess,
@@ -31,15 +35,11 @@ from devkit.procs import (
     child_env,
     free_port,
 )
-from tests.faults.invariants import InvariantChecker, WorkerInfo
-from tests.faults.netns import Namespace
-from tests.faults.probe import PROBE_DIR_ENV
-from tests.faults.proxy import TcpProxy
 
 API = "/api/v1"
 ADMIN_TOKEN = "faults-admin-token-0123"
 WORKER_TOKEN = "faults-worker-token-0123"
-PROBE_PROCESSOR = "module:tests.faults.probe:run"
+PROBE_PROCESSOR = "module:devkit.faults.probe:run"
 WORKER_START_TIMEOUT_S = 40.0
 NS_HEALTH_PORT = 18081
 
