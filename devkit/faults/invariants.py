@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,6 +304,18 @@ class InvariantChecker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every_s):
                     await stop.wait()
+
+    @contextlib.asynccontextmanager
+    async def watching(self, *, every_s: float = 0.25) -> AsyncIterator[InvariantChecker]:
+        """Snapshots in a background task for as long as the block runs; the task is stopped
+        and awaited however the block ends (``assert_clean()`` afterwards)."""
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(self.run(stop, every_s=every_s))
+        try:
+            yield self
+        finally:
+            stop.set()
+            await watcher
 
     # --- liveness, once faults stop --------------------------------------------------
 

@@ -69,6 +69,14 @@ async def leave(h: Harness, s: Session, *, key: str | None = None) -> httpx.Resp
     return await h.client.delete(f"{API}/workers/{s.worker_id}", headers=headers)
 
 
+async def one_granted_stream(h: Harness) -> tuple[Session, int, int]:
+    """One stream, granted to w1 (capacity 1): w1's session, the stream and its token."""
+    await h.create_streams(1)
+    s = await h.register("w1", capacity=1)
+    ((sid, token),) = ((a["stream_id"], a["token"]) for a in await h.grant_streams(s, 1))
+    return s, sid, token
+
+
 async def owned_by(h: Harness, worker_id: str) -> list[int]:
     return sorted(sid for sid, owner in (await h.owners()).items() if owner == worker_id)
 
@@ -587,9 +595,7 @@ async def test_failures_quarantine_a_stream_after_the_threshold(
 ) -> None:
     """The third failure (quarantine_after=3) quarantines and unassigns the stream."""
     async with running(db_url, clock, quarantine_after=3) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await h.grant_streams(s, 1))
+        s, sid, token = await one_granted_stream(h)
         answers = [(await fail(h, s, sid, token)).json() for _ in range(3)]
         assert answers == [
             {"failures": 1, "quarantined": False},
@@ -609,9 +615,7 @@ async def test_quarantined_stream_is_not_handed_out_until_reenabled(
 ) -> None:
     """Neither request nor the reaper hands it out; PATCH status active makes it eligible."""
     async with running(db_url, clock, quarantine_after=3) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await h.grant_streams(s, 1))
+        s, sid, token = await one_granted_stream(h)
         for _ in range(3):
             assert (await fail(h, s, sid, token)).status_code == 200
         assert await h.grant_streams(s, 1) == []
@@ -627,9 +631,7 @@ async def test_quarantined_stream_is_not_handed_out_until_reenabled(
 async def test_failures_outside_the_window_do_not_count(db_url: str, clock: FakeClock) -> None:
     """Only failures within quarantine_window_s count toward quarantine."""
     async with running(db_url, clock, quarantine_after=3, quarantine_window_s=10.0) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await h.grant_streams(s, 1))
+        s, sid, token = await one_granted_stream(h)
         for _ in range(2):
             assert (await fail(h, s, sid, token)).status_code == 200
         clock.advance(11.0)
@@ -642,9 +644,7 @@ async def test_failure_report_replayed_with_its_key_counts_once(
 ) -> None:
     """A retried failure report with the same key is not counted twice."""
     async with running(db_url, clock, quarantine_after=3) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await h.grant_streams(s, 1))
+        s, sid, token = await one_granted_stream(h)
         first = await fail(h, s, sid, token, key="f-1")
         again = await fail(h, s, sid, token, key="f-1")
         assert first.json() == again.json() == {"failures": 1, "quarantined": False}
@@ -654,9 +654,7 @@ async def test_failure_report_replayed_with_its_key_counts_once(
 async def test_failure_with_a_stale_token_conflicts(db_url: str, clock: FakeClock) -> None:
     """A failure report with a token that is not the current one is 409 CONFLICT."""
     async with running(db_url, clock) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await h.grant_streams(s, 1))
+        s, sid, token = await one_granted_stream(h)
         assert_error(await fail(h, s, sid, token + 1), 409, "CONFLICT")
         assert_error(await fail(h, s, sid, token - 1), 409, "CONFLICT")
 
