@@ -79,8 +79,9 @@ def _load_prctl() -> Callable[[int, int], int] | None:
 _PRCTL = _load_prctl()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the thread that spawned it goes away.
+def die_with_parent() -> None:
+    """In a child (before exec, or as a pool initializer): SIGTERM when the thread that
+    spawned it goes away.
 
     A run killed outright (SIGKILL, a test timeout that exits) must not leave orchestrators
     and workers running in their own sessions.
@@ -175,7 +176,7 @@ class ChildProcess:
                 # Its own session: a signal meant for it never reaches us, and its group
                 # can be signalled as a whole.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if _PRCTL is not None else None,
+                preexec_fn=die_with_parent if _PRCTL is not None else None,
             )
         except BaseException:
             log.close()
