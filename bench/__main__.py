@@ -24,10 +24,10 @@ from pathlib import Path
 
 from bench import assignment, client_overhead, failover, growth, heartbeat, machine, outage
 from bench.context import FULL, SIZES, Context, Sizes
-from bench.pg import ScratchDatabases, admin_url, server_version
-from bench.procs import REPO_ROOT
 from bench.rawhttp import LoadPool
 from bench.report import Section, Table, verdict
+from devkit.pg import ScratchDatabases, bench_admin_url, server_version
+from devkit.procs import REPO_ROOT
 
 Benchmark = Callable[[Context], Awaitable[Section]]
 # In the order the issue asks for: the orchestrator alone first, then the worker.
@@ -98,7 +98,7 @@ async def run_all(
     pg_version = await server_version() if postgres else None
     pg = ScratchDatabases() if pg_version is not None else None
     if postgres and pg is None:
-        print(f"bench: PostgreSQL at {admin_url()} is not reachable; SQLite only", flush=True)
+        print(f"bench: PostgreSQL at {bench_admin_url()} is not reachable; SQLite only", flush=True)
     sections: list[Section] = []
     limit = ISSUE_BENCHMARK_LIMIT_S if sizes.name == "issue" else BENCHMARK_LIMIT_S
     with LoadPool(load_processes) as pool:

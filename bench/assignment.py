@@ -21,9 +21,9 @@ import httpx
 
 from bench import pg
 from bench.context import Context
-from bench.procs import Orchestrator
 from bench.report import Section, Table, fmt
 from bench.sim import Beater, Cluster, SimWorker, balanced, wait_until
+from devkit.procs import OrchestratorProcess
 
 GOAL_MOVES_RATIO = 1.05
 ISSUE_STREAMS = 100_000
@@ -187,7 +187,7 @@ async def scale(ctx: Context, database: str) -> ScaleFigures:
     ctx.say(f"assignment: bare insert reference ({database})")
     f.bare_insert_s = await bare_insert_seconds(ctx, database, s.asg_streams)
     url = await ctx.database_url(database, f"assignment-{database}")
-    orch = Orchestrator.create(
+    orch = OrchestratorProcess.create(
         ctx.workdir,
         {
             "ORCH_DATABASE_URL": url,
@@ -379,7 +379,7 @@ async def replica_throughput(ctx: Context, replicas: int) -> tuple[float, float,
     url = await ctx.pg.new()
     settings = {"ORCH_DATABASE_URL": url, "ORCH_LOG_LEVEL": "WARNING"}
     orchs = [
-        Orchestrator.create(ctx.workdir, settings, name=f"replica{replicas}-{i}")
+        OrchestratorProcess.create(ctx.workdir, settings, name=f"replica{replicas}-{i}")
         for i in range(replicas)
     ]
     try:

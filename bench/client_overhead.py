@@ -33,8 +33,8 @@ from typing import Any
 import httpx
 
 from bench.context import Context
-from bench.procs import ADMIN_TOKEN, WORKER_TOKEN
 from bench.report import Section, Table, fmt
+from devkit.procs import ADMIN_TOKEN, WORKER_TOKEN
 
 Call = Callable[[], Awaitable[Any]]
 Transport = Callable[[], httpx.AsyncBaseTransport]

@@ -7,8 +7,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.pg import ScratchDatabases
 from bench.rawhttp import LoadPool
+from devkit.pg import ScratchDatabases
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 
 from bench.probe import PROBE_DIR_ENV, PROBE_INTERVAL_ENV, PROCESSOR_SPEC, read_marks
-from bench.procs import Orchestrator, Worker
 from bench.sim import Cluster, wait_until
+from devkit.procs import OrchestratorProcess, WorkerProcess
 
 PROBE_INTERVAL_S = 0.05
 
@@ -53,9 +53,9 @@ def worker_settings(breaker_recovery_s: float) -> dict[str, str]:
 @dataclass
 class Fleet:
     workdir: Path
-    orch: Orchestrator
+    orch: OrchestratorProcess
     probe_dir: Path
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[WorkerProcess] = field(default_factory=list)
     admin: Cluster | None = None
 
     @classmethod
@@ -73,7 +73,7 @@ class Fleet:
         db = workdir / f"{name}.db"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
-        orch = Orchestrator.create(
+        orch = OrchestratorProcess.create(
             workdir, orchestrator_settings(f"sqlite+aiosqlite:///{db}", timing), name=name
         )
         probe_dir = workdir / f"{name}-probe"
@@ -84,7 +84,7 @@ class Fleet:
         await fleet.admin.create_streams(streams)
         extra = {PROBE_DIR_ENV: str(probe_dir), PROBE_INTERVAL_ENV: str(PROBE_INTERVAL_S)}
         for i in range(workers):
-            w = Worker.create(
+            w = WorkerProcess.create(
                 workdir / name,
                 orch.url,
                 f"{name}-w{i}",
@@ -133,7 +133,7 @@ class Fleet:
         await wait_until(running, timeout=timeout, interval=0.1, what="every stream running")
         return owners
 
-    async def worker_health(self, w: Worker) -> dict[str, Any] | None:
+    async def worker_health(self, w: WorkerProcess) -> dict[str, Any] | None:
         async with httpx.AsyncClient(timeout=1.0) as client:
             try:
                 answer = await client.get(w.health_url)

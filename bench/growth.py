@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from bench.context import Context
 from bench.heartbeat import alternate, figures, heartbeat_requests, spread
-from bench.procs import Orchestrator
 from bench.report import Section, Table, fmt, median
 from bench.sim import Cluster, SimWorker, gather_bounded, wait_until
+from devkit.procs import OrchestratorProcess
 from orchestrator.views import DEFAULT_MAX_AGE_S
 
 REBALANCE_SAMPLES = 3
@@ -47,7 +47,7 @@ async def measure(ctx: Context, workers: int) -> GrowthRow:
     s = ctx.sizes
     k = s.growth_streams_per_worker
     url = ctx.sqlite_url(f"growth-{workers}")
-    orch = Orchestrator.create(
+    orch = OrchestratorProcess.create(
         ctx.workdir,
         {
             "ORCH_DATABASE_URL": url,

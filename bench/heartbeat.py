@@ -13,10 +13,10 @@ import asyncio
 from dataclasses import dataclass
 
 from bench.context import Context
-from bench.procs import Orchestrator
 from bench.rawhttp import LoadResult, encode_request
 from bench.report import Section, Table, fmt, median, percentile
 from bench.sim import API, Cluster, SimWorker, wait_until
+from devkit.procs import OrchestratorProcess
 
 GOAL_RATIO = 0.7
 GOAL_P99_MS = 20.0
@@ -78,7 +78,7 @@ async def populate(
 
 async def alternate(
     ctx: Context,
-    orch: Orchestrator,
+    orch: OrchestratorProcess,
     hb_connections: list[list[bytes]],
     *,
     pairs: int,
@@ -127,7 +127,7 @@ def figures(
 async def measure(ctx: Context, database: str) -> HeartbeatFigures:
     s = ctx.sizes
     url = await ctx.database_url(database, f"heartbeat-{database}")
-    orch = Orchestrator.create(
+    orch = OrchestratorProcess.create(
         ctx.workdir,
         {"ORCH_DATABASE_URL": url, "ORCH_LEASE_TTL_S": "60", "ORCH_HEARTBEAT_INTERVAL_S": "5"},
         name=f"heartbeat-{database}",

@@ -18,6 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from devkit.procs import die_with_parent
+
 DEFAULT_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 64 * 1024
 CLOSE_TIMEOUT_S = 1.0
@@ -299,13 +301,6 @@ def _noop() -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """A load process must not outlive a benchmark that was killed."""
-    from bench.procs import _die_with_parent as arrange
-
-    arrange()
-
-
 class LoadPool:
     """Warm load processes (``spawn``: nothing of the driver's event loop leaks in)."""
 
@@ -316,7 +311,7 @@ class LoadPool:
         self._pool = ProcessPoolExecutor(
             max_workers=processes,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_die_with_parent,
+            initializer=die_with_parent,  # never outlive a killed benchmark
         )
         for future in [self._pool.submit(_noop) for _ in range(processes * 2)]:
             future.result(timeout=60)

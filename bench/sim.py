@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from bench.procs import ADMIN_HEADERS, CLUSTER_HEADERS
 from bench.rawhttp import RawClient
+from devkit.procs import ADMIN_HEADERS, CLUSTER_HEADERS
 
 API = "/api/v1"
 T = TypeVar("T")

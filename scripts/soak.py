@@ -5,7 +5,7 @@
 An orchestrator on a SQLite file (or ``--replicas 2`` on a fresh PostgreSQL database from
 ``STREAMHERD_TEST_PG_URL``), workers running the probe processor, each in its own network
 namespace when this process may create them (root), and the invariant checker of
-``tests/faults`` snapshotting all along. The run is cut into rounds of ``--round-s``
+``devkit.faults`` snapshotting all along. The run is cut into rounds of ``--round-s``
 seconds: a random schedule (seed + round number), then the cluster must settle (every
 stream owned, balanced, every worker running exactly what it owns). The figures at the end
 (faults injected by kind, snapshots, checks, violations, settle times) are what
@@ -26,8 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.faults import chaos, netns
-from tests.faults.cluster import Cluster, Timing
+from devkit.faults import chaos, netns
+from devkit.faults.cluster import Cluster, Timing
 
 DEFAULT_ROUND_S = 60.0
 SETTLE_DEADLINE_S = 90.0
@@ -56,7 +56,7 @@ async def soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     databases: Any = None
     database_url: str | None = None
     if args.replicas > 1:
-        from tests.utils.pg import PgDatabases
+        from devkit.pg import PgDatabases
 
         databases = PgDatabases()
         database_url = await asyncio.to_thread(databases.new)

@@ -10,15 +10,22 @@ from pathlib import Path
 import pytest
 
 from devkit.clock import FakeClock
-from tests.utils.pg import PgDatabases, skip_or_fail, unavailable_reason
+from devkit.pg import PgDatabases, required
 
 _pg_status: dict[str, str | None] = {}
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip without PostgreSQL, or fail when the run requires it (STREAMHERD_REQUIRE_PG)."""
+    if required():
+        pytest.fail(f"{reason} (STREAMHERD_REQUIRE_PG is set)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def pg_databases() -> Iterator[PgDatabases]:
     if "reason" not in _pg_status:
-        _pg_status["reason"] = unavailable_reason()
+        _pg_status["reason"] = PgDatabases.unavailable_reason()
     reason = _pg_status["reason"]
     if reason is not None:
         skip_or_fail(reason)

@@ -16,8 +16,8 @@ import pytest
 
 from bench.__main__ import BENCHMARKS, render
 from bench.context import TOY, Context
-from bench.procs import no_orphans
 from bench.rawhttp import LoadPool
+from devkit.procs import no_orphans
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from streamherd_cli.app import Seams, app
-from tests.utils.processes import OrchestratorProcess, orchestrator_running
+from devkit.procs import OrchestratorProcess, orchestrator_running
 
 ADMIN_TOKEN = "cli-admin-token-0123456789"
 WORKER_TOKEN = "cli-worker-token-0123456789"

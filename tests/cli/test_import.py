@@ -17,7 +17,7 @@ from streamherd_cli import errors
 from streamherd_cli.app import Seams
 from streamherd_cli.rows import SOURCE_KEY
 from tests.cli.conftest import Cli
-from tests.utils.pg import PgDatabases
+from devkit.pg import PgDatabases
 
 pytestmark = pytest.mark.e2e
 

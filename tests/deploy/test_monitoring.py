@@ -22,9 +22,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.config import Settings
-from tests.utils.poll import eventually
-from tests.utils.processes import astart_orchestrator
-from tests.worker.processes import Process, worker_env
+from devkit.poll import eventually
+from devkit.procs import astart_orchestrator
+from devkit.procs import Process, worker_env
 from worker.config import WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]

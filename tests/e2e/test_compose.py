@@ -7,8 +7,6 @@ import contextlib
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import time
 import tomllib
@@ -21,9 +19,9 @@ import httpx
 import pytest
 import yaml
 
+from devkit.pg import PgDatabases
+from devkit.procs import ChildProcess, free_port
 from orchestrator.config import Settings
-from tests.utils.pg import PgDatabases
-from tests.utils.processes import free_port
 from worker.config import WorkerSettings
 
 pytestmark = pytest.mark.e2e
@@ -180,44 +178,30 @@ def test_worker_replicas_scale_with_their_own_id_and_state() -> None:
 # --- the commands, run as local processes -------------------------------------------------
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
+@dataclass(eq=False, kw_only=True)
+class Child(ChildProcess):
+    """A service's command, run as a local process from the working directory."""
 
     def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return f"--- {self.name} ---\n" + "\n".join(text.splitlines()[-lines:])
+        return f"--- {self.name} ---\n" + super().log_tail(lines)
 
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        return super().stop(timeout)
 
 
 def spawn(name: str, command: list[str], env: Mapping[str, str], workdir: Path) -> Child:
-    program = BIN / command[0]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "WORKER_"))}
     child_env.update(env)
     child_env["PYTHONUNBUFFERED"] = "1"
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [str(program), *command[1:]],
-            cwd=workdir,
-            env=child_env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Child(name, process, log_path)
+    child = Child(
+        name=name,
+        argv=[str(BIN / command[0]), *command[1:]],
+        env=child_env,
+        log_path=workdir / f"{name}.log",
+        cwd=workdir,
+    )
+    child.spawn()
+    return child
 
 
 @contextlib.contextmanager

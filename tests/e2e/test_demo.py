@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.procs import free_port
 from scripts.demo import DEFAULT_ADMIN_TOKEN, DEMO_STREAMS
-from tests.utils.processes import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -21,9 +21,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.utils.pg import PgDatabases
-from tests.utils.poll import eventually
-from tests.utils.processes import OrchestratorProcess, astart_orchestrator
+from devkit.pg import PgDatabases
+from devkit.poll import eventually
+from devkit.procs import OrchestratorProcess, astart_orchestrator
 
 pytestmark = [pytest.mark.e2e]
 

@@ -7,7 +7,6 @@ waiting is always a poll with a deadline.
 from __future__ import annotations
 
 import contextlib
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.utils.processes import OrchestratorProcess, astart_orchestrator
+from devkit.procs import (
+    OrchestratorProcess,
+    Process,
+    astart_orchestrator,
+    process_alive,
+    worker_env,
+)
 from tests.worker.doubles import eventually
-from tests.worker.processes import Process, process_alive, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -120,8 +124,7 @@ async def test_worker_fills_capacity_runs_with_tokens_and_hands_back_on_sigterm(
                 return len(owned) == 2 and all(runs_of(runs, s) == [t] for s, t in owned.items())
 
             await eventually(two_owned_and_running)
-            worker.proc.send_signal(signal.SIGTERM)
-            assert await worker.wait() == 0
+            assert await worker.terminate() == 0
             # Released by the leave, not by the lease running out.
             assert await orch.owned_by("w1") == {}
         finally:
@@ -153,8 +156,7 @@ async def test_kill_9_then_restart_within_the_lease_keeps_the_streams(tmp_path: 
             assert await orch.owned_by("w1") == before  # same owner, same tokens
             assert all(runs_of(runs, s) == [t, t] for s, t in before.items())
         finally:
-            second.proc.send_signal(signal.SIGTERM)
-            await second.wait()
+            await second.terminate()
 
 
 async def test_rebalance_moves_streams_from_a_running_worker(tmp_path: Path) -> None:
@@ -184,8 +186,7 @@ async def test_rebalance_moves_streams_from_a_running_worker(tmp_path: Path) -> 
         finally:
             for worker in (w1, w2):
                 if worker is not None:
-                    worker.proc.send_signal(signal.SIGTERM)
-                    await worker.wait()
+                    await worker.terminate()
 
 
 async def test_drain_revokes_and_the_worker_hands_its_streams_back(tmp_path: Path) -> None:
@@ -210,8 +211,7 @@ async def test_drain_revokes_and_the_worker_hands_its_streams_back(tmp_path: Pat
         finally:
             for worker in (w1, w2):
                 if worker is not None:
-                    worker.proc.send_signal(signal.SIGTERM)
-                    await worker.wait()
+                    await worker.terminate()
         assert w1.grep("worker.streams_released")
 
 
@@ -231,8 +231,7 @@ async def test_a_stream_whose_program_keeps_failing_is_quarantined(tmp_path: Pat
             await eventually(lambda: bool(worker.grep("worker.stream_stopped")))
             assert len(worker.grep("worker.processor_failed")) >= 3
         finally:
-            worker.proc.send_signal(signal.SIGTERM)
-            assert await worker.wait() == 0
+            assert await worker.terminate() == 0
 
 
 async def test_programs_die_with_a_killed_worker(tmp_path: Path) -> None:

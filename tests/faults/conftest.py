@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.faults import netns
-from tests.faults.cluster import Cluster
+from devkit.faults import netns
+from devkit.faults.cluster import Cluster
 
 SEED_ENV = "STREAMHERD_FAULT_SEED"
 

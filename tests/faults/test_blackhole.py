@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.cluster import Timing, WorkerNode
-from tests.utils.poll import eventually
+from devkit.faults.cluster import Timing, WorkerNode
+from devkit.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -15,11 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
+from devkit.faults.load import ServerErrorSeen, hammer, unacceptable
+from devkit.faults.proxy import STARTING_UP, PgFront
+from devkit.pg import PgDatabases
+from devkit.poll import eventually
 from tests.faults.conftest import MakeCluster
-from tests.faults.load import ServerErrorSeen, hammer, unacceptable
-from tests.faults.proxy import STARTING_UP, PgFront
-from tests.utils.pg import PgDatabases
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.postgres]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.faults.invariants import InvariantChecker, WorkerInfo
+from devkit.faults.invariants import InvariantChecker, WorkerInfo
 
 Streams = dict[int, tuple[str | None, int]]
 

@@ -12,12 +12,12 @@ import asyncio
 
 import pytest
 
-from tests.faults import netns
-from tests.faults.cluster import Cluster, Timing, WorkerNode
+from devkit.faults import netns
+from devkit.faults.cluster import Cluster, Timing, WorkerNode
+from devkit.faults.probe import read_running
+from devkit.faults.proxy import LinkShape, TcpProxy
+from devkit.poll import eventually
 from tests.faults.conftest import MakeCluster
-from tests.faults.probe import read_running
-from tests.faults.proxy import LinkShape, TcpProxy
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -51,9 +51,7 @@ async def test_a_partitioned_worker_goes_local_its_streams_move_and_heal_drops_t
     w3 = await cluster.add_worker("w3", 2, namespace=spaces["w3"])
     await eventually(lambda: _holds(cluster, "w3", 2), timeout=30, what="w3 holding its capacity")
     await asyncio.gather(*(cluster.add_worker(n, 4, namespace=spaces[n]) for n in ("w1", "w2")))
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(check.run(stop))
-    try:
+    async with check.watching():
         await cluster.settle()
         before = await cluster.owners()
         cut_off = {sid: tok for sid, (owner, tok) in before.items() if owner == "w3"}
@@ -82,9 +80,6 @@ async def test_a_partitioned_worker_goes_local_its_streams_move_and_heal_drops_t
         log = w3.log_text()
         for sid in cut_off:
             assert f"stream_id={sid} reason=reassigned" in log, sid
-    finally:
-        stop.set()
-        await watcher
     check.assert_clean()
 
 
@@ -121,16 +116,11 @@ async def test_everything_converges_over_slow_lossy_links(
             for n in names
         )
     )
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(check.run(stop))
-    try:
+    async with check.watching():
         await cluster.settle(deadline_s=60)
         # A worker dies on a bad network: its streams still move and the rest settles.
         await cluster.workers["w2"].kill()
         await cluster.settle(deadline_s=60, live=["w1", "w3"])
-    finally:
-        stop.set()
-        await watcher
     check.assert_clean()
     if cluster.proxies:
         assert sum(p.stalls for p in cluster.proxies) > 0

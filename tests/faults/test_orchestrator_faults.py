@@ -10,10 +10,10 @@ import signal
 import httpx
 import pytest
 
-from tests.faults.cluster import Cluster, Timing
+from devkit.faults.cluster import Cluster, Timing
+from devkit.faults.probe import read_running
+from devkit.poll import eventually
 from tests.faults.conftest import MakeCluster
-from tests.faults.probe import read_running
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -39,9 +39,7 @@ async def test_orchestrator_kill_9_and_an_outage_past_the_lease_lose_no_assignme
     await cluster.create_streams(10)
     await asyncio.gather(*(cluster.add_worker(f"w{i}", 5) for i in (1, 2, 3)))
     [orch] = cluster.orchestrators
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(check.run(stop))
-    try:
+    async with check.watching():
         await cluster.settle()
         before = await cluster.owners()
         epochs = await _epochs(cluster)
@@ -72,9 +70,6 @@ async def test_orchestrator_kill_9_and_an_outage_past_the_lease_lose_no_assignme
         # Reconnected through reconcile: the same sessions, no new registration.
         assert await _epochs(cluster) == epochs
         assert await cluster.events("worker_lost") == []
-    finally:
-        stop.set()
-        await watcher
     check.assert_clean()
     assert check.unreadable > 0  # the checker did see the outage
 
@@ -158,9 +153,7 @@ async def test_a_worker_restarted_during_an_outage_comes_back_at_the_orchestrato
     w1 = await cluster.add_worker("w1", 6)
     await cluster.add_worker("w2", 6)
     [orch] = cluster.orchestrators
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(check.run(stop))
-    try:
+    async with check.watching():
         await cluster.settle()
         before = await cluster.owners()
         mine = {s: t for s, (o, t) in before.items() if o == "w1"}
@@ -179,7 +172,4 @@ async def test_a_worker_restarted_during_an_outage_comes_back_at_the_orchestrato
         assert await cluster.owners() == before
         assert await cluster.events("worker_lost") == []
         assert "worker.session_over" not in w1.log_text()
-    finally:
-        stop.set()
-        await watcher
     check.assert_clean()

@@ -12,9 +12,9 @@ import asyncio
 
 import pytest
 
-from tests.faults import chaos
+from devkit.faults import chaos
+from devkit.faults.netns import NetLab
 from tests.faults.conftest import MakeCluster
-from tests.faults.netns import NetLab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -59,15 +59,10 @@ async def test_a_random_schedule_of_faults_breaks_no_promise(
     print("schedule:\n" + "\n".join(map(str, faults)))
     runner = chaos.ChaosRunner(cluster, lab)
     await cluster.settle()
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(check.run(stop))
-    try:
+    async with check.watching():
         await runner.run(faults)
         # Generous: a worker restarted last may still be starting on a busy machine.
         await cluster.settle(deadline_s=60)
-    finally:
-        stop.set()
-        await watcher
     print(f"injected: {dict(runner.injected)}; checker: {check.figures()}")
     check.assert_clean()
     assert sum(runner.injected.values()) == len(faults)

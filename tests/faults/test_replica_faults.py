@@ -10,10 +10,10 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.faults.cluster import Cluster, OrchestratorNode
+from devkit.faults.cluster import Cluster, OrchestratorNode
+from devkit.pg import PgDatabases
+from devkit.poll import eventually
 from tests.faults.conftest import MakeCluster
-from tests.utils.pg import PgDatabases
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.postgres]
 
@@ -41,9 +41,7 @@ async def test_killing_the_reaper_leader_replica_changes_no_owner(
     check = cluster.check
     await cluster.create_streams(16)
     await asyncio.gather(*(cluster.add_worker(f"w{i}", 6) for i in range(1, 5)))
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(check.run(stop))
-    try:
+    async with check.watching():
         await cluster.settle()
         before = await cluster.owners()
         victim = await eventually(lambda: _leader(cluster), timeout=10, what="a reaper leader")
@@ -70,8 +68,5 @@ async def test_killing_the_reaper_leader_replica_changes_no_owner(
         await victim.start()
         await cluster.workers["w4"].start()
         await cluster.settle()
-    finally:
-        stop.set()
-        await watcher
     check.assert_clean()
     assert cluster.front is not None and cluster.front.failovers > 0

@@ -6,13 +6,11 @@ cluster all along and every invariant must hold at every snapshot and at the end
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from tests.faults.cluster import Cluster, Timing
+from devkit.faults.cluster import Cluster, Timing
+from devkit.poll import eventually
 from tests.faults.conftest import MakeCluster
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -27,9 +25,7 @@ async def test_kill_9_and_restart_within_the_lease_changes_no_owner(
     await cluster.create_streams(9)
     w1 = await cluster.add_worker("w1", 5)
     await cluster.add_worker("w2", 5)
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(check.run(stop))
-    try:
+    async with check.watching():
         await cluster.settle()
         before = await cluster.owners()
         for _ in range(2):
@@ -37,9 +33,6 @@ async def test_kill_9_and_restart_within_the_lease_changes_no_owner(
             await w1.start()
             await cluster.settle()
             assert await cluster.owners() == before
-    finally:
-        stop.set()
-        await watcher
     check.assert_clean()
 
 
@@ -53,9 +46,7 @@ async def test_kill_9_or_sigstop_past_the_lease_moves_the_streams_and_it_rejoins
     w1 = await cluster.add_worker("w1", 6)
     w2 = await cluster.add_worker("w2", 6)
     await cluster.add_worker("w3", 6)
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(check.run(stop))
-    try:
+    async with check.watching():
         await cluster.settle()
         before = await cluster.owners()
 
@@ -84,9 +75,6 @@ async def test_kill_9_or_sigstop_past_the_lease_moves_the_streams_and_it_rejoins
         await cluster.settle(live=["w1", "w3"])
         w2.resume()
         await cluster.settle()
-    finally:
-        stop.set()
-        await watcher
     check.assert_clean()
     assert check.snapshots > 10
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.cluster import API, WORKER_TOKEN
+from devkit.faults.cluster import API, WORKER_TOKEN
+from devkit.faults.load import ServerErrorSeen, hammer, unacceptable
+from devkit.pg import PgDatabases, admin_url
+from devkit.poll import eventually
 from tests.faults.conftest import MakeCluster
-from tests.faults.load import ServerErrorSeen, hammer, unacceptable
-from tests.utils.pg import PgDatabases, admin_url
-from tests.utils.poll import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.postgres, pytest.mark.pg_restart]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.utils.processes import OrchestratorProcess, start_orchestrator
+from devkit.procs import OrchestratorProcess, start_orchestrator
 
 ADMIN_TOKEN = "hostile-admin-token-0123"
 WORKER_TOKEN = "hostile-worker-token-0123"

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.procs import OrchestratorProcess
 from tests.hostile.conftest import ADMIN, API, register
-from tests.utils.processes import OrchestratorProcess
 
 pytestmark = [pytest.mark.e2e]
 

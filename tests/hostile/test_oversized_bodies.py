@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from devkit.procs import OrchestratorProcess
 from shared.limits import DEFAULT_MAX_BODY_BYTES
 from tests.hostile.conftest import ADMIN, API
-from tests.utils.processes import OrchestratorProcess
 
 pytestmark = [pytest.mark.e2e]
 

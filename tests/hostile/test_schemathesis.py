@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.procs import OrchestratorProcess
 from orchestrator.app import create_app
 from orchestrator.config import Settings
 from tests.hostile.conftest import ADMIN, API, register
-from tests.utils.processes import OrchestratorProcess
 
 schemathesis = pytest.importorskip(
     "schemathesis", reason="schemathesis is in the dev extra: pip install -e '.[dev]'"

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.procs import OrchestratorProcess
 from shared.limits import DEFAULT_MAX_BODY_BYTES, MAX_STREAM_IDS_PER_CALL
 from tests.hostile.conftest import ADMIN, ADMIN_TOKEN, API, register
-from tests.utils.processes import OrchestratorProcess
 
 pytestmark = [pytest.mark.e2e]
 

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.clock import FakeClock
-from tests.utils.harness import (
+from devkit.harness import (
     ADMIN,
     API,
     CLUSTER,
@@ -21,14 +21,6 @@ from tests.utils.harness import (
     parse_ts,
     running,
 )
-
-
-async def grant(h: Harness, s: Session, count: int) -> list[dict[str, Any]]:
-    r = await h.client.post(
-        f"{API}/workers/{s.worker_id}/streams/request", json={"count": count}, headers=s.headers
-    )
-    assert r.status_code == 200, r.text
-    return r.json()["assigned"]  # type: ignore[no-any-return]
 
 
 async def converge(h: Harness, s: Session) -> dict[str, Any]:
@@ -184,7 +176,7 @@ async def test_list_filters_by_status_and_owner(db_url: str, clock: FakeClock) -
             )
             assert r.status_code == 200
         a = await h.register("a", capacity=2)
-        mine = sorted(x["stream_id"] for x in await grant(h, a, 2))
+        mine = sorted(x["stream_id"] for x in await h.grant_streams(a, 2))
         assert [s["id"] for s in await list_streams(h, status="disabled")] == ids[:2]
         assert [s["id"] for s in await list_streams(h, status="active")] == ids[2:]
         assert [s["id"] for s in await list_streams(h, owner="a")] == mine
@@ -243,7 +235,7 @@ async def test_disabling_a_stream_takes_it_from_its_owner(db_url: str, clock: Fa
     async with running(db_url, clock) as h:
         (s,) = await h.create_streams(1)
         a = await h.register("a", capacity=1)
-        held = held_of(await grant(h, a, 1))
+        held = held_of(await h.grant_streams(a, 1))
         r = await h.client.patch(
             f"{API}/streams/{s['id']}", json={"status": "disabled"}, headers=ADMIN
         )
@@ -291,7 +283,7 @@ async def test_delete_stream_removes_it_from_its_owner(db_url: str, clock: FakeC
     async with running(db_url, clock) as h:
         (s,) = await h.create_streams(1)
         a = await h.register("a", capacity=1)
-        held = held_of(await grant(h, a, 1))
+        held = held_of(await h.grant_streams(a, 1))
         r = await h.client.delete(f"{API}/streams/{s['id']}", headers=ADMIN)
         assert r.status_code == 200 and r.json()["id"] == s["id"]
         assert_error(
@@ -314,7 +306,7 @@ async def test_list_and_get_workers(db_url: str, clock: FakeClock) -> None:
         await h.create_streams(3)
         a = await h.register("a", capacity=4, labels={"zone": "eu-1"})
         await h.register("b", capacity=2)
-        await grant(h, a, 2)
+        await h.grant_streams(a, 2)
         r = await h.client.get(f"{API}/workers", headers=ADMIN)
         assert r.status_code == 200, r.text
         items = {w["worker_id"]: w for w in r.json()["items"]}
@@ -396,7 +388,7 @@ async def test_drain_revokes_and_moves_streams(db_url: str, clock: FakeClock) ->
         r = await h.client.post(f"{API}/workers/a/drain", headers=ADMIN)
         assert r.status_code == 200, r.text
         assert r.json()["state"] == "draining"
-        assert await grant(h, a, 5) == []
+        assert await h.grant_streams(a, 5) == []
         await h.reap()
         held = [{"stream_id": sid, "token": 1} for sid in a_streams]
         hb = (await h.heartbeat(a, held)).json()
@@ -487,7 +479,7 @@ async def test_cluster_counts(db_url: str, clock: FakeClock) -> None:
                 f"{API}/streams/{ids[0]}", json={"status": "disabled"}, headers=ADMIN
             )
         ).status_code == 200
-        got = await grant(h, a, 2)
+        got = await h.grant_streams(a, 2)
         r = await h.client.post(
             f"{API}/workers/a/streams/{got[0]['stream_id']}/failures",
             json={"token": got[0]["token"], "error": "boom"},
@@ -508,7 +500,7 @@ async def test_events_page_with_after_and_next_after(db_url: str, clock: FakeClo
     async with running(db_url, clock) as h:
         await h.create_streams(3)
         a = await h.register("a", capacity=3)
-        await grant(h, a, 2)
+        await h.grant_streams(a, 2)
         items: list[dict[str, Any]] = []
         after = 0
         for _ in range(20):  # bounded: about 4 pages expected
@@ -625,7 +617,7 @@ async def test_metrics_expose_documented_names_and_values(db_url: str, clock: Fa
         await h.create_streams(4)
         a = await h.register("a", capacity=3)
         await h.register("b", capacity=1)
-        await grant(h, a, 3)
+        await h.grant_streams(a, 3)
         await elapse(h, 3.5)  # nobody heartbeats: both are lost
         r = await h.client.get("/metrics")
         assert r.status_code == 200

@@ -21,8 +21,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devkit.clock import FakeClock
+from devkit.harness import (
+    ADMIN,
+    CLUSTER,
+    WORKER_TOKEN,
+    Harness,
+    Session,
+    assert_error,
+    running,
+)
 from shared.errors import STATUS_BY_CODE, ErrorCode
-from tests.utils.harness import ADMIN, CLUSTER, WORKER_TOKEN, Harness, Session, running
 
 API = "/api/v1"
 JSON = {"content-type": "application/json"}
@@ -38,19 +46,6 @@ CONTRACT_STATUS = {
     "UNAVAILABLE": 503,
     "INTERNAL": 500,
 }
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The contract's error body, with the status that belongs to its code."""
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message", "details"}, body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert isinstance(body["error"]["details"], dict)
-    assert "Traceback" not in r.text
-    return body["error"]  # type: ignore[no-any-return]
 
 
 def assert_contract_answer(r: httpx.Response) -> None:
@@ -70,10 +65,7 @@ async def lenient(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def owned_stream(h: Harness, s: Session) -> tuple[int, int]:
-    r = await h.client.post(
-        f"{API}/workers/{s.worker_id}/streams/request", json={"count": 1}, headers=s.headers
-    )
-    (a,) = r.json()["assigned"]
+    (a,) = await h.grant_streams(s, 1)
     return a["stream_id"], a["token"]
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 
 from devkit.clock import FakeClock
-from tests.utils.harness import (
+from devkit.harness import (
     ADMIN,
     API,
     CLUSTER,
@@ -24,21 +26,6 @@ from tests.utils.harness import (
 
 def ids_of(assignments: list[dict[str, Any]]) -> list[int]:
     return [a["stream_id"] for a in assignments]
-
-
-async def request(h: Harness, s: Session, count: int, *, key: str | None = None) -> httpx.Response:
-    headers = dict(s.headers)
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    return await h.client.post(
-        f"{API}/workers/{s.worker_id}/streams/request", json={"count": count}, headers=headers
-    )
-
-
-async def grant(h: Harness, s: Session, count: int) -> list[dict[str, Any]]:
-    r = await request(h, s, count)
-    assert r.status_code == 200, r.text
-    return r.json()["assigned"]  # type: ignore[no-any-return]
 
 
 async def release(
@@ -82,8 +69,31 @@ async def leave(h: Harness, s: Session, *, key: str | None = None) -> httpx.Resp
     return await h.client.delete(f"{API}/workers/{s.worker_id}", headers=headers)
 
 
+async def one_granted_stream(h: Harness) -> tuple[Session, int, int]:
+    """One stream, granted to w1 (capacity 1): w1's session, the stream and its token."""
+    await h.create_streams(1)
+    s = await h.register("w1", capacity=1)
+    ((sid, token),) = ((a["stream_id"], a["token"]) for a in await h.grant_streams(s, 1))
+    return s, sid, token
+
+
 async def owned_by(h: Harness, worker_id: str) -> list[int]:
     return sorted(sid for sid, owner in (await h.owners()).items() if owner == worker_id)
+
+
+# Every call a worker makes with its session, as ``call(h, s)``: what the stale-epoch
+# tests make with a session that is over or an epoch that is not the worker's.
+SessionCall = Callable[[Harness, Session], Awaitable[httpx.Response]]
+SESSION_CALLS: dict[str, SessionCall] = {
+    "heartbeat": lambda h, s: h.heartbeat(s),
+    "request": lambda h, s: h.request_streams(s, 1),
+    "release": lambda h, s: release(h, s, [1]),
+    "reconcile": lambda h, s: reconcile(h, s, []),
+    "failure": lambda h, s: fail(h, s, 1, 1),
+    "leave": lambda h, s: leave(h, s),
+}
+# The calls that name their epoch in the body.
+EPOCH_CALLS = ("heartbeat", "reconcile")
 
 
 # --- register -----------------------------------------------------------------------
@@ -224,7 +234,7 @@ async def test_heartbeat_answers_lease_assignments_revoke_and_dropped(
     async with running(db_url, clock) as h:
         await h.create_streams(2)
         s = await h.register("w1", capacity=5)
-        assigned = await grant(h, s, 2)
+        assigned = await h.grant_streams(s, 2)
         r = await h.heartbeat(s, held_of(assigned))
         assert r.status_code == 200, r.text
         body = r.json()
@@ -243,34 +253,35 @@ async def test_stream_missing_from_held_stays_assigned(db_url: str, clock: FakeC
     async with running(db_url, clock) as h:
         await h.create_streams(2)
         s = await h.register("w1", capacity=5)
-        assigned = await grant(h, s, 2)
+        assigned = await h.grant_streams(s, 2)
         r = await h.heartbeat(s, [])
         assert r.status_code == 200
         assert held_of(r.json()["assignments"]) == held_of(assigned)
         assert await owned_by(h, "w1") == sorted(ids_of(assigned))
 
 
-async def test_heartbeat_with_a_wrong_epoch_is_stale(db_url: str, clock: FakeClock) -> None:
-    """An epoch that is not the worker's current one is 409 STALE_EPOCH."""
+@pytest.mark.parametrize("call", EPOCH_CALLS)
+async def test_a_call_naming_another_epoch_is_stale(
+    db_url: str, clock: FakeClock, call: str
+) -> None:
+    """Heartbeat and reconcile name their epoch; one that is not the worker's current one is
+    409 STALE_EPOCH."""
     async with running(db_url, clock) as h:
         s = await h.register("w1")
-        r = await h.client.post(
-            f"{API}/workers/w1/heartbeat",
-            json={"epoch": s.epoch + 1, "held": []},
-            headers=s.headers,
-        )
+        r = await SESSION_CALLS[call](h, replace(s, epoch=s.epoch + 1))
         assert_error(r, 409, "STALE_EPOCH")
 
 
-async def test_heartbeat_with_the_session_of_an_earlier_registration_is_stale(
-    db_url: str, clock: FakeClock
+@pytest.mark.parametrize("call", SESSION_CALLS)
+async def test_the_session_of_an_earlier_registration_is_stale(
+    db_url: str, clock: FakeClock, call: str
 ) -> None:
     """After a re-registration the old session (and its epoch) gets 409 STALE_EPOCH."""
     async with running(db_url, clock) as h:
         old = await h.register("w1")
         assert (await h.heartbeat(old)).status_code == 200
         new = await h.register("w1")
-        assert_error(await h.heartbeat(old), 409, "STALE_EPOCH")
+        assert_error(await SESSION_CALLS[call](h, old), 409, "STALE_EPOCH")
         # The old token with the new epoch is no better.
         r = await h.client.post(
             f"{API}/workers/w1/heartbeat",
@@ -333,7 +344,7 @@ async def test_heartbeat_explains_held_streams_it_does_not_own(
         other, disabled, unowned = (c["id"] for c in created)
         a = await h.register("a", capacity=5)
         b = await h.register("b", capacity=1)
-        assert ids_of(await grant(h, b, 1)) == [other]
+        assert ids_of(await h.grant_streams(b, 1)) == [other]
         r = await h.client.patch(
             f"{API}/streams/{disabled}", json={"status": "disabled"}, headers=ADMIN
         )
@@ -362,10 +373,10 @@ async def test_request_never_grants_beyond_capacity(db_url: str, clock: FakeCloc
     async with running(db_url, clock) as h:
         await h.create_streams(10)
         s = await h.register("w1", capacity=3)
-        first = await grant(h, s, 10)
+        first = await h.grant_streams(s, 10)
         assert len(first) == 3
         assert all(a["token"] == 1 for a in first)
-        assert await grant(h, s, 10) == []
+        assert await h.grant_streams(s, 10) == []
         assert await owned_by(h, "w1") == sorted(ids_of(first))
 
 
@@ -374,7 +385,7 @@ async def test_concurrent_requests_never_overfill_a_worker(db_url: str, clock: F
     async with running(db_url, clock) as h:
         await h.create_streams(30)
         s = await h.register("w1", capacity=5)
-        answers = await asyncio.gather(*(request(h, s, 2) for _ in range(8)))
+        answers = await asyncio.gather(*(h.request_streams(s, 2) for _ in range(8)))
         granted: list[int] = []
         for r in answers:
             assert r.status_code == 200, r.text
@@ -390,7 +401,9 @@ async def test_concurrent_requests_of_many_workers_never_share_a_stream(
     async with running(db_url, clock) as h:
         await h.create_streams(12)
         sessions = [await h.register(f"w{i}", capacity=12) for i in range(6)]
-        answers = await asyncio.gather(*(request(h, s, 12) for s in sessions for _ in range(2)))
+        answers = await asyncio.gather(
+            *(h.request_streams(s, 12) for s in sessions for _ in range(2))
+        )
         granted: list[int] = []
         for r in answers:
             assert r.status_code == 200, r.text
@@ -421,9 +434,9 @@ async def test_request_replayed_with_its_key_returns_the_first_answer(
     async with running(db_url, clock) as h:
         await h.create_streams(6)
         s = await h.register("w1", capacity=6)
-        first = await request(h, s, 2, key="req-1")
+        first = await h.request_streams(s, 2, key="req-1")
         assert first.status_code == 200 and len(first.json()["assigned"]) == 2
-        again = await request(h, s, 2, key="req-1")
+        again = await h.request_streams(s, 2, key="req-1")
         assert again.status_code == 200
         assert again.json() == first.json()
         assert await owned_by(h, "w1") == sorted(ids_of(first.json()["assigned"]))
@@ -436,8 +449,8 @@ async def test_request_key_reused_with_another_body_conflicts(
     async with running(db_url, clock) as h:
         await h.create_streams(6)
         s = await h.register("w1", capacity=6)
-        assert (await request(h, s, 1, key="req-1")).status_code == 200
-        assert_error(await request(h, s, 3, key="req-1"), 409, "CONFLICT")
+        assert (await h.request_streams(s, 1, key="req-1")).status_code == 200
+        assert_error(await h.request_streams(s, 3, key="req-1"), 409, "CONFLICT")
         assert len(await owned_by(h, "w1")) == 1
 
 
@@ -447,8 +460,8 @@ async def test_idempotency_keys_belong_to_one_worker(db_url: str, clock: FakeClo
         await h.create_streams(4)
         a = await h.register("a", capacity=2)
         b = await h.register("b", capacity=2)
-        ra = await request(h, a, 2, key="same")
-        rb = await request(h, b, 2, key="same")
+        ra = await h.request_streams(a, 2, key="same")
+        rb = await h.request_streams(b, 2, key="same")
         assert ra.status_code == rb.status_code == 200
         assert set(ids_of(ra.json()["assigned"])).isdisjoint(ids_of(rb.json()["assigned"]))
         assert len(rb.json()["assigned"]) == 2
@@ -459,7 +472,7 @@ async def test_invalid_idempotency_key_is_rejected(db_url: str, clock: FakeClock
     """An empty or over-long Idempotency-Key is 422 VALIDATION_ERROR."""
     async with running(db_url, clock) as h:
         s = await h.register("w1")
-        assert_error(await request(h, s, 1, key=key), 422, "VALIDATION_ERROR")
+        assert_error(await h.request_streams(s, 1, key=key), 422, "VALIDATION_ERROR")
 
 
 # --- streams/release ----------------------------------------------------------------
@@ -471,8 +484,8 @@ async def test_release_frees_only_what_the_worker_owns(db_url: str, clock: FakeC
         await h.create_streams(2)
         a = await h.register("a", capacity=1)
         b = await h.register("b", capacity=1)
-        (mine,) = ids_of(await grant(h, a, 1))
-        (theirs,) = ids_of(await grant(h, b, 1))
+        (mine,) = ids_of(await h.grant_streams(a, 1))
+        (theirs,) = ids_of(await h.grant_streams(b, 1))
         r = await release(h, a, [mine, theirs, 999_999])
         assert r.status_code == 200, r.text
         assert r.json() == {"released": [mine]}
@@ -485,7 +498,7 @@ async def test_release_is_idempotent(db_url: str, clock: FakeClock) -> None:
     async with running(db_url, clock) as h:
         await h.create_streams(2)
         s = await h.register("w1", capacity=2)
-        ids = sorted(ids_of(await grant(h, s, 2)))
+        ids = sorted(ids_of(await h.grant_streams(s, 2)))
         first = await release(h, s, ids, key="rel-1")
         assert first.json() == {"released": ids}
         assert (await release(h, s, ids)).json() == {"released": []}
@@ -511,11 +524,11 @@ async def test_reconcile_keeps_owned_hands_back_unowned_and_drops_the_rest(
     async with running(db_url, clock) as h:
         await h.create_streams(3)
         a = await h.register("a", capacity=5)
-        held = held_of(await grant(h, a, 3))
+        held = held_of(await h.grant_streams(a, 3))
         kept, freed, moved = (x["stream_id"] for x in held)
         assert (await release(h, a, [freed, moved])).json()["released"] == [freed, moved]
         b = await h.register("b", capacity=5)
-        assert moved in ids_of(await grant(h, b, 2))
+        assert moved in ids_of(await h.grant_streams(b, 2))
         # b took both freed streams; give one back so a can be handed it again.
         assert (await release(h, b, [freed])).json()["released"] == [freed]
         r = await reconcile(h, a, [*held, {"stream_id": 999_999, "token": 1}])
@@ -536,7 +549,7 @@ async def test_reconcile_hands_back_only_while_capacity_allows(
     async with running(db_url, clock) as h:
         created = await h.create_streams(2)
         a = await h.register("a", capacity=1)
-        held = held_of(await grant(h, a, 1))
+        held = held_of(await h.grant_streams(a, 1))
         spare = next(c["id"] for c in created if c["id"] != held[0]["stream_id"])
         r = await reconcile(h, a, [*held, {"stream_id": spare, "token": 0}])
         assert r.status_code == 200, r.text
@@ -553,7 +566,7 @@ async def test_registering_with_a_lower_capacity_gives_up_the_excess_at_once(
     async with running(db_url, clock) as h:
         await h.create_streams(6)
         a = await h.register("a", capacity=5)
-        held = held_of(await grant(h, a, 5))
+        held = held_of(await h.grant_streams(a, 5))
         running_now = held[:4]  # it runs four of its five
         r = await h.client.post(
             f"{API}/workers/register",
@@ -574,18 +587,6 @@ async def test_registering_with_a_lower_capacity_gives_up_the_excess_at_once(
         assert len(await owned_by(h, "b")) == 4  # what a gave up, and the spare
 
 
-async def test_reconcile_with_a_stale_epoch_is_refused(db_url: str, clock: FakeClock) -> None:
-    """Reconcile names its epoch; an old one is 409 STALE_EPOCH."""
-    async with running(db_url, clock) as h:
-        s = await h.register("w1")
-        r = await h.client.post(
-            f"{API}/workers/w1/reconcile",
-            json={"epoch": s.epoch + 1, "held": []},
-            headers=s.headers,
-        )
-        assert_error(r, 409, "STALE_EPOCH")
-
-
 # --- failures and quarantine --------------------------------------------------------
 
 
@@ -594,9 +595,7 @@ async def test_failures_quarantine_a_stream_after_the_threshold(
 ) -> None:
     """The third failure (quarantine_after=3) quarantines and unassigns the stream."""
     async with running(db_url, clock, quarantine_after=3) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await grant(h, s, 1))
+        s, sid, token = await one_granted_stream(h)
         answers = [(await fail(h, s, sid, token)).json() for _ in range(3)]
         assert answers == [
             {"failures": 1, "quarantined": False},
@@ -616,27 +615,23 @@ async def test_quarantined_stream_is_not_handed_out_until_reenabled(
 ) -> None:
     """Neither request nor the reaper hands it out; PATCH status active makes it eligible."""
     async with running(db_url, clock, quarantine_after=3) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await grant(h, s, 1))
+        s, sid, token = await one_granted_stream(h)
         for _ in range(3):
             assert (await fail(h, s, sid, token)).status_code == 200
-        assert await grant(h, s, 1) == []
+        assert await h.grant_streams(s, 1) == []
         await h.reap()
         assert (await h.owners())[sid] is None
         r = await h.client.patch(f"{API}/streams/{sid}", json={"status": "active"}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["status"] == "active"
         assert r.json()["failures"] == 0
-        again = await grant(h, s, 1)
+        again = await h.grant_streams(s, 1)
         assert held_of(again) == [{"stream_id": sid, "token": token + 1}]
 
 
 async def test_failures_outside_the_window_do_not_count(db_url: str, clock: FakeClock) -> None:
     """Only failures within quarantine_window_s count toward quarantine."""
     async with running(db_url, clock, quarantine_after=3, quarantine_window_s=10.0) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await grant(h, s, 1))
+        s, sid, token = await one_granted_stream(h)
         for _ in range(2):
             assert (await fail(h, s, sid, token)).status_code == 200
         clock.advance(11.0)
@@ -649,9 +644,7 @@ async def test_failure_report_replayed_with_its_key_counts_once(
 ) -> None:
     """A retried failure report with the same key is not counted twice."""
     async with running(db_url, clock, quarantine_after=3) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await grant(h, s, 1))
+        s, sid, token = await one_granted_stream(h)
         first = await fail(h, s, sid, token, key="f-1")
         again = await fail(h, s, sid, token, key="f-1")
         assert first.json() == again.json() == {"failures": 1, "quarantined": False}
@@ -661,9 +654,7 @@ async def test_failure_report_replayed_with_its_key_counts_once(
 async def test_failure_with_a_stale_token_conflicts(db_url: str, clock: FakeClock) -> None:
     """A failure report with a token that is not the current one is 409 CONFLICT."""
     async with running(db_url, clock) as h:
-        await h.create_streams(1)
-        s = await h.register("w1", capacity=1)
-        ((sid, token),) = ((a["stream_id"], a["token"]) for a in await grant(h, s, 1))
+        s, sid, token = await one_granted_stream(h)
         assert_error(await fail(h, s, sid, token + 1), 409, "CONFLICT")
         assert_error(await fail(h, s, sid, token - 1), 409, "CONFLICT")
 
@@ -674,7 +665,7 @@ async def test_failure_for_another_workers_stream_conflicts(db_url: str, clock: 
         await h.create_streams(1)
         a = await h.register("a", capacity=1)
         b = await h.register("b", capacity=1)
-        ((sid, token),) = ((x["stream_id"], x["token"]) for x in await grant(h, b, 1))
+        ((sid, token),) = ((x["stream_id"], x["token"]) for x in await h.grant_streams(b, 1))
         assert_error(await fail(h, a, sid, token), 409, "CONFLICT")
         assert (await h.client.get(f"{API}/streams/{sid}", headers=ADMIN)).json()["failures"] == 0
 
@@ -694,7 +685,7 @@ async def test_leave_releases_everything(db_url: str, clock: FakeClock) -> None:
     async with running(db_url, clock) as h:
         await h.create_streams(4)
         s = await h.register("w1", capacity=3)
-        ids = sorted(ids_of(await grant(h, s, 3)))
+        ids = sorted(ids_of(await h.grant_streams(s, 3)))
         r = await leave(h, s)
         assert r.status_code == 200, r.text
         assert r.json() == {"released": ids}
@@ -703,15 +694,14 @@ async def test_leave_releases_everything(db_url: str, clock: FakeClock) -> None:
         assert worker["state"] == "left" and worker["held"] == 0
 
 
-async def test_calls_after_leave_are_stale(db_url: str, clock: FakeClock) -> None:
-    """After DELETE the session is over: heartbeat, request and DELETE get 409 STALE_EPOCH."""
+@pytest.mark.parametrize("call", SESSION_CALLS)
+async def test_calls_after_leave_are_stale(db_url: str, clock: FakeClock, call: str) -> None:
+    """After DELETE the session is over: every session call gets 409 STALE_EPOCH."""
     async with running(db_url, clock) as h:
         await h.create_streams(1)
         s = await h.register("w1", capacity=1)
         assert (await leave(h, s)).status_code == 200
-        assert_error(await h.heartbeat(s), 409, "STALE_EPOCH")
-        assert_error(await request(h, s, 1), 409, "STALE_EPOCH")
-        assert_error(await leave(h, s), 409, "STALE_EPOCH")
+        assert_error(await SESSION_CALLS[call](h, s), 409, "STALE_EPOCH")
         again = await h.register("w1", capacity=1)
         assert again.epoch == s.epoch + 1
         assert (await h.heartbeat(again)).status_code == 200
@@ -724,7 +714,7 @@ async def test_leave_replayed_with_its_key_returns_the_first_answer(
     async with running(db_url, clock) as h:
         await h.create_streams(2)
         s = await h.register("w1", capacity=2)
-        ids = sorted(ids_of(await grant(h, s, 2)))
+        ids = sorted(ids_of(await h.grant_streams(s, 2)))
         first = await leave(h, s, key="bye-1")
         assert first.json() == {"released": ids}
         again = await leave(h, s, key="bye-1")
@@ -737,7 +727,7 @@ async def test_admin_may_delete_any_worker(db_url: str, clock: FakeClock) -> Non
     async with running(db_url, clock) as h:
         await h.create_streams(2)
         s = await h.register("w1", capacity=2)
-        ids = sorted(ids_of(await grant(h, s, 2)))
+        ids = sorted(ids_of(await h.grant_streams(s, 2)))
         r = await h.client.delete(f"{API}/workers/w1", headers=ADMIN)
         assert r.status_code == 200 and r.json() == {"released": ids}
         assert_error(await h.heartbeat(s), 409, "STALE_EPOCH")

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from devkit.procs import run_orchestrator_cli, start_orchestrator
 from orchestrator.__main__ import EXIT_BAD_CONFIG, load_settings
 from orchestrator.config import Settings
-from tests.utils.processes import run_orchestrator_cli, start_orchestrator
 
 BAD_ENVIRONMENTS = [
     pytest.param({"ORCH_LEASE_TTL_S": "-1"}, "ORCH_LEASE_TTL_S", id="negative-lease-ttl"),

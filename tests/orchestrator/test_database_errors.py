@@ -20,13 +20,12 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url, text
 
-from bench.pg import dsn, with_database
 from devkit.clock import FakeClock
+from devkit.harness import ADMIN, CLUSTER, Harness, assert_error, running
+from devkit.pg import PgDatabases, admin_url, dsn, with_database
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.errors import as_api_error, is_database_trouble
-from tests.utils.harness import ADMIN, CLUSTER, Harness, assert_error, running
-from tests.utils.pg import PgDatabases, admin_url
 
 pytestmark = pytest.mark.postgres
 

@@ -11,11 +11,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from devkit.clock import FakeClock
+from devkit.harness import Harness, running
+from devkit.pg import PgDatabases
+from devkit.poll import eventually
 from orchestrator import events as ev
 from shared.models import Event
-from tests.utils.harness import Harness, running
-from tests.utils.pg import PgDatabases
-from tests.utils.poll import eventually
 
 
 def codes(items: Sequence[Event]) -> list[str]:

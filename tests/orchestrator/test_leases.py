@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from devkit.clock import FakeClock
+from devkit.harness import ADMIN, CLUSTER, running, settings_for
+from devkit.pg import PgDatabases
+from devkit.poll import eventually
 from orchestrator.app import create_app
-from tests.utils.harness import ADMIN, CLUSTER, running, settings_for
-from tests.utils.pg import PgDatabases
-from tests.utils.poll import eventually
 
 
 async def elapse(h, seconds: float, step: float = 0.5) -> None:

@@ -20,9 +20,9 @@ import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from devkit.harness import ADMIN, ADMIN_TOKEN, settings_for
 from orchestrator.app import create_app
 from orchestrator.live import LiveServer
-from tests.utils.harness import ADMIN, ADMIN_TOKEN, settings_for
 
 DEADLINE_S = 30.0
 Message = dict[str, Any]
@@ -326,7 +326,7 @@ async def test_token_is_kept_out_of_server_logs(
 @pytest.mark.e2e
 async def test_real_process_sends_server_shutdown_on_sigterm(sqlite_url: str) -> None:
     """``python -m orchestrator`` stopped with SIGTERM tells its live clients first."""
-    from tests.utils.processes import astart_orchestrator
+    from devkit.procs import astart_orchestrator
 
     env = {
         "ORCH_DATABASE_URL": sqlite_url,

@@ -20,8 +20,8 @@ from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.sql import Executable
 
+from devkit.pg import PgDatabases
 from orchestrator.assignment import PLANNED_GRANT
-from tests.utils.pg import PgDatabases
 
 # The shape of the trap: at this size, with every row updated once (each grant writes a
 # new version of the row into every index), the primary key's index is a level taller

@@ -39,8 +39,8 @@ from hypothesis.stateful import (
 from sqlalchemy import func, select
 
 from devkit.clock import FakeClock
+from devkit.harness import ADMIN, Harness, running
 from orchestrator.models import StreamRow
-from tests.utils.harness import ADMIN, Harness, running
 
 API = "/api/v1"
 WORKERS = ("w0", "w1", "w2", "w3")

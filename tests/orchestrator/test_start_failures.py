@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.pg import with_database
+from devkit.pg import PgDatabases, admin_url, with_database
+from devkit.procs import run_orchestrator_cli
 from orchestrator.__main__ import EXIT_BAD_CONFIG
-from tests.utils.pg import PgDatabases, admin_url
-from tests.utils.processes import run_orchestrator_cli
 
 PASSWORD = "pw-never-printed"
 NOBODY_LISTENS = f"postgresql+asyncpg://postgres:{PASSWORD}@127.0.0.1:1/streamherd"

@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import text
 
 from devkit.clock import FakeClock
+from devkit.harness import ADMIN, API, Harness, Session, held_of, running
+from devkit.pg import PgDatabases
+from devkit.poll import eventually
 from orchestrator.assignment import to_assignment
 from orchestrator.views import LegacyWriters, ViewCache, WorkerView, assignment_json
-from tests.utils.harness import ADMIN, API, Harness, Session, held_of, running
-from tests.utils.pg import PgDatabases
-from tests.utils.poll import eventually
 
 
 def view(worker_id: str, built_at: float = 0.0) -> WorkerView:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.utils.processes import REPO_ROOT
+from devkit.procs import REPO_ROOT
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser

@@ -14,7 +14,7 @@ from playwright.async_api import Browser, Request, expect
 
 from orchestrator.ui.ws_token import decode_token, encode_token
 from tests.ui.conftest import VIEWPORT, artifacts_dir
-from tests.utils.processes import OrchestratorProcess, astart_orchestrator
+from devkit.procs import OrchestratorProcess, astart_orchestrator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -14,8 +14,8 @@ import pytest
 from playwright.async_api import Browser, Page, expect
 
 from tests.ui.conftest import VIEWPORT, artifacts_dir
-from tests.utils.processes import OrchestratorProcess, astart_orchestrator
-from tests.worker.processes import Process, worker_env
+from devkit.procs import OrchestratorProcess, astart_orchestrator
+from devkit.procs import Process, worker_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -14,8 +14,8 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+from devkit.poll import eventually as poll_until
 from shared.models import Assignment, FailureAnswer, utcnow
-from tests.utils.poll import eventually as poll_until
 from worker.errors import RequestRejected
 from worker.metrics import WorkerMetrics
 from worker.processors import ProcessorKind, StreamContext
@@ -207,7 +207,7 @@ class FakeClient:
 
 
 async def eventually(predicate: Any, *, timeout: float = 5.0, interval: float = 0.005) -> None:
-    """``tests.utils.poll.eventually`` at the in-process runtime's pace."""
+    """``devkit.poll.eventually`` at the in-process runtime's pace."""
     await poll_until(predicate, timeout=timeout, interval=interval)
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from devkit.clock import FakeClock
-from tests.utils.harness import WORKER_TOKEN, Harness, running
+from devkit.harness import WORKER_TOKEN, Harness, running
 from tests.worker.conftest import MakeClient
 from worker.client import ResilientWorkerClient
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devkit.procs import Process, process_alive, worker_env
 from shared.models import Assignment, utcnow
 from tests.worker.doubles import (
     FakeClient,
@@ -20,7 +21,6 @@ from tests.worker.doubles import (
     make_runtime,
     running,
 )
-from tests.worker.processes import Process, process_alive, worker_env
 from worker.processors import StreamContext
 from worker.runtime import HINT_SPREAD_S, RegistrationRefused, Runtime
 from worker.state import LocalState, StateStore

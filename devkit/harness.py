@@ -71,6 +71,23 @@ class Harness:
             headers=s.headers,
         )
 
+    async def request_streams(
+        self, s: Session, count: int, *, key: str | None = None
+    ) -> httpx.Response:
+        """``POST .../streams/request`` for ``count`` streams (with an Idempotency-Key)."""
+        headers = dict(s.headers)
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        return await self.client.post(
+            f"{API}/workers/{s.worker_id}/streams/request", json={"count": count}, headers=headers
+        )
+
+    async def grant_streams(self, s: Session, count: int) -> list[dict[str, Any]]:
+        """``request_streams`` that must succeed: the assignments it granted."""
+        r = await self.request_streams(s, count)
+        assert r.status_code == 200, r.text
+        return r.json()["assigned"]  # type: ignore[no-any-return]
+
     async def create_streams(self, n: int, **extra: Any) -> list[dict[str, Any]]:
         r = await self.client.post(
             f"{API}/streams",
@@ -134,7 +151,8 @@ async def running(
 
 
 def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The contract's error body, with the status that belongs to its code."""
+    """The contract's error body, with the status that belongs to its code, and no stack
+    trace anywhere in the answer."""
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"}, body
@@ -142,6 +160,7 @@ def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert body["error"]["code"] == code, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     assert isinstance(body["error"]["details"], dict)
+    assert "Traceback" not in r.text
     return body["error"]  # type: ignore[no-any-return]
 
 

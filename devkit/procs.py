@@ -1,13 +1,19 @@
-"""Real child processes for the benchmarks and the tests: ``python -m orchestrator`` and
-``python -m worker``, each in a process group of its own that never outlives the run.
+"""The one launcher of real child processes for the tests and the benchmarks: ``python -m
+orchestrator`` and ``python -m worker``, each in a process group of its own that never
+outlives the run.
 
 Each is started from the repository root with a hermetic environment (no inherited
 ``ORCH_*``/``WORKER_*`` variables), its output in a log file, and is stopped through its
 process group (SIGTERM, then SIGKILL after a deadline). A readiness wait is always a poll
 with a deadline, and a start that fails or is cancelled kills what it spawned. Every child
 still running is killed by ``no_orphans()`` blocks and, last, at interpreter exit; a run
-killed outright takes its children with it (``PR_SET_PDEATHSIG``). ``tests/utils/processes``
-builds on this module; nothing here imports from ``tests``.
+killed outright takes its children with it (``PR_SET_PDEATHSIG``).
+
+- ``ChildProcess``: the launcher (spawn, readiness poll, group stop/kill, log file);
+- ``OrchestratorProcess``: ``python -m orchestrator`` on a port (``create`` for the
+  benchmarks, ``start_orchestrator``/``astart_orchestrator`` for the tests);
+- ``WorkerProcess``: ``python -m worker`` with its health server on a known port;
+- ``Process``: an async test's handle on ``python -m <module>``, its output read as lines.
 """
 
 from __future__ import annotations
@@ -18,20 +24,23 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, ClassVar, Self
+from typing import IO, Any, ClassVar, Self
 
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The tokens of the orchestrators ``OrchestratorProcess.create`` starts (the benchmarks').
 ADMIN_TOKEN = "bench-admin-token"
 WORKER_TOKEN = "bench-worker-token"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -70,8 +79,9 @@ def _load_prctl() -> Callable[[int, int], int] | None:
 _PRCTL = _load_prctl()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the thread that spawned it goes away.
+def die_with_parent() -> None:
+    """In a child (before exec, or as a pool initializer): SIGTERM when the thread that
+    spawned it goes away.
 
     A run killed outright (SIGKILL, a test timeout that exits) must not leave orchestrators
     and workers running in their own sessions.
@@ -139,6 +149,7 @@ class ChildProcess:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    cwd: Path = REPO_ROOT
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -157,7 +168,7 @@ class ChildProcess:
         try:
             self.process = subprocess.Popen(
                 self.argv,
-                cwd=REPO_ROOT,
+                cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -165,7 +176,7 @@ class ChildProcess:
                 # Its own session: a signal meant for it never reaches us, and its group
                 # can be signalled as a whole.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if _PRCTL is not None else None,
+                preexec_fn=die_with_parent if _PRCTL is not None else None,
             )
         except BaseException:
             log.close()
@@ -338,16 +349,43 @@ class ChildProcess:
         raise AssertionError("unreachable")
 
 
+# --- the orchestrator ------------------------------------------------------------------
+
+
+def orchestrator_env(
+    env: Mapping[str, str], *, port: int | None = None, host: str = "127.0.0.1"
+) -> dict[str, str]:
+    """The child's environment: ours without any ORCH_* variable, then ``env``, then ``port``.
+
+    ``port=None`` keeps an ``ORCH_PORT`` that ``env`` sets (to test refusing it).
+    """
+    child = child_env(env, drop=("ORCH_",))
+    child.setdefault("ORCH_HOST", host)
+    if port is not None:
+        child["ORCH_PORT"] = str(port)
+    child.setdefault("ORCH_PORT", str(free_port(host)))
+    return child
+
+
+def _log_path(directory: Path, port: int) -> Path:
+    return directory / f"orchestrator-{port}-{time.monotonic_ns()}.log"
+
+
 @dataclass(eq=False, kw_only=True)
-class Orchestrator(ChildProcess):
-    """``python -m orchestrator`` on a fixed port, restartable on the same port and database."""
+class OrchestratorProcess(ChildProcess):
+    """``python -m orchestrator`` on a port: restartable on the same port and database, or
+    moved to a fresh port when another process took its own before it bound it."""
 
     port: int
+    log_dir: Path
+    host: str = "127.0.0.1"
+    args: tuple[str, ...] = ()
 
     @classmethod
     def create(
         cls, workdir: Path, settings: Mapping[str, str], *, name: str = "orchestrator"
-    ) -> Orchestrator:
+    ) -> OrchestratorProcess:
+        """A benchmark's orchestrator, not started: the benchmarks' tokens, then ``settings``."""
         port = free_port()
         env = child_env(
             {
@@ -364,19 +402,123 @@ class Orchestrator(ChildProcess):
             env=env,
             log_path=workdir / f"{name}-{port}.log",
             port=port,
+            log_dir=workdir,
         )
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def ready_url(self) -> str:
         return f"{self.url}/ready"
 
+    def move_to_free_port(self) -> None:
+        self.port = free_port(self.host)
+        self.env["ORCH_PORT"] = str(self.port)
+        self.name = f"orchestrator on port {self.port}"
+        self.log_path = _log_path(self.log_dir, self.port)
+
+
+def _orchestrator(
+    env: Mapping[str, str], port: int | None, host: str, args: Sequence[str], log_dir: Path | None
+) -> OrchestratorProcess:
+    port = free_port(host) if port is None else port
+    directory = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="orch-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return OrchestratorProcess(
+        name=f"orchestrator on port {port}",
+        argv=[sys.executable, "-m", "orchestrator", *args],
+        env=orchestrator_env(env, port=port, host=host),
+        log_path=_log_path(directory, port),
+        port=port,
+        host=host,
+        args=tuple(args),
+        log_dir=directory,
+    )
+
+
+def spawn_orchestrator(
+    env: Mapping[str, str],
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    args: Sequence[str] = (),
+    log_dir: Path | None = None,
+) -> OrchestratorProcess:
+    """Start ``python -m orchestrator`` without waiting for it (see ``start_orchestrator``)."""
+    proc = _orchestrator(env, port, host, args, log_dir)
+    proc.spawn()
+    return proc
+
+
+def start_orchestrator(
+    env: Mapping[str, str],
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    args: Sequence[str] = (),
+    log_dir: Path | None = None,
+    ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+) -> OrchestratorProcess:
+    """Start an orchestrator and wait until it is ready; a fresh free port unless given.
+
+    The environment is hermetic: inherited ``ORCH_*`` variables are dropped, ``env`` set,
+    and the port is always ours.
+    """
+    proc = _orchestrator(env, port, host, args, log_dir)
+    return proc.start(ready_timeout, port_retries=PORT_RETRIES if port is None else 1)
+
+
+async def astart_orchestrator(
+    env: Mapping[str, str],
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    args: Sequence[str] = (),
+    log_dir: Path | None = None,
+    ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+) -> OrchestratorProcess:
+    """``start_orchestrator`` for async tests: the wait does not block the event loop."""
+    proc = _orchestrator(env, port, host, args, log_dir)
+    return await proc.astart(ready_timeout, port_retries=PORT_RETRIES if port is None else 1)
+
+
+@contextlib.contextmanager
+def orchestrator_running(env: Mapping[str, str], **kwargs: Any) -> Iterator[OrchestratorProcess]:
+    """``with orchestrator_running(env) as orch:`` — stopped (or killed) on the way out."""
+    proc = start_orchestrator(env, **kwargs)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def run_orchestrator_cli(
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    *,
+    timeout: float = 60.0,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m orchestrator`` to completion (for settings it must refuse)."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd or REPO_ROOT,
+        env=orchestrator_env(env or {}),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# --- the worker --------------------------------------------------------------------------
+
 
 @dataclass(eq=False, kw_only=True)
-class Worker(ChildProcess):
+class WorkerProcess(ChildProcess):
     """``python -m worker`` with its health server on a known port."""
 
     health_port: int
@@ -397,7 +539,7 @@ class Worker(ChildProcess):
         processor: str,
         settings: Mapping[str, str] | None = None,
         extra_env: Mapping[str, str] | None = None,
-    ) -> Worker:
+    ) -> WorkerProcess:
         port = free_port()
         state_dir = workdir / "state"
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -434,3 +576,108 @@ class Worker(ChildProcess):
     def move_to_free_port(self) -> None:
         self.health_port = free_port()
         self.env["WORKER_HEALTH_PORT"] = str(self.health_port)
+
+
+def worker_env(
+    state_dir: Path, processor: str, *, orchestrator_url: str | None = None, **extra: str
+) -> dict[str, str]:
+    """Settings for a test worker: fast retries, ephemeral health port, given processor."""
+    return {
+        "WORKER_ORCHESTRATOR_URL": orchestrator_url or f"http://127.0.0.1:{free_port()}",
+        "WORKER_ID": "w-proc",
+        "WORKER_STATE_DIR": str(state_dir),
+        "WORKER_HEALTH_PORT": "0",
+        "WORKER_PROCESSOR": processor,
+        "WORKER_RETRY_MAX_ATTEMPTS": "1",
+        "WORKER_RETRY_BASE_DELAY_S": "0.01",
+        "WORKER_RETRY_MAX_DELAY_S": "0.05",
+        "WORKER_REQUEST_TIMEOUT_S": "0.5",
+        **extra,
+    }
+
+
+# --- an async test's view of a child ----------------------------------------------------
+
+HEALTH_PORT_LINE = re.compile(r"worker\.health_listening .*port=(\d+)")
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs; an unreaped zombie counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Process:
+    """``python -m <module>`` for a process-level test: a ``ChildProcess`` with no
+    readiness URL, its output (one log file) read back as ``lines``.
+
+    ``proc`` is the ``Popen``, polled on every read, so its ``returncode`` is current and
+    ``proc.send_signal`` reaches the child alone (``kill`` takes its whole group).
+    """
+
+    def __init__(self, child: ChildProcess) -> None:
+        self.child = child
+
+    @classmethod
+    async def start(cls, module: str, env: Mapping[str, str], *args: str) -> Process:
+        directory = Path(tempfile.mkdtemp(prefix=f"{module}-"))
+        child = ChildProcess(
+            name=f"python -m {module}",
+            argv=[sys.executable, "-m", module, *args],
+            env=child_env(env, drop=("ORCH_", "WORKER_")),
+            log_path=directory / f"{module}.log",
+        )
+        child.spawn()
+        return cls(child)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.child.process is not None
+        self.child.process.poll()
+        return self.child.process
+
+    @property
+    def lines(self) -> list[str]:
+        return self.child.log_text().splitlines()
+
+    def grep(self, needle: str) -> list[str]:
+        return [line for line in self.lines if needle in line]
+
+    async def health_port(self, timeout: float = 20.0) -> int:
+        """The port the worker's health server bound (``WORKER_HEALTH_PORT=0``), from its log."""
+        from devkit.poll import eventually
+
+        def port() -> int | None:
+            match = next((m for line in self.lines if (m := HEALTH_PORT_LINE.search(line))), None)
+            return None if match is None else int(match.group(1))
+
+        found: int = await eventually(port, timeout=timeout, what="worker.health_listening")
+        return found
+
+    async def wait(self, timeout: float = 20) -> int:
+        """Its exit status, once it exits (``TimeoutError`` after ``timeout`` seconds)."""
+        process = self.proc
+        deadline = time.monotonic() + timeout
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.child.name} still running after {timeout} s")
+            await asyncio.sleep(POLL_S)
+        code = self.child.kill()  # its group's stragglers too; reaps and closes the log
+        assert code is not None
+        return code
+
+    async def terminate(self, timeout: float = 20) -> int:
+        """A graceful stop: SIGTERM to the child alone, then its exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.wait(timeout)
+
+    async def kill(self) -> None:
+        """SIGKILL its group if still running, then reap."""
+        await self.child.akill()

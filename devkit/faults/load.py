@@ -12,7 +12,7 @@ from collections import Counter
 
 import httpx
 
-from tests.faults.cluster import API
+from devkit.faults.cluster import API
 
 PATHS = (f"{API}/streams", f"{API}/workers", f"{API}/cluster", "/ready")
 ACCEPTABLE = ("200", "503")

@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from bench.pg import BENCH_KIND, HOST_TAG, creator_pid, is_leaked, scratch_prefix
-from tests.utils.pg import TEST_KIND
+from devkit.pg import BENCH_KIND, HOST_TAG, TEST_KIND, creator_pid, is_leaked, scratch_prefix
 
 OTHER_HOST = "0badc0de" if HOST_TAG != "0badc0de" else "0badcafe"
 DEAD, LIVE = 4_194_000, 4_194_001

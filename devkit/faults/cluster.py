@@ -2,7 +2,7 @@
 
 ``Cluster`` starts ``python -m orchestrator`` replicas (a SQLite file or a PostgreSQL
 database), real ``python -m worker`` processes running the probe processor, optionally
-each in its own network namespace (``tests.faults.netns``), and wires the invariant checker
+each in its own network namespace (``devkit.faults.netns``), and wires the invariant checker
 to them. Every process is started in its own session and killed on ``close()``, whatever
 happened. Times are shrunk (heartbeat 0.3 s, lease 1.5 s, reaper 0.2 s) so a fault and the
 recovery from it take a second or two.
@@ -19,26 +19,27 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import httpx
 
-from tests.faults.invariants import InvariantChecker, WorkerInfo
-from tests.faults.netns import Namespace
-from tests.faults.probe import PROBE_DIR_ENV
-from tests.faults.proxy import TcpProxy
-from tests.utils.poll import eventually
-from tests.utils.processes import (
-    REPO_ROOT,
+from devkit.faults.invariants import InvariantChecker, WorkerInfo
+from devkit.faults.netns import Namespace
+from devkit.faults.probe import PROBE_DIR_ENV
+from devkit.faults.proxy import TcpProxy
+from devkit.poll import eventually
+from devkit.procs import (
+    ChildProcess,
     OrchestratorProcess,
     astart_orchestrator,
+    child_env,
     free_port,
 )
 
 API = "/api/v1"
 ADMIN_TOKEN = "faults-admin-token-0123"
 WORKER_TOKEN = "faults-worker-token-0123"
-PROBE_PROCESSOR = "module:tests.faults.probe:run"
+PROBE_PROCESSOR = "module:devkit.faults.probe:run"
 WORKER_START_TIMEOUT_S = 40.0
 NS_HEALTH_PORT = 18081
 
@@ -126,13 +127,15 @@ class WorkerNode:
     timing: Timing
     namespace: Namespace | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
+    child: ChildProcess | None = None
     health_port: int = 0
     paused: bool = False
     partitioned: bool = False
     starts: int = 0
-    _log: BinaryIO | None = None
-    log_path: Path | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.child.process if self.child is not None else None
 
     @property
     def health_host(self) -> str:
@@ -159,10 +162,9 @@ class WorkerNode:
         )
 
     def env(self) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "ORCH_"))}
-        base.update(self.timing.worker_env())
-        base.update(
+        return child_env(
             {
+                **self.timing.worker_env(),
                 "WORKER_ORCHESTRATOR_URL": self.orchestrator_url,
                 "WORKER_ID": self.worker_id,
                 "WORKER_MAX_STREAMS": str(self.capacity),
@@ -172,19 +174,13 @@ class WorkerNode:
                 "WORKER_HEALTH_PORT": str(self.health_port),
                 "WORKER_PROCESSOR": PROBE_PROCESSOR,
                 PROBE_DIR_ENV: str(self.probe_dir),
-                "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-                ),
-            }
+                **self.extra_env,
+            },
+            drop=("WORKER_", "ORCH_"),
         )
-        base.update(self.extra_env)
-        return base
 
     def log_text(self) -> str:
-        if self.log_path is None:
-            return ""
-        return self.log_path.read_text(errors="replace")
+        return self.child.log_text() if self.child is not None else ""
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
@@ -195,18 +191,14 @@ class WorkerNode:
         self.health_port = NS_HEALTH_PORT if self.namespace is not None else free_port()
         self.starts += 1
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.log_dir / f"worker-{self.worker_id}-{self.starts}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed when the process is reaped
         prefix = self.namespace.exec_prefix() if self.namespace is not None else []
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "worker"],
-            cwd=REPO_ROOT,
+        self.child = ChildProcess(
+            name=self.worker_id,
+            argv=[*prefix, sys.executable, "-m", "worker"],
             env=self.env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            log_path=self.log_dir / f"worker-{self.worker_id}-{self.starts}.log",
         )
+        self.child.spawn()
         self.paused = False
         if wait:
             await self.wait_healthy()
@@ -256,19 +248,15 @@ class WorkerNode:
             self.paused = False
 
     async def _reap(self, timeout: float) -> int | None:
-        if self.proc is None:
+        """Its exit status once it exits; SIGKILL to its group after ``timeout``."""
+        if self.child is None or self.child.process is None:
             return None
-        proc = self.proc
+        process = self.child.process
         try:
-            code = await asyncio.to_thread(proc.wait, timeout)
+            await asyncio.to_thread(process.wait, timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            code = await asyncio.to_thread(proc.wait, 10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
+            pass
+        return await self.child.akill()
 
 
 @dataclass

@@ -12,7 +12,7 @@ Faults on one namespace's link:
   either direction are lost, connections time out or are refused by the kernel);
 - ``degrade(delay_ms, loss_pct)`` / ``clear``: ``tc qdisc netem`` on both ends, when the
   kernel has ``sch_netem`` (``netem_available()``); some kernels lack it, and the tests
-  then shape the traffic in user space instead (``tests.faults.proxy``).
+  then shape the traffic in user space instead (``devkit.faults.proxy``).
 """
 
 from __future__ import annotations

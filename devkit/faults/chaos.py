@@ -16,8 +16,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tests.faults.cluster import Cluster
-from tests.faults.netns import NetLab
+from devkit.faults.cluster import Cluster
+from devkit.faults.netns import NetLab
 
 KILL_WORKER = "kill_worker"  # SIGKILL, restarted after the duration
 STOP_WORKER = "stop_worker"  # SIGTERM (graceful leave), restarted after the duration

@@ -2,7 +2,7 @@
 
 It polls ``GET /api/v1/streams`` and ``/workers`` through every orchestrator replica, each
 live worker's ``/health``, and what each worker's processors really run (the probe files
-of ``tests.faults.probe``). Every snapshot is held against the safety rules:
+of ``devkit.faults.probe``). Every snapshot is held against the safety rules:
 
 - no stream owned twice: within one snapshot by construction (one owner column), and
   across replicas: owners read through replica A, then B, then A again must agree
@@ -27,14 +27,14 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.faults.probe import read_journal, read_running
+from devkit.faults.probe import read_journal, read_running
 
 API = "/api/v1"
 READ_TIMEOUT_S = 3.0
@@ -304,6 +304,18 @@ class InvariantChecker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every_s):
                     await stop.wait()
+
+    @contextlib.asynccontextmanager
+    async def watching(self, *, every_s: float = 0.25) -> AsyncIterator[InvariantChecker]:
+        """Snapshots in a background task for as long as the block runs; the task is stopped
+        and awaited however the block ends (``assert_clean()`` afterwards)."""
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(self.run(stop, every_s=every_s))
+        try:
+            yield self
+        finally:
+            stop.set()
+            await watcher
 
     # --- liveness, once faults stop --------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Children of ``bench.procs`` never outlive what started them: group kills, failed or
+"""Children of ``devkit.procs`` never outlive what started them: group kills, failed or
 cancelled starts, and ``no_orphans`` blocks."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.procs import REPO_ROOT, ChildProcess, free_port, no_orphans, running_children
+from devkit.procs import REPO_ROOT, ChildProcess, free_port, no_orphans, running_children
 
 # A leader that starts a grandchild in its own process group, writes its pid, and waits.
 FAMILY = (
@@ -117,7 +117,7 @@ def test_a_start_that_times_out_kills_the_child(tmp_path: Path) -> None:
 def test_a_run_killed_outright_takes_its_children_along(tmp_path: Path) -> None:
     """SIGKILL of the process that spawned a child (no clean-up runs) still ends the child."""
     script = (
-        "import sys, time; from pathlib import Path; from bench.procs import ChildProcess; "
+        "import sys, time; from pathlib import Path; from devkit.procs import ChildProcess; "
         "c = ChildProcess(name='c', argv=[sys.executable, '-c', 'import time; time.sleep(60)'], "
         "env={}, log_path=Path(sys.argv[1])); c.spawn(); print(c.pid, flush=True); "
         "time.sleep(60)"

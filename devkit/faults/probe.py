@@ -1,6 +1,6 @@
 """A processor for fault tests: it says, on disk, which (stream, token) it is running.
 
-Workers started by the fault tests run ``module:tests.faults.probe:run``. Each worker keeps
+Workers started by the fault tests run ``module:devkit.faults.probe:run``. Each worker keeps
 ``<STREAMHERD_PROBE_DIR>/<worker_id>.json`` = ``{"pid", "running": {stream: token}}``
 current (rewritten atomically on every start and stop) and appends ``start``/``stop``
 lines to ``<worker_id>.log``. The invariant checker reads both: what a worker *really*
