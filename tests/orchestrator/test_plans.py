@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.sql import Executable
 
-from orchestrator.assignment import PLANNED_GRANT
+from orchestrator.balancing import PLANNED_GRANT
 from tests.utils.pg import PgDatabases
 
 # The shape of the trap: at this size, with every row updated once (each grant writes a
