@@ -118,13 +118,13 @@ async def test_a_slow_pass_is_not_an_outage(
     async with running(db_url, clock) as h:
         await h.register("a", capacity=1)
         await h.reap()
-        balance = reaper_module.asg.balance
+        balance = reaper_module.balancing.balance
 
         async def slow_balance(*args, **kwargs):  # type: ignore[no-untyped-def]
             clock.advance(2 * h.settings.outage_gap_s)
             return await balance(*args, **kwargs)
 
-        monkeypatch.setattr(reaper_module.asg, "balance", slow_balance)
+        monkeypatch.setattr(reaper_module.balancing, "balance", slow_balance)
         lost: list[str] = []
         for _ in range(3):
             clock.advance(0.5)
