@@ -21,6 +21,7 @@ from orchestrator.api import fast_heartbeat
 from orchestrator.api.routes import cluster, events, health, streams, workers
 from orchestrator.catalog import Catalog
 from orchestrator.config import Settings
+from orchestrator.context import Context
 from orchestrator.db import Database
 from orchestrator.errors import install_error_handlers
 from orchestrator.heartbeats import Heartbeats, LeaseBook
@@ -29,6 +30,7 @@ from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.middleware import BodyLimitMiddleware, MetricsMiddleware
 from orchestrator.migrations import upgrade_to_head
 from orchestrator.reaper import Reaper
+from orchestrator.sessions import SessionGuard
 from orchestrator.signals import ChangeSignal
 from orchestrator.views import ViewCache
 from orchestrator.worker_calls import WorkerCalls
@@ -63,18 +65,12 @@ def create_app(
         app.state.book = book
         app.state.signal = signal
         app.state.views = views
-        app.state.heartbeats = Heartbeats(
-            settings, db, book=book, views=views, signal=signal, metrics=metrics, clock=clock
-        )
-        app.state.workers = WorkerCalls(
-            settings, db, book=book, signal=signal, metrics=metrics, clock=clock
-        )
-        app.state.catalog = Catalog(
-            settings, db, book=book, signal=signal, metrics=metrics, clock=clock
-        )
-        app.state.reaper = reaper = Reaper(
-            settings, db, book=book, signal=signal, metrics=metrics, clock=clock
-        )
+        ctx = Context(settings, db, signal, metrics, clock)
+        sessions = SessionGuard(outage_gap=settings.outage_gap_s, lease_end=book.lease_end)
+        app.state.heartbeats = Heartbeats(ctx, book=book, views=views, sessions=sessions)
+        app.state.workers = WorkerCalls(ctx, book=book, sessions=sessions)
+        app.state.catalog = Catalog(ctx, book=book)
+        app.state.reaper = reaper = Reaper(ctx, book=book)
         stop = asyncio.Event()
         task = asyncio.create_task(reaper.run(stop), name="reaper") if run_reaper else None
         await live.start(db, signal)

@@ -14,15 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import balancing, ownership
 from orchestrator import events as ev
-from orchestrator.config import Settings
-from orchestrator.db import Database
+from orchestrator.context import Context
 from orchestrator.errors import Conflict, NotFound, ValidationFailed, stream_id_conflicts
 from orchestrator.heartbeats import LeaseBook
-from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.models import LEASED_STATES, StreamFailureRow, StreamRow, WorkerRow
-from orchestrator.signals import ChangeSignal
 from shared import models as m
-from shared.clock import Clock
 from shared.limits import MAX_STREAM_ID
 from shared.models import StreamStatus, WorkerState, from_timestamp
 
@@ -40,25 +36,21 @@ def stream_out(row: StreamRow) -> m.Stream:
     )
 
 
+async def _lock_stream(session: AsyncSession, stream_id: int) -> StreamRow:
+    row = (
+        await session.execute(select(StreamRow).where(StreamRow.id == stream_id).with_for_update())
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"no stream {stream_id}")
+    return row
+
+
 class Catalog:
     """The operator's view and levers over streams and workers."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        db: Database,
-        *,
-        book: LeaseBook,
-        signal: ChangeSignal,
-        metrics: OrchestratorMetrics,
-        clock: Clock,
-    ) -> None:
-        self.settings = settings
-        self.db = db
+    def __init__(self, ctx: Context, *, book: LeaseBook) -> None:
+        self.ctx = ctx
         self.book = book
-        self.signal = signal
-        self.metrics = metrics
-        self.clock = clock
 
     # --- workers ---------------------------------------------------------------------------
 
@@ -68,12 +60,12 @@ class Catalog:
         lease = max(row.lease_expires_at, pending or 0.0)
         last = row.last_heartbeat_at
         if pending is not None:
-            last = max(last or 0.0, lease - self.settings.lease_ttl_s)
+            last = max(last or 0.0, lease - self.ctx.settings.lease_ttl_s)
         # Suspect: still leased, but it has missed beats (visible before it is declared lost).
         if (
             state == WorkerState.ACTIVE
             and last is not None
-            and now - last > 2 * self.settings.heartbeat_interval_s
+            and now - last > 2 * self.ctx.settings.heartbeat_interval_s
         ):
             state = WorkerState.SUSPECT
         return m.Worker(
@@ -98,8 +90,8 @@ class Catalog:
         return {str(owner): int(n) for owner, n in rows.all()}
 
     async def list_workers(self, state: str | None = None) -> m.WorkerList:
-        now = self.clock.wall()
-        async with self.db.read() as session:
+        now = self.ctx.clock.wall()
+        async with self.ctx.db.read() as session:
             stmt = select(WorkerRow).order_by(WorkerRow.worker_id)
             if state is not None and state != WorkerState.SUSPECT:
                 stmt = stmt.where(WorkerRow.state == state)
@@ -111,8 +103,8 @@ class Catalog:
         return m.WorkerList(items=items)
 
     async def get_worker(self, worker_id: str) -> m.Worker:
-        now = self.clock.wall()
-        async with self.db.read() as session:
+        now = self.ctx.clock.wall()
+        async with self.ctx.db.read() as session:
             row = await session.get(WorkerRow, worker_id)
             if row is None:
                 raise NotFound(f"no worker {worker_id!r}")
@@ -121,7 +113,7 @@ class Catalog:
 
     async def drain(self, worker_id: str) -> m.Worker:
         async def work(session: AsyncSession) -> tuple[WorkerRow, int]:
-            now = self.clock.wall()
+            now = self.ctx.clock.wall()
             row = await ownership.lock_worker(session, worker_id)
             if row is None:
                 raise NotFound(f"no worker {worker_id!r}")
@@ -132,9 +124,9 @@ class Catalog:
                 await ev.record_one(session, ev.WORKER_DRAINING, now, worker_id=worker_id)
             return row, await ownership.owned_count(session, worker_id)
 
-        row, held = await self.db.write(work)
-        self.signal.changed()
-        return self._worker_out(row, held, self.clock.wall())
+        row, held = await self.ctx.db.write(work)
+        self.ctx.signal.changed()
+        return self._worker_out(row, held, self.ctx.clock.wall())
 
     # --- streams ---------------------------------------------------------------------------
 
@@ -144,7 +136,7 @@ class Catalog:
             raise ValidationFailed("the same stream id appears twice in one request")
 
         async def work(session: AsyncSession) -> list[StreamRow]:
-            now = self.clock.wall()
+            now = self.ctx.clock.wall()
             if explicit:
                 taken = (
                     (await session.execute(select(StreamRow.id).where(StreamRow.id.in_(explicit))))
@@ -193,8 +185,8 @@ class Catalog:
             return rows
 
         with stream_id_conflicts():
-            rows = await self.db.write(work)
-        self.signal.changed()
+            rows = await self.ctx.db.write(work)
+        self.ctx.signal.changed()
         return m.CreateStreamsAnswer(created=[stream_out(r) for r in rows])
 
     async def list_streams(
@@ -208,7 +200,7 @@ class Catalog:
                 raise ValidationFailed("invalid cursor") from exc
             if not 0 <= after <= MAX_STREAM_ID:
                 raise ValidationFailed("invalid cursor")
-        async with self.db.read() as session:
+        async with self.ctx.db.read() as session:
             stmt = select(StreamRow).where(StreamRow.id > after).order_by(StreamRow.id).limit(limit)
             if status is not None:
                 stmt = stmt.where(StreamRow.status == status)
@@ -219,7 +211,7 @@ class Catalog:
         return m.StreamPage(items=[stream_out(r) for r in rows], next_cursor=next_cursor)
 
     async def get_stream(self, stream_id: int) -> m.Stream:
-        async with self.db.read() as session:
+        async with self.ctx.db.read() as session:
             row = await session.get(StreamRow, stream_id)
         if row is None:
             raise NotFound(f"no stream {stream_id}")
@@ -230,14 +222,8 @@ class Catalog:
             raise ValidationFailed("status may be set to active or disabled only")
 
         async def work(session: AsyncSession) -> StreamRow:
-            now = self.clock.wall()
-            row = (
-                await session.execute(
-                    select(StreamRow).where(StreamRow.id == stream_id).with_for_update()
-                )
-            ).scalar_one_or_none()
-            if row is None:
-                raise NotFound(f"no stream {stream_id}")
+            now = self.ctx.clock.wall()
+            row = await _lock_stream(session, stream_id)
             changes: dict[str, Any] = {}
             if req.name is not None:
                 row.name = changes["name"] = req.name
@@ -263,20 +249,14 @@ class Catalog:
             await ev.record_one(session, ev.STREAM_UPDATED, now, stream_id=stream_id, **changes)
             return row
 
-        row = await self.db.write(work)
-        self.signal.changed()
+        row = await self.ctx.db.write(work)
+        self.ctx.signal.changed()
         return stream_out(row)
 
     async def delete_stream(self, stream_id: int) -> m.Stream:
         async def work(session: AsyncSession) -> StreamRow:
-            now = self.clock.wall()
-            row = (
-                await session.execute(
-                    select(StreamRow).where(StreamRow.id == stream_id).with_for_update()
-                )
-            ).scalar_one_or_none()
-            if row is None:
-                raise NotFound(f"no stream {stream_id}")
+            now = self.ctx.clock.wall()
+            row = await _lock_stream(session, stream_id)
             await session.execute(
                 delete(StreamFailureRow).where(StreamFailureRow.stream_id == stream_id)
             )
@@ -286,8 +266,8 @@ class Catalog:
             )
             return row
 
-        row = await self.db.write(work)
-        self.signal.changed()
+        row = await self.ctx.db.write(work)
+        self.ctx.signal.changed()
         return stream_out(row)
 
     # --- cluster and events ----------------------------------------------------------------
@@ -295,20 +275,20 @@ class Catalog:
     async def rebalance(self) -> m.RebalanceAnswer:
         async def work(session: AsyncSession) -> balancing.BalanceReport:
             return await balancing.balance(
-                session, self.clock.wall(), max_moves=self.settings.max_moves_per_pass * 10
+                session, self.ctx.clock.wall(), max_moves=self.ctx.settings.max_moves_per_pass * 10
             )
 
-        await self.book.flush(self.db)
-        report = await self.db.write(work)
-        self.metrics.assignments.inc(len(report.assigned))
-        self.metrics.rebalance_moves.inc(len(report.moves))
+        await self.book.flush(self.ctx.db)
+        report = await self.ctx.db.write(work)
+        self.ctx.metrics.assignments.inc(len(report.assigned))
+        self.ctx.metrics.rebalance_moves.inc(len(report.moves))
         if report.moves or report.assigned:
-            self.signal.changed()
+            self.ctx.signal.changed()
         return m.RebalanceAnswer(moves=report.moves)
 
     async def cluster(self) -> m.ClusterAnswer:
-        now = self.clock.wall()
-        async with self.db.read() as session:
+        now = self.ctx.clock.wall()
+        async with self.ctx.db.read() as session:
             workers = (await session.execute(select(WorkerRow))).scalars().all()
             streams = await session.execute(
                 select(StreamRow.status, func.count(), func.count(StreamRow.owner_id)).group_by(
@@ -337,5 +317,5 @@ class Catalog:
         )
 
     async def list_events(self, *, after: int, limit: int) -> m.EventPage:
-        async with self.db.read() as session:
+        async with self.ctx.db.read() as session:
             return await ev.page_after(session, after=after, limit=limit)

@@ -22,16 +22,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import ownership
 from orchestrator.auth import Caller, same_hash
-from orchestrator.config import Settings
+from orchestrator.context import Context
 from orchestrator.db import Database
 from orchestrator.errors import StaleEpoch
-from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.models import LEASED_STATES, StreamRow, WorkerRow
-from orchestrator.sessions import check_session
-from orchestrator.signals import ChangeSignal
+from orchestrator.sessions import SessionGuard
 from orchestrator.views import ViewCache, WorkerView, scoped
 from shared import models as m
-from shared.clock import Clock
 from shared.models import WorkerState, rfc3339
 
 log = logging.getLogger(__name__)
@@ -263,27 +260,16 @@ class Heartbeats:
     """``POST /workers/{id}/heartbeat``: answered from a cached view, renewal buffered."""
 
     def __init__(
-        self,
-        settings: Settings,
-        db: Database,
-        *,
-        book: LeaseBook,
-        views: ViewCache,
-        signal: ChangeSignal,
-        metrics: OrchestratorMetrics,
-        clock: Clock,
+        self, ctx: Context, *, book: LeaseBook, views: ViewCache, sessions: SessionGuard
     ) -> None:
-        self.settings = settings
-        self.db = db
+        self.ctx = ctx
         self.book = book
         self.views = views
-        self.signal = signal
-        self.metrics = metrics
-        self.clock = clock
+        self.sessions = sessions
 
     async def beat(self, caller: Caller, worker_id: str, req: m.HeartbeatRequest) -> bytes:
         """Renew the lease; the answer already encoded as JSON (a ``HeartbeatAnswer``)."""
-        now = self.clock.wall()
+        now = self.ctx.clock.wall()
         view = self.views.get(worker_id)
         if view is None or not self._view_accepts(view, caller, req.epoch, now):
             view = await self._load_view(caller, worker_id, req.epoch, now)
@@ -291,20 +277,22 @@ class Heartbeats:
         dropped: list[m.Drop] = []
         missing = held - view.owned
         if missing:
-            async with self.db.read() as session:
+            async with self.ctx.db.read() as session:
                 dropped = await ownership.drops_for(session, worker_id, sorted(missing))
-        ttl = self.settings.lease_ttl_s
+        ttl = self.ctx.settings.lease_ttl_s
         lease_end = self.book.lease_end(worker_id, view.epoch, view.lease_expires_at)
-        if lease_end < now + self.settings.lease_flush_interval_s + LATE_BEAT_MARGIN_S:
+        if lease_end < now + self.ctx.settings.lease_flush_interval_s + LATE_BEAT_MARGIN_S:
             # A beat at its lease's end (or past it, before any pass judged it): saved
             # before the answer, or a pass could give the streams away under it.
-            if not await self.book.save_now(self.db, worker_id, view.epoch, now, ttl, req.stats):
+            if not await self.book.save_now(
+                self.ctx.db, worker_id, view.epoch, now, ttl, req.stats
+            ):
                 await self._load_view(caller, worker_id, req.epoch, now)  # raises why
                 raise StaleEpoch("this session ended: register again")
             expires = now + ttl
         else:
             expires = self.book.renew(worker_id, view.epoch, now, ttl, req.stats)
-        self.metrics.heartbeats.inc()
+        self.ctx.metrics.heartbeats.inc()
         revoke = sorted(view.revoking & held)
         handed_back = sorted(view.revoking - held)
         if handed_back:
@@ -313,8 +301,8 @@ class Heartbeats:
                 scoped(session)  # release touches the one worker it changes
                 await ownership.release(session, worker_id, handed_back, now, reason="revoked")
 
-            await self.db.write(release)
-            self.signal.changed()
+            await self.ctx.db.write(release)
+            self.ctx.signal.changed()
         return encode_answer(expires, self.beat_hint(now), view, revoke, dropped)
 
     def beat_hint(self, now: float) -> float | None:
@@ -327,10 +315,10 @@ class Heartbeats:
         to rejoin). A live worker's lease always ends further out, so a healthy fleet never
         gets a hint; a failover costs each worker at most a few extra beats.
         """
-        due = self.signal.expiry_due
+        due = self.ctx.signal.expiry_due
         if due is None:
             return None
-        settings = self.settings
+        settings = self.ctx.settings
         interval = settings.heartbeat_interval_s
         flush = settings.lease_flush_interval_s
         # A live worker's lease ends at least TTL - interval after its last beat; as read
@@ -359,20 +347,9 @@ class Heartbeats:
         self, caller: Caller, worker_id: str, epoch: int, now: float
     ) -> WorkerView:
         generation = self.views.generation
-        async with self.db.read() as session:
+        async with self.ctx.db.read() as session:
             row, streams = await worker_and_streams(session, worker_id)
-            await check_session(
-                session,
-                caller,
-                worker_id,
-                row,
-                epoch=epoch,
-                now=now,
-                lease_end=0.0
-                if row is None
-                else self.book.lease_end(worker_id, row.epoch, row.lease_expires_at),
-                outage_gap=self.settings.outage_gap_s,
-            )
+            await self.sessions.check(session, caller, worker_id, row, epoch=epoch, now=now)
             assert row is not None
         view = build_view(row, streams, self.views.now())
         self.views.put(view, generation)

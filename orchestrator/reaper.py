@@ -36,14 +36,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import balancing, idempotency, ownership, views
 from orchestrator import events as ev
-from orchestrator.config import Settings
-from orchestrator.db import Database
+from orchestrator.context import Context
 from orchestrator.errors import as_api_error
 from orchestrator.heartbeats import LeaseBook
-from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.models import LEASED_STATES, ClusterRow, EventRow, ViewChangeRow, WorkerRow
-from orchestrator.signals import ChangeSignal
-from shared.clock import Clock
 from shared.models import WorkerState
 
 log = logging.getLogger(__name__)
@@ -74,26 +70,12 @@ class PassReport:
 
 
 class Reaper:
-    def __init__(
-        self,
-        settings: Settings,
-        db: Database,
-        *,
-        book: LeaseBook,
-        signal: ChangeSignal,
-        metrics: OrchestratorMetrics,
-        clock: Clock,
-        replica_id: str | None = None,
-    ) -> None:
-        self.settings = settings
-        self.db = db
+    def __init__(self, ctx: Context, *, book: LeaseBook, replica_id: str | None = None) -> None:
+        self.ctx = ctx
         self.book = book
-        self.signal = signal
-        self.metrics = metrics
-        self.clock = clock
-        self.replica_id = replica_id or settings.replica_id or default_replica_id()
+        self.replica_id = replica_id or ctx.settings.replica_id or default_replica_id()
         self.passes = 0
-        self.started_at = clock.wall()
+        self.started_at = ctx.clock.wall()
         # Who held the claim this replica last took, read by ``_claim``.
         self._previous_leader: str | None = None
         # When this replica last finished a pass or a loop turn that reached the database:
@@ -106,28 +88,28 @@ class Reaper:
         self._prune_more = False  # housekeeping left rows to prune: go on next pass
 
     async def _claim(self, session: AsyncSession) -> bool:
-        now = self.clock.wall()
+        now = self.ctx.clock.wall()
         row = await session.get(ClusterRow, 1, with_for_update=True)
         self._previous_leader = None if row is None else row.leader
         if row is None:
             session.add(
                 ClusterRow(
-                    id=1, leader=self.replica_id, leader_until=now + self.settings.leader_ttl_s
+                    id=1, leader=self.replica_id, leader_until=now + self.ctx.settings.leader_ttl_s
                 )
             )
             return True
         if row.leader == self.replica_id or row.leader_until < now:
             row.leader = self.replica_id
-            row.leader_until = now + self.settings.leader_ttl_s
+            row.leader_until = now + self.ctx.settings.leader_ttl_s
             return True
         return False
 
     async def _pass(self, session: AsyncSession) -> PassReport:
         report = PassReport(leader=True)
-        now = self.clock.wall()
+        now = self.ctx.clock.wall()
         cluster = await session.get(ClusterRow, 1, with_for_update=True)
         assert cluster is not None
-        ttl = self.settings.lease_ttl_s
+        ttl = self.ctx.settings.lease_ttl_s
         outage = self._outage(cluster.last_reaper_at, now)
         if outage is not None:
             cause, gap = outage
@@ -145,10 +127,10 @@ class Reaper:
         cluster.last_reaper_at = now
         report.lost, freed = await mark_lost(session, now)
         overdue = await balancing.expire_revokes(
-            session, now, self.settings.effective_revoke_timeout_s
+            session, now, self.ctx.settings.effective_revoke_timeout_s
         )
         balance = await balancing.balance(
-            session, now, max_moves=self.settings.max_moves_per_pass, previous_owner=freed
+            session, now, max_moves=self.ctx.settings.max_moves_per_pass, previous_owner=freed
         )
         report.assigned = len(balance.assigned)
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
@@ -175,8 +157,8 @@ class Reaper:
             # A freeze that began inside the previous pass ended it "healthy" afterwards:
             # the loop's own standstill (``_watch_loop``) counts as much as its silence.
             stalled = max(now - self._alive_at, self._frozen_since_last_pass)
-            return ("stall", stalled) if stalled > self.settings.stall_gap_s else None
-        if silence > self.settings.outage_gap_s:
+            return ("stall", stalled) if stalled > self.ctx.settings.stall_gap_s else None
+        if silence > self.ctx.settings.outage_gap_s:
             return ("silence", silence)
         return None
 
@@ -186,38 +168,38 @@ class Reaper:
         Its own transaction, after a pass: a pass that had to delete 100,000 events at
         once (after a large assignment) held up the judging of leases for seconds.
         """
-        now = self.clock.wall()
-        await idempotency.purge(session, now - self.settings.idempotency_ttl_s)
+        now = self.ctx.clock.wall()
+        await idempotency.purge(session, now - self.ctx.settings.idempotency_ttl_s)
         # Replicas tail view changes every 100 ms: only the recent ones are ever read.
         more = await _prune_oldest(session, ViewChangeRow, ViewChangeRow.id, VIEW_CHANGES_KEPT)
-        retention = self.settings.events_retention
+        retention = self.ctx.settings.events_retention
         return await _prune_oldest(session, EventRow, EventRow.id, retention) or more
 
     async def run_once(self) -> PassReport:
-        await self.book.flush(self.db)
-        claimed = await self.db.write(self._claim, changes=False)
+        await self.book.flush(self.ctx.db)
+        claimed = await self.ctx.db.write(self._claim, changes=False)
         # Taken here, leader or not: a standstill while another replica led is no silence
         # of ours. One during this pass is recorded afterwards, for the next.
         self._frozen_since_last_pass, self.frozen_for = self.frozen_for, 0.0
         if not claimed:
-            self.metrics.reaper_leader.set(0)
+            self.ctx.metrics.reaper_leader.set(0)
             # Heartbeats through this replica hint too (``Heartbeats.beat_hint``): the
             # lease that ends first is the same whoever runs the pass that judges it.
-            async with self.db.read() as session:
-                self.signal.lease_due(await _earliest_lease_in(session))
+            async with self.ctx.db.read() as session:
+                self.ctx.signal.lease_due(await _earliest_lease_in(session))
             return PassReport()
-        self.metrics.reaper_leader.set(1)
+        self.ctx.metrics.reaper_leader.set(1)
         self.passes += 1
         started = time.perf_counter()
-        report = await self.db.write(self._pass)
-        self._alive_at = self.clock.wall()
-        self.signal.lease_due(report.next_expiry)
+        report = await self.ctx.db.write(self._pass)
+        self._alive_at = self.ctx.clock.wall()
+        self.ctx.signal.lease_due(report.next_expiry)
         if self._prune_more or self.passes % HOUSEKEEPING_EVERY_PASSES == 1:
-            self._prune_more = await self.db.write(self._housekeeping, changes=False)
+            self._prune_more = await self.ctx.db.write(self._housekeeping, changes=False)
         took = time.perf_counter() - started
-        m = self.metrics
+        m = self.ctx.metrics
         m.reaper_pass_seconds.observe(took)
-        if took > self.settings.reaper_interval_s:
+        if took > self.ctx.settings.reaper_interval_s:
             # Passes are due every interval: a longer one delays failover by as much.
             log.warning(
                 "orchestrator.slow_reaper_pass",
@@ -238,8 +220,8 @@ class Reaper:
         for wid in report.lost:
             log.warning("orchestrator.worker_lost", extra={"worker_id": wid})
         if report.lost or report.assigned or report.moves:
-            self.signal.changed()
-            self.signal.wake.clear()  # this pass already did what the wake-up asked for
+            self.ctx.signal.changed()
+            self.ctx.signal.wake.clear()  # this pass already did what the wake-up asked for
         return report
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -270,9 +252,9 @@ class Reaper:
             last = now
 
     async def _run(self, stop: asyncio.Event) -> None:
-        wake = self.signal.wake
-        interval = self.settings.reaper_interval_s
-        flush_every = self.settings.lease_flush_interval_s
+        wake = self.ctx.signal.wake
+        interval = self.ctx.settings.reaper_interval_s
+        flush_every = self.ctx.settings.lease_flush_interval_s
         min_gap = min(0.05, interval / 4)
         loop = asyncio.get_running_loop()
         next_pass = loop.time()
@@ -293,17 +275,17 @@ class Reaper:
                         # worker's streams move as soon as its lease allows.
                         # (After the flush interval: a beat another replica took just
                         # before the end is written by then.)
-                        due = report.next_expiry - self.clock.wall() + flush_every
+                        due = report.next_expiry - self.ctx.clock.wall() + flush_every
                         due += EXPIRY_MARGIN_S
                         next_pass = min(next_pass, loop.time() + max(due, min_gap))
                 else:
-                    await self.book.flush(self.db)
-                self.metrics.database_up.set(1)
+                    await self.book.flush(self.ctx.db)
+                self.ctx.metrics.database_up.set(1)
                 if healthy and self._alive_at is not None:
-                    self._alive_at = self.clock.wall()
+                    self._alive_at = self.ctx.clock.wall()
             except Exception as exc:  # noqa: BLE001 - the detector must outlive any one failure
                 healthy = False  # until a pass gets through: the silence keeps counting
-                self.metrics.database_up.set(0)
+                self.ctx.metrics.database_up.set(0)
                 if as_api_error(exc) is not None:
                     log.warning(
                         "orchestrator.reaper_db_unavailable", extra={"error": type(exc).__name__}

@@ -1,12 +1,13 @@
 """Sessions: may this caller act for this worker, in this epoch, under this lease?
 
-Every worker call (the heartbeat's cold path too) asks ``check_session`` first. The lease
+Every worker call (the heartbeat's cold path too) asks ``SessionGuard.check`` first. The lease
 it judges is the effective one (the stored end, or this replica's newer buffered renewal),
-handed in by the caller, so this module needs nothing of the lease book.
+read through the ``lease_end`` it was given, so this module needs nothing of the lease book.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -65,42 +66,46 @@ async def reject_session(
     )
 
 
-async def check_session(
-    session: AsyncSession,
-    caller: Caller,
-    worker_id: str,
-    row: Any | None,
-    *,
-    epoch: int | None,
-    now: float,
-    lease_end: float,
-    outage_gap: float,
-) -> None:
-    """Raise unless ``caller`` may act for ``worker_id`` in its current epoch and lease.
+class SessionGuard:
+    """The session check of one app: the outage gap it forgives, the lease ends it sees."""
 
-    ``lease_end`` is the effective end of ``row``'s lease (see ``LeaseBook.lease_end``).
-    """
-    if row is None:
+    def __init__(self, *, outage_gap: float, lease_end: Callable[[str, int, float], float]) -> None:
+        self._outage_gap = outage_gap
+        self._lease_end = lease_end  # (worker_id, epoch, stored end) -> effective end
+
+    async def check(
+        self,
+        session: AsyncSession,
+        caller: Caller,
+        worker_id: str,
+        row: Any | None,
+        *,
+        epoch: int | None,
+        now: float,
+    ) -> None:
+        """Raise unless ``caller`` may act for ``worker_id`` in its current epoch and lease."""
+        if row is None:
+            if caller.is_admin:
+                raise NotFound(f"no worker {worker_id!r}")
+            await reject_session(session, caller, worker_id, None)
+            return
+        if not caller.is_admin:
+            token_hash = caller.token_hash
+            if token_hash is None or not same_hash(token_hash, row.session_hash):
+                await reject_session(session, caller, worker_id, row)
+        if epoch is not None and epoch != row.epoch:
+            raise StaleEpoch(
+                "the epoch is not the worker's current one: register again",
+                details={"epoch": epoch, "current_epoch": row.epoch},
+            )
         if caller.is_admin:
-            raise NotFound(f"no worker {worker_id!r}")
-        await reject_session(session, caller, worker_id, None)
-        return
-    if not caller.is_admin:
-        token_hash = caller.token_hash
-        if token_hash is None or not same_hash(token_hash, row.session_hash):
-            await reject_session(session, caller, worker_id, row)
-    if epoch is not None and epoch != row.epoch:
-        raise StaleEpoch(
-            "the epoch is not the worker's current one: register again",
-            details={"epoch": epoch, "current_epoch": row.epoch},
-        )
-    if caller.is_admin:
-        return
-    if row.state not in LEASED_STATES:
-        raise StaleEpoch(
-            f"the worker is {row.state}: register again", details={"current_epoch": row.epoch}
-        )
-    if await lease_expired(session, lease_end, now, outage_gap):
-        raise StaleEpoch(
-            "the worker's lease expired: register again", details={"current_epoch": row.epoch}
-        )
+            return
+        if row.state not in LEASED_STATES:
+            raise StaleEpoch(
+                f"the worker is {row.state}: register again", details={"current_epoch": row.epoch}
+            )
+        lease_end = self._lease_end(worker_id, row.epoch, row.lease_expires_at)
+        if await lease_expired(session, lease_end, now, self._outage_gap):
+            raise StaleEpoch(
+                "the worker's lease expired: register again", details={"current_epoch": row.epoch}
+            )

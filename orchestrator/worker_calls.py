@@ -19,11 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator import events as ev
 from orchestrator import idempotency, ownership, views
 from orchestrator.auth import Caller, hash_token, new_session_token
-from orchestrator.config import Settings
-from orchestrator.db import Database
+from orchestrator.context import Context
 from orchestrator.errors import Conflict, NotFound, StaleEpoch
 from orchestrator.heartbeats import LeaseBook
-from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.models import (
     LocalHistoryRow,
     StreamFailureRow,
@@ -31,10 +29,8 @@ from orchestrator.models import (
     WorkerRow,
     WorkerSessionRow,
 )
-from orchestrator.sessions import check_session
-from orchestrator.signals import ChangeSignal
+from orchestrator.sessions import SessionGuard
 from shared import models as m
-from shared.clock import Clock
 from shared.models import StreamStatus, WorkerState
 
 log = logging.getLogger(__name__)
@@ -55,31 +51,19 @@ async def _insert_worker_if_missing(session: AsyncSession, values: dict[str, Any
 class WorkerCalls:
     """The session-holding calls a worker makes, other than its heartbeat."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        db: Database,
-        *,
-        book: LeaseBook,
-        signal: ChangeSignal,
-        metrics: OrchestratorMetrics,
-        clock: Clock,
-    ) -> None:
-        self.settings = settings
-        self.db = db
+    def __init__(self, ctx: Context, *, book: LeaseBook, sessions: SessionGuard) -> None:
+        self.ctx = ctx
         self.book = book
-        self.signal = signal
-        self.metrics = metrics
-        self.clock = clock
+        self.sessions = sessions
 
     async def register(self, caller: Caller, req: m.RegisterRequest) -> m.RegisterAnswer:
         token = new_session_token()
         token_hash = hash_token(token)
         wid = req.worker_id
-        ttl = self.settings.lease_ttl_s
+        ttl = self.ctx.settings.lease_ttl_s
 
         async def work(session: AsyncSession) -> m.RegisterAnswer:
-            now = self.clock.wall()
+            now = self.ctx.clock.wall()
             row = await ownership.lock_worker(session, wid)
             if row is None:
                 await _insert_worker_if_missing(
@@ -145,27 +129,27 @@ class WorkerCalls:
                 dropped=len(settled.drop),
                 local_mode_since=req.local_mode_since.isoformat() if req.local_mode_since else None,
             )
-            self.metrics.assignments.inc(len(settled.assign))
+            self.ctx.metrics.assignments.inc(len(settled.assign))
             return m.RegisterAnswer(
                 worker_id=wid,
                 epoch=row.epoch,
                 session_token=token,
-                heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                heartbeat_interval_s=self.ctx.settings.heartbeat_interval_s,
                 lease_ttl_s=ttl,
                 assignments=[ownership.to_assignment(r) for r in owned if r.revoke_at is None],
                 dropped=settled.drop,
             )
 
         try:
-            answer = await self.db.write(work)
+            answer = await self.ctx.db.write(work)
         except sa_exc.IntegrityError:
-            answer = await self.db.write(work)  # a twin registration created the row first
+            answer = await self.ctx.db.write(work)  # a twin registration created the row first
         self.book.forget(wid)
         log.info(
             "orchestrator.worker_registered",
             extra={"worker_id": wid, "epoch": answer.epoch, "streams": len(answer.assignments)},
         )
-        self.signal.changed()
+        self.ctx.signal.changed()
         return answer
 
     async def _worker_call(
@@ -186,19 +170,10 @@ class WorkerCalls:
             # released or quarantined from it): only its view goes, on every replica.
             views.touch(session, [worker_id])
             views.scoped(session)
-            now = self.clock.wall()
+            now = self.ctx.clock.wall()
             row = await ownership.lock_worker(session, worker_id)
             try:
-                await check_session(
-                    session,
-                    caller,
-                    worker_id,
-                    row,
-                    epoch=epoch,
-                    now=now,
-                    lease_end=self._lease_end(row),
-                    outage_gap=self.settings.outage_gap_s,
-                )
+                await self.sessions.check(session, caller, worker_id, row, epoch=epoch, now=now)
             except StaleEpoch:
                 # STALE_EPOCH means the token is one of this worker's sessions: a retry of a
                 # call whose answer was lost (a DELETE that ended the session) replays it.
@@ -218,12 +193,12 @@ class WorkerCalls:
             return body
 
         try:
-            return await self.db.write(txn)
+            return await self.ctx.db.write(txn)
         except sa_exc.IntegrityError:
             if key is None:
                 raise
             # A copy of this call committed first through another connection or replica.
-            async with self.db.read() as session:
+            async with self.ctx.db.read() as session:
                 replayed = await idempotency.replay(session, worker_id, key, fingerprint)
             if replayed is None:
                 raise
@@ -234,7 +209,7 @@ class WorkerCalls:
     ) -> dict[str, Any]:
         async def work(session: AsyncSession, row: WorkerRow, now: float) -> BaseModel:
             rows = await ownership.grant(session, row, req.count, now)
-            self.metrics.assignments.inc(len(rows))
+            self.ctx.metrics.assignments.inc(len(rows))
             return m.StreamsRequestAnswer(assigned=[ownership.to_assignment(r) for r in rows])
 
         return await self._worker_call(
@@ -253,7 +228,7 @@ class WorkerCalls:
         body = await self._worker_call(
             caller, worker_id, key, f"release:{req.model_dump_json()}", work
         )
-        self.signal.changed()
+        self.ctx.signal.changed()
         return body
 
     async def reconcile(
@@ -267,7 +242,7 @@ class WorkerCalls:
             extra = [
                 r for r in owned if r.id not in held and r.id not in handed and r.revoke_at is None
             ]
-            row.lease_expires_at = max(row.lease_expires_at, now + self.settings.lease_ttl_s)
+            row.lease_expires_at = max(row.lease_expires_at, now + self.ctx.settings.lease_ttl_s)
             row.last_heartbeat_at = now
             row.local_mode_since = None
             await self._store_history(session, worker_id, req.history, now)
@@ -283,7 +258,7 @@ class WorkerCalls:
                 history=len(req.history),
                 local_mode_since=req.local_mode_since.isoformat() if req.local_mode_since else None,
             )
-            self.metrics.assignments.inc(len(settled.assign))
+            self.ctx.metrics.assignments.inc(len(settled.assign))
             return m.ReconcileAnswer(
                 keep=[ownership.to_assignment(r) for r in settled.keep],
                 drop=settled.drop,
@@ -291,7 +266,7 @@ class WorkerCalls:
             )
 
         body = await self._worker_call(caller, worker_id, None, "reconcile", work, epoch=req.epoch)
-        self.signal.changed()
+        self.ctx.signal.changed()
         return m.ReconcileAnswer.model_validate(body)
 
     async def report_failure(
@@ -302,7 +277,7 @@ class WorkerCalls:
         req: m.FailureReport,
         key: str | None,
     ) -> dict[str, Any]:
-        window = self.settings.quarantine_window_s
+        window = self.ctx.settings.quarantine_window_s
 
         async def work(session: AsyncSession, row: WorkerRow, now: float) -> BaseModel:
             stream = (
@@ -341,36 +316,26 @@ class WorkerCalls:
             )
             stream.failures = failures
             stream.updated_at = now
-            quarantined = failures >= self.settings.quarantine_after
+            quarantined = failures >= self.ctx.settings.quarantine_after
             if quarantined:
                 stream.status = StreamStatus.QUARANTINED
                 stream.owner_id = None
                 stream.revoke_at = None
                 stream.revoke_to = None
-                self.metrics.quarantines.inc()
-                await ev.record_one(
-                    session,
-                    ev.STREAM_QUARANTINED,
-                    now,
-                    worker_id=worker_id,
-                    stream_id=stream_id,
-                    failures=failures,
-                    error=req.error[:500],
-                )
+                self.ctx.metrics.quarantines.inc()
                 log.warning(
                     "orchestrator.stream_quarantined",
                     extra={"stream_id": stream_id, "worker_id": worker_id, "failures": failures},
                 )
-            else:
-                await ev.record_one(
-                    session,
-                    ev.STREAM_FAILED,
-                    now,
-                    worker_id=worker_id,
-                    stream_id=stream_id,
-                    failures=failures,
-                    error=req.error[:500],
-                )
+            await ev.record_one(
+                session,
+                ev.STREAM_QUARANTINED if quarantined else ev.STREAM_FAILED,
+                now,
+                worker_id=worker_id,
+                stream_id=stream_id,
+                failures=failures,
+                error=req.error[:500],
+            )
             return m.FailureAnswer(failures=failures, quarantined=quarantined)
 
         return await self._worker_call(
@@ -394,13 +359,8 @@ class WorkerCalls:
         body = await self._worker_call(caller, worker_id, key, "leave", work)
         self.book.forget(worker_id)
         log.info("orchestrator.worker_left", extra={"worker_id": worker_id})
-        self.signal.changed()
+        self.ctx.signal.changed()
         return body
-
-    def _lease_end(self, row: WorkerRow | None) -> float:
-        if row is None:
-            return 0.0
-        return self.book.lease_end(row.worker_id, row.epoch, row.lease_expires_at)
 
     async def _store_history(
         self, session: AsyncSession, worker_id: str, history: list[m.HistoryEntry], now: float

@@ -6,7 +6,8 @@ aliases hand them to handlers so a handler reads as one call.
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
@@ -16,38 +17,19 @@ from orchestrator.heartbeats import Heartbeats
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.worker_calls import WorkerCalls
 
-# async, all of them: a plain ``def`` dependency would be run on the threadpool, a thread
-# hop per call.
+
+def _from_state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    # async: a plain ``def`` dependency would be run on the threadpool, a thread hop per call.
+    async def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"get_{name}"
+    return get
 
 
-async def get_worker_calls(request: Request) -> WorkerCalls:
-    calls: WorkerCalls = request.app.state.workers
-    return calls
-
-
-async def get_heartbeats(request: Request) -> Heartbeats:
-    heartbeats: Heartbeats = request.app.state.heartbeats
-    return heartbeats
-
-
-async def get_catalog(request: Request) -> Catalog:
-    catalog: Catalog = request.app.state.catalog
-    return catalog
-
-
-async def get_database(request: Request) -> Database:
-    db: Database = request.app.state.db
-    return db
-
-
-async def get_metrics(request: Request) -> OrchestratorMetrics:
-    metrics: OrchestratorMetrics = request.app.state.metrics
-    return metrics
-
-
-WorkerCallsDep = Annotated[WorkerCalls, Depends(get_worker_calls)]
-HeartbeatsDep = Annotated[Heartbeats, Depends(get_heartbeats)]
-CatalogDep = Annotated[Catalog, Depends(get_catalog)]
-DatabaseDep = Annotated[Database, Depends(get_database)]
-MetricsDep = Annotated[OrchestratorMetrics, Depends(get_metrics)]
+WorkerCallsDep = Annotated[WorkerCalls, Depends(_from_state("workers"))]
+HeartbeatsDep = Annotated[Heartbeats, Depends(_from_state("heartbeats"))]
+CatalogDep = Annotated[Catalog, Depends(_from_state("catalog"))]
+DatabaseDep = Annotated[Database, Depends(_from_state("db"))]
+MetricsDep = Annotated[OrchestratorMetrics, Depends(_from_state("metrics"))]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
