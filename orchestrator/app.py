@@ -66,7 +66,7 @@ def create_app(
         app.state.signal = signal
         app.state.views = views
         ctx = Context(settings, db, signal, metrics, clock)
-        sessions = SessionGuard(outage_gap=settings.outage_gap_s, lease_end=book.lease_end)
+        sessions = SessionGuard(outage_gap=settings.outage_gap_s)
         app.state.heartbeats = Heartbeats(ctx, book=book, views=views, sessions=sessions)
         app.state.workers = WorkerCalls(ctx, book=book, sessions=sessions)
         app.state.catalog = Catalog(ctx, book=book)

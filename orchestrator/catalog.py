@@ -57,7 +57,7 @@ class Catalog:
     def _worker_out(self, row: WorkerRow, held: int, now: float) -> m.Worker:
         state = row.state
         pending = self.book.latest_expiry(row.worker_id, row.epoch)
-        lease = max(row.lease_expires_at, pending or 0.0)
+        lease = self.book.lease_end(row)
         last = row.last_heartbeat_at
         if pending is not None:
             last = max(last or 0.0, lease - self.ctx.settings.lease_ttl_s)

@@ -95,9 +95,13 @@ class LeaseBook:
         self.renew(worker_id, epoch, now, ttl, stats)
         return True
 
-    def lease_end(self, worker_id: str, epoch: int, stored: float) -> float:
-        """The worker's lease as it is now: the stored end or a newer buffered renewal."""
-        return max(stored, self.latest_expiry(worker_id, epoch) or 0.0)
+    def lease_end(self, worker: Any | None) -> float:
+        """A worker's lease as it is now (a row or a view: ``worker_id``, ``epoch``,
+        ``lease_expires_at``): the stored end or a newer buffered renewal."""
+        if worker is None:
+            return 0.0
+        latest = self.latest_expiry(worker.worker_id, worker.epoch)
+        return max(float(worker.lease_expires_at), latest or 0.0)
 
     def forget(self, worker_id: str) -> None:
         self._pending.pop(worker_id, None)
@@ -280,7 +284,7 @@ class Heartbeats:
             async with self.ctx.db.read() as session:
                 dropped = await ownership.drops_for(session, worker_id, sorted(missing))
         ttl = self.ctx.settings.lease_ttl_s
-        lease_end = self.book.lease_end(worker_id, view.epoch, view.lease_expires_at)
+        lease_end = self.book.lease_end(view)
         if lease_end < now + self.ctx.settings.lease_flush_interval_s + LATE_BEAT_MARGIN_S:
             # A beat at its lease's end (or past it, before any pass judged it): saved
             # before the answer, or a pass could give the streams away under it.
@@ -341,7 +345,7 @@ class Heartbeats:
             return False
         if epoch != view.epoch or view.state not in LEASED_STATES:
             return False
-        return self.book.lease_end(view.worker_id, view.epoch, view.lease_expires_at) >= now
+        return self.book.lease_end(view) >= now
 
     async def _load_view(
         self, caller: Caller, worker_id: str, epoch: int, now: float
@@ -349,7 +353,10 @@ class Heartbeats:
         generation = self.views.generation
         async with self.ctx.db.read() as session:
             row, streams = await worker_and_streams(session, worker_id)
-            await self.sessions.check(session, caller, worker_id, row, epoch=epoch, now=now)
+            lease_end = self.book.lease_end(row)
+            await self.sessions.check(
+                session, caller, worker_id, row, epoch=epoch, now=now, lease_end=lease_end
+            )
             assert row is not None
         view = build_view(row, streams, self.views.now())
         self.views.put(view, generation)

@@ -2,12 +2,11 @@
 
 Every worker call (the heartbeat's cold path too) asks ``SessionGuard.check`` first. The lease
 it judges is the effective one (the stored end, or this replica's newer buffered renewal),
-read through the ``lease_end`` it was given, so this module needs nothing of the lease book.
+handed in by the caller as ``lease_end``, so this module needs nothing of the lease book.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -67,11 +66,10 @@ async def reject_session(
 
 
 class SessionGuard:
-    """The session check of one app: the outage gap it forgives, the lease ends it sees."""
+    """The session check of one app, which knows the outage gap it forgives."""
 
-    def __init__(self, *, outage_gap: float, lease_end: Callable[[str, int, float], float]) -> None:
+    def __init__(self, *, outage_gap: float) -> None:
         self._outage_gap = outage_gap
-        self._lease_end = lease_end  # (worker_id, epoch, stored end) -> effective end
 
     async def check(
         self,
@@ -82,8 +80,13 @@ class SessionGuard:
         *,
         epoch: int | None,
         now: float,
+        lease_end: float,
     ) -> None:
-        """Raise unless ``caller`` may act for ``worker_id`` in its current epoch and lease."""
+        """Raise unless ``caller`` may act for ``worker_id`` in its current epoch and lease.
+
+        ``lease_end`` is the lease's effective end (``LeaseBook.lease_end``): the stored
+        one, or a newer renewal this replica has not written yet.
+        """
         if row is None:
             if caller.is_admin:
                 raise NotFound(f"no worker {worker_id!r}")
@@ -104,7 +107,6 @@ class SessionGuard:
             raise StaleEpoch(
                 f"the worker is {row.state}: register again", details={"current_epoch": row.epoch}
             )
-        lease_end = self._lease_end(worker_id, row.epoch, row.lease_expires_at)
         if await lease_expired(session, lease_end, now, self._outage_gap):
             raise StaleEpoch(
                 "the worker's lease expired: register again", details={"current_epoch": row.epoch}

@@ -173,7 +173,10 @@ class WorkerCalls:
             now = self.ctx.clock.wall()
             row = await ownership.lock_worker(session, worker_id)
             try:
-                await self.sessions.check(session, caller, worker_id, row, epoch=epoch, now=now)
+                lease_end = self.book.lease_end(row)
+                await self.sessions.check(
+                    session, caller, worker_id, row, epoch=epoch, now=now, lease_end=lease_end
+                )
             except StaleEpoch:
                 # STALE_EPOCH means the token is one of this worker's sessions: a retry of a
                 # call whose answer was lost (a DELETE that ended the session) replays it.
