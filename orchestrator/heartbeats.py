@@ -6,7 +6,7 @@ a cached ``WorkerView``) and records the renewal in the ``LeaseBook``; ``flush``
 every pending renewal in one transaction a few times a second. The reaper flushes before
 it judges leases, and other replicas' renewals reach the database within
 ``lease_flush_interval_s``, well inside the lease's slack. The whole JSON answer is
-encoded here, the owned streams' part once per view (one cohesive concept, ~400 lines).
+encoded here, the owned streams' part once per view (one concept, so one module).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``ChangeSignal``: this replica's one "ownership changed" signal, and the next lease due.
 
 A write that frees or adds streams wakes the reaper (a pass runs at once) and the live
-hub (it reads the new events); both used to reach into the service's attributes for it.
+hub (it reads the new events); both used to write the service's attributes for it.
 One object handed to every writer and listener keeps that signal in one pair of hands.
 """
 

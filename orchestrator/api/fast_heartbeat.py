@@ -30,7 +30,7 @@ class HeartbeatRoute(APIRoute):
 
     The endpoint below keeps its declared signature, so OpenAPI documents the call as
     usual, but requests are served by ``handle_heartbeat``: the same checks, same order
-    (token, path, body) with one ``model_validate_json`` and an answer the service has
+    (token, path, body) with one ``model_validate_json`` and an answer ``Heartbeats.beat`` has
     already encoded. Solving the dependencies cost more than the heartbeat itself.
     """
 
