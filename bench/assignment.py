@@ -64,11 +64,11 @@ def minimum_moves(
 ) -> tuple[int, dict[str, int]]:
     """Fewest moves to reach the orchestrator's own fair-share targets from ``loads``.
 
-    Uses ``orchestrator.assignment.targets`` (floor of the capacity-weighted share, the
+    Uses ``orchestrator.balancing.targets`` (floor of the capacity-weighted share, the
     remainder to workers already holding more): every stream above a worker's target must
     move, and nothing else has to.
     """
-    from orchestrator.assignment import Member, targets
+    from orchestrator.balancing import Member, targets
 
     members = [
         Member(worker_id=wid, capacity=cap, state="active", load=loads.get(wid, 0))

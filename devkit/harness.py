@@ -42,10 +42,6 @@ class Harness:
         self.clock = clock
 
     @property
-    def service(self) -> Any:
-        return self.app.state.service
-
-    @property
     def settings(self) -> Settings:
         return self.app.state.settings  # type: ignore[no-any-return]
 

@@ -1,9 +1,10 @@
-"""``create_app(settings)``: the FastAPI application and its lifespan.
+"""``create_app(settings)``: the FastAPI application, its lifespan, and the wiring.
 
 Nothing is built at import time: tests build as many apps as they like, each with its own
 settings, database and clock. The lifespan migrates (``ORCH_AUTO_MIGRATE``; the CLI does it
-before serving instead, to report a failure in one line), starts the failure detector,
-and on shutdown stops it, flushes buffered leases and disposes engines.
+before serving instead, to report a failure in one line), builds the domain objects over
+one ``Database``, one ``LeaseBook`` and one ``ChangeSignal`` (kept on ``app.state``),
+starts the failure detector, and on shutdown stops it, flushes leases and disposes engines.
 """
 
 from __future__ import annotations
@@ -11,23 +12,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from orchestrator.api.routes import admin, events_ws, health, workers
+from orchestrator.api import fast_heartbeat
+from orchestrator.api.routes import cluster, events, health, streams, workers
+from orchestrator.catalog import Catalog
 from orchestrator.config import Settings
+from orchestrator.context import Context
 from orchestrator.db import Database
 from orchestrator.errors import install_error_handlers
+from orchestrator.heartbeats import Heartbeats, LeaseBook
 from orchestrator.live import LiveHub
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.middleware import BodyLimitMiddleware, MetricsMiddleware
 from orchestrator.migrations import upgrade_to_head
 from orchestrator.reaper import Reaper
-from orchestrator.service import Orchestrator
+from orchestrator.sessions import SessionGuard
+from orchestrator.signals import ChangeSignal
 from orchestrator.ui import mount_ui
+from orchestrator.views import ViewCache
+from orchestrator.worker_calls import WorkerCalls
+from shared.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +45,7 @@ API_PREFIX = "/api/v1"
 def create_app(
     settings: Settings | None = None,
     *,
-    clock: Callable[[], float] = time.time,
+    clock: Clock = SYSTEM_CLOCK,
     run_reaper: bool = True,
 ) -> FastAPI:
     """Build the app. ``run_reaper=False`` lets tests drive ``app.state.reaper`` by hand."""
@@ -50,14 +58,24 @@ def create_app(
         if settings.auto_migrate:
             await upgrade_to_head(settings.database_url)
         db = Database(settings)
-        service = Orchestrator(settings, db, clock=clock, metrics=metrics)
-        reaper = Reaper(service)
-        app.state.service = service
-        app.state.reaper = reaper
+        book = LeaseBook()
+        signal = ChangeSignal()
+        views = ViewCache()
+        db.on_change.append(views.invalidate)
+        app.state.db = db
+        app.state.book = book
+        app.state.signal = signal
+        app.state.views = views
+        ctx = Context(settings, db, signal, metrics, clock)
+        sessions = SessionGuard(outage_gap=settings.outage_gap_s)
+        app.state.heartbeats = Heartbeats(ctx, book=book, views=views, sessions=sessions)
+        app.state.workers = WorkerCalls(ctx, book=book, sessions=sessions)
+        app.state.catalog = Catalog(ctx, book=book)
+        app.state.reaper = reaper = Reaper(ctx, book=book)
         stop = asyncio.Event()
         task = asyncio.create_task(reaper.run(stop), name="reaper") if run_reaper else None
-        await live.start(service)
-        watcher = asyncio.create_task(service.views.watch(db, stop), name="view-watcher")
+        await live.start(db, signal)
+        watcher = asyncio.create_task(views.watch(db, stop), name="view-watcher")
         for name in settings.weak_tokens:
             # Named, never shown: the value is a secret however weak.
             log.warning(
@@ -83,7 +101,7 @@ def create_app(
                     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                         await asyncio.wait_for(background, timeout=5)
             with contextlib.suppress(Exception):
-                await service.book.flush(db)
+                await book.flush(db)
             await db.dispose()
             log.info("orchestrator.stopped", extra={"replica": reaper.replica_id})
 
@@ -101,10 +119,13 @@ def create_app(
     install_error_handlers(app)
     app.include_router(health.router)
     # The worker calls (the heartbeat above all) are matched before the probes' aliases.
+    app.include_router(fast_heartbeat.router, prefix=API_PREFIX)
     app.include_router(workers.router, prefix=API_PREFIX)
     app.include_router(health.router, prefix=API_PREFIX, include_in_schema=False)
-    app.include_router(admin.router, prefix=API_PREFIX)
-    app.include_router(events_ws.router, prefix=API_PREFIX)
+    app.include_router(streams.router, prefix=API_PREFIX)
+    app.include_router(workers.admin_router, prefix=API_PREFIX)
+    app.include_router(cluster.router, prefix=API_PREFIX)
+    app.include_router(events.router, prefix=API_PREFIX)
     mount_ui(app, settings)
     # The last added is the outermost: metrics see every answer, the body limit's too.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

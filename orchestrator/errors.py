@@ -17,7 +17,9 @@ INTERNAL without a traceback in the answer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -241,3 +243,19 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(ValidationFailed("the request body is nested too deeply"))
         log.exception("orchestrator.internal_error", extra={"path": request.url.path})
         return JSONResponse(error_body(ErrorCode.INTERNAL, "internal error"), status_code=500)
+
+
+@contextlib.contextmanager
+def stream_id_conflicts() -> Iterator[None]:
+    """Creating streams: a taken id, or an id sequence run out, is 409, not a 500."""
+    try:
+        yield
+    except sa_exc.IntegrityError as exc:
+        raise Conflict("a stream with one of these ids already exists") from exc
+    except sa_exc.DBAPIError as exc:
+        # The id sequence ran out (an explicit id at the top of the range). The drivers
+        # say so only in the message (PostgreSQL: "reached maximum value of sequence").
+        text = str(exc).lower()
+        if "sequence" in text or "overflow" in text:
+            raise Conflict("no stream ids are left above the largest existing id") from exc
+        raise

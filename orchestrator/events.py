@@ -1,4 +1,5 @@
-"""The event log: every state change writes a row that ``GET /events`` pages through.
+"""The event log, write and read: every state change writes a row, and ``GET /events``
+and the live feed page through the rows by id.
 
 Rows are added in the transaction that makes the change, so an event exists exactly when
 its change committed. Readers page by id (``after``), so ids must become visible in id
@@ -8,18 +9,20 @@ already past it. ``record`` therefore only collects a transaction's events;
 transaction-scoped advisory lock, so ids are drawn in commit order across every replica
 while the lock is held only for that insert and the commit. (SQLite has one writer at a
 time: its order is commit order already.) The live feed (``live.py``) is woken after the
-commit and tails the table by id.
+commit and tails the table by id, through the readers at the end of this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any, Final, cast
 
-from sqlalchemy import Table, insert, text
+from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.models import EventRow
+from shared.models import Event, EventPage
 
 _PENDING = "streamherd.events.pending"
 # The advisory lock that orders event ids (any constant; this one spells "STHERD").
@@ -91,3 +94,55 @@ async def record_one(
     **data: Any,
 ) -> None:
     await record(session, [event(type_, at, worker_id=worker_id, stream_id=stream_id, **data)])
+
+
+# --- reading ----------------------------------------------------------------------------
+
+# Columns, not entities: a page of 1,000 events as ORM objects was most of its cost, and
+# consumers page through tens of thousands after a failover (and the live feed does too).
+EVENT_COLUMNS = (
+    EventRow.id,
+    EventRow.type,
+    EventRow.at,
+    EventRow.worker_id,
+    EventRow.stream_id,
+    EventRow.data,
+)
+
+
+def event_out(row: Any) -> Event:
+    """An ``EVENT_COLUMNS`` row as the wire model (built without validation: the row
+    was written from validated values by ``record``)."""
+    return Event.model_construct(
+        id=row.id,
+        type=row.type,
+        at=datetime.fromtimestamp(row.at, UTC),
+        worker_id=row.worker_id,
+        stream_id=row.stream_id,
+        data=row.data or {},
+    )
+
+
+async def page_after(session: AsyncSession, *, after: int, limit: int) -> EventPage:
+    """Up to ``limit`` events with ids above ``after``, in id order."""
+    rows = (
+        await session.execute(
+            select(*EVENT_COLUMNS).where(EventRow.id > after).order_by(EventRow.id).limit(limit)
+        )
+    ).all()
+    items = [event_out(r) for r in rows]
+    return EventPage(items=items, next_after=items[-1].id if items else after)
+
+
+async def ids_after(session: AsyncSession, *, after: int, limit: int) -> list[int]:
+    """The ids alone (a cursor moved along without loading and encoding the events)."""
+    rows = await session.execute(
+        select(EventRow.id).where(EventRow.id > after).order_by(EventRow.id).limit(limit)
+    )
+    return list(rows.scalars())
+
+
+async def last_id(session: AsyncSession) -> int:
+    """The newest event's id (0 for an empty log)."""
+    value = (await session.execute(select(func.max(EventRow.id)))).scalar()
+    return int(value or 0)

@@ -3,7 +3,7 @@ WebSocket clients (``/api/v1/events/ws``), never letting a slow client slow anyo
 
 The hub tails the ``events`` table, not this process's own changes, so a client of any
 replica sees every replica's events (they share the database). It polls every
-``DEFAULT_POLL_INTERVAL_S`` and at once when ``Orchestrator.listeners`` says this replica
+``DEFAULT_POLL_INTERVAL_S`` and at once when this replica's ``ChangeSignal`` says it
 changed something.
 
 Messages (JSON text frames, server to client; clients ignore types they do not know):
@@ -38,25 +38,26 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import uvicorn
-from sqlalchemy import func, select
 from starlette.websockets import WebSocket
 
-from orchestrator.models import EventRow
+from orchestrator import events as event_log
 from shared import models as m
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from orchestrator.config import Settings
+    from orchestrator.db import Database
     from orchestrator.metrics import OrchestratorMetrics
-    from orchestrator.service import Orchestrator
+    from orchestrator.signals import ChangeSignal
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_QUEUE_SIZE: Final = 256
 DEFAULT_POLL_INTERVAL_S: Final = 0.2
@@ -167,7 +168,8 @@ class LiveHub:
         self.clock = clock
         self.monotonic = monotonic
         self.last_id = 0
-        self._service: Orchestrator | None = None
+        self._db: Database | None = None
+        self._signal: ChangeSignal | None = None
         self._clients: set[_Client] = set()
         self._connected: set[_Client] = set()  # includes clients being closed
         self._wake = asyncio.Event()
@@ -191,16 +193,17 @@ class LiveHub:
 
     # --- life cycle -------------------------------------------------------------------
 
-    async def start(self, service: Orchestrator) -> None:
-        self._service = service
+    async def start(self, db: Database, signal: ChangeSignal) -> None:
+        self._db = db
+        self._signal = signal
         self._wake = asyncio.Event()  # bound to this loop; an app may be started again
         self._closed = False
         self._cursor_ready = False
         self._database_down = False
         self._gap = None
-        if service.settings.is_sqlite:
+        if db.is_sqlite:
             self.gap_wait_s = 0.0  # one writer, ids become visible in order: no gaps to wait for
-        service.listeners.append(self.wake)
+        signal.subscribe(self.wake)
         _install_token_redaction()
         try:
             async with asyncio.timeout(self.db_timeout_s):
@@ -221,8 +224,8 @@ class LiveHub:
         if self._closed:
             return
         self._closed = True
-        if self._service is not None and self.wake in self._service.listeners:
-            self._service.listeners.remove(self.wake)
+        if self._signal is not None:
+            self._signal.unsubscribe(self.wake)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -318,13 +321,16 @@ class LiveHub:
 
     async def _replay(self, websocket: WebSocket, client: _Client, after: int, upto: int) -> bool:
         """Send the stored events in (after, upto]; the live queue carries the rest."""
-        service = self._service
-        assert service is not None
+        db = self._db
+        assert db is not None
         cursor = after
         while cursor < upto:
             try:
                 async with asyncio.timeout(self.db_timeout_s):
-                    page = await service.list_events(after=cursor, limit=self.page_size)
+                    async with db.read() as session:
+                        page = await event_log.page_after(
+                            session, after=cursor, limit=self.page_size
+                        )
             except Exception as exc:  # noqa: BLE001 - any failure ends the replay the same way
                 log.warning("orchestrator.live_replay_failed", extra={"error": type(exc).__name__})
                 await websocket.send_text(_dumps(self._database_unavailable()))
@@ -409,8 +415,6 @@ class LiveHub:
 
     async def _poll_once(self) -> bool:
         """One page; True when another page is waiting."""
-        service = self._service
-        assert service is not None
         listening = bool(self._clients)
         items: list[m.Event] = []
         try:
@@ -419,14 +423,12 @@ class LiveHub:
                     self.last_id = await self._max_event_id()
                     self._cursor_ready = True
                 if listening:
-                    items = (
-                        await service.list_events(after=self.last_id, limit=self.page_size)
-                    ).items
+                    items = (await self._read(event_log.page_after)).items
                     ids = [event.id for event in items]
                 else:
                     # Nobody to send to (the usual case): move the cursor along, without
                     # loading and encoding events (a large pass writes 20,000 of them).
-                    ids = await self._event_ids_after(self.last_id)
+                    ids = await self._read(event_log.ids_after)
         except Exception as exc:  # noqa: BLE001 - every failure is an outage to report once
             self._database_failed(exc)
             return False
@@ -440,24 +442,18 @@ class LiveHub:
             self.last_id = ready[-1]
         return len(ready) == self.page_size
 
-    async def _event_ids_after(self, after: int) -> list[int]:
-        service = self._service
-        assert service is not None
-        async with service.db.read() as session:
-            rows = await session.execute(
-                select(EventRow.id)
-                .where(EventRow.id > after)
-                .order_by(EventRow.id)
-                .limit(self.page_size)
-            )
-            return list(rows.scalars())
+    async def _read(self, reader: Callable[..., Awaitable[T]]) -> T:
+        """One page read from the event log after the cursor."""
+        db = self._db
+        assert db is not None
+        async with db.read() as session:
+            return await reader(session, after=self.last_id, limit=self.page_size)
 
     async def _max_event_id(self) -> int:
-        service = self._service
-        assert service is not None
-        async with service.db.read() as session:
-            value = (await session.execute(select(func.max(EventRow.id)))).scalar()
-        return int(value or 0)
+        db = self._db
+        assert db is not None
+        async with db.read() as session:
+            return await event_log.last_id(session)
 
     def _contiguous(self, ids: Sequence[int]) -> list[int]:
         """The event ids up to the first id gap that is younger than ``gap_wait_s``."""

@@ -1,12 +1,14 @@
 """Prometheus metrics of one orchestrator process, on a registry of its own.
 
 A registry per app (not the global one) lets tests run several apps in one process.
-Gauges of cluster state are read from the database when ``/metrics`` is scraped.
+Gauges of cluster state are set from ``/cluster``'s answer when ``/metrics`` is scraped.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from shared.models import ClusterAnswer
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -94,6 +96,15 @@ class OrchestratorMetrics:
             "Event clients closed for being too slow.",
             registry=r,
         )
+
+    def observe_cluster(self, answer: ClusterAnswer) -> None:
+        """Set the gauges of cluster state from one reading of it."""
+        for state, n in answer.workers.items():
+            self.workers.labels(state=state).set(n)
+        for status, n in answer.streams.items():
+            self.streams.labels(status=status).set(n)
+        self.streams_assigned.set(answer.assigned)
+        self.streams_unassigned.set(answer.unassigned)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,12 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from shared.models import StreamStatus, WorkerState
+
+# States whose holder still has a lease; only ACTIVE workers receive new streams.
+# (``suspect`` is derived when a worker is shown, never stored.)
+LEASED_STATES: tuple[WorkerState, ...] = (WorkerState.ACTIVE, WorkerState.DRAINING)
+
 # SQLite only auto-numbers an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits for ids.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -55,7 +61,7 @@ class StreamRow(Base):
     name: Mapped[str] = mapped_column(String(512))
     url: Mapped[str | None] = mapped_column(String(4096))
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    status: Mapped[str] = mapped_column(String(16), default=StreamStatus.ACTIVE)
     owner_id: Mapped[str | None] = mapped_column(
         String(63), ForeignKey("workers.worker_id"), index=True
     )

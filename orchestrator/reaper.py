@@ -27,18 +27,20 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator import assignment as asg
+from orchestrator import balancing, idempotency, ownership, views
 from orchestrator import events as ev
-from orchestrator import idempotency, views
+from orchestrator.context import Context
 from orchestrator.errors import as_api_error
-from orchestrator.models import ClusterRow, EventRow, ViewChangeRow, WorkerRow
-from orchestrator.service import Orchestrator, mark_lost
+from orchestrator.heartbeats import LeaseBook
+from orchestrator.models import LEASED_STATES, ClusterRow, EventRow, ViewChangeRow, WorkerRow
+from shared.models import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,12 @@ class PassReport:
 
 
 class Reaper:
-    def __init__(self, service: Orchestrator, *, replica_id: str | None = None) -> None:
-        self.service = service
-        self.settings = service.settings
-        self.replica_id = replica_id or self.settings.replica_id or default_replica_id()
+    def __init__(self, ctx: Context, *, book: LeaseBook, replica_id: str | None = None) -> None:
+        self.ctx = ctx
+        self.book = book
+        self.replica_id = replica_id or ctx.settings.replica_id or default_replica_id()
         self.passes = 0
-        self.started_at = service.clock()
+        self.started_at = ctx.clock.wall()
         # Who held the claim this replica last took, read by ``_claim``.
         self._previous_leader: str | None = None
         # When this replica last finished a pass or a loop turn that reached the database:
@@ -86,36 +88,34 @@ class Reaper:
         self._prune_more = False  # housekeeping left rows to prune: go on next pass
 
     async def _claim(self, session: AsyncSession) -> bool:
-        now = self.service.clock()
+        now = self.ctx.clock.wall()
         row = await session.get(ClusterRow, 1, with_for_update=True)
         self._previous_leader = None if row is None else row.leader
         if row is None:
             session.add(
                 ClusterRow(
-                    id=1, leader=self.replica_id, leader_until=now + self.settings.leader_ttl_s
+                    id=1, leader=self.replica_id, leader_until=now + self.ctx.settings.leader_ttl_s
                 )
             )
             return True
         if row.leader == self.replica_id or row.leader_until < now:
             row.leader = self.replica_id
-            row.leader_until = now + self.settings.leader_ttl_s
+            row.leader_until = now + self.ctx.settings.leader_ttl_s
             return True
         return False
 
     async def _pass(self, session: AsyncSession) -> PassReport:
         report = PassReport(leader=True)
-        now = self.service.clock()
+        now = self.ctx.clock.wall()
         cluster = await session.get(ClusterRow, 1, with_for_update=True)
         assert cluster is not None
-        ttl = self.settings.lease_ttl_s
+        ttl = self.ctx.settings.lease_ttl_s
         outage = self._outage(cluster.last_reaper_at, now)
         if outage is not None:
             cause, gap = outage
             await session.execute(
                 update(WorkerRow)
-                .where(
-                    WorkerRow.state.in_(asg.LEASED_STATES), WorkerRow.lease_expires_at < now + ttl
-                )
+                .where(WorkerRow.state.in_(LEASED_STATES), WorkerRow.lease_expires_at < now + ttl)
                 .values(lease_expires_at=now + ttl)
                 .execution_options(synchronize_session=False)
             )
@@ -126,9 +126,11 @@ class Reaper:
             report.grace = True
         cluster.last_reaper_at = now
         report.lost, freed = await mark_lost(session, now)
-        overdue = await asg.expire_revokes(session, now, self.settings.effective_revoke_timeout_s)
-        balance = await asg.balance(
-            session, now, max_moves=self.settings.max_moves_per_pass, previous_owner=freed
+        overdue = await balancing.expire_revokes(
+            session, now, self.ctx.settings.effective_revoke_timeout_s
+        )
+        balance = await balancing.balance(
+            session, now, max_moves=self.ctx.settings.max_moves_per_pass, previous_owner=freed
         )
         report.assigned = len(balance.assigned)
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
@@ -155,8 +157,8 @@ class Reaper:
             # A freeze that began inside the previous pass ended it "healthy" afterwards:
             # the loop's own standstill (``_watch_loop``) counts as much as its silence.
             stalled = max(now - self._alive_at, self._frozen_since_last_pass)
-            return ("stall", stalled) if stalled > self.settings.stall_gap_s else None
-        if silence > self.settings.outage_gap_s:
+            return ("stall", stalled) if stalled > self.ctx.settings.stall_gap_s else None
+        if silence > self.ctx.settings.outage_gap_s:
             return ("silence", silence)
         return None
 
@@ -166,38 +168,38 @@ class Reaper:
         Its own transaction, after a pass: a pass that had to delete 100,000 events at
         once (after a large assignment) held up the judging of leases for seconds.
         """
-        now = self.service.clock()
-        await idempotency.purge(session, now - self.settings.idempotency_ttl_s)
+        now = self.ctx.clock.wall()
+        await idempotency.purge(session, now - self.ctx.settings.idempotency_ttl_s)
         # Replicas tail view changes every 100 ms: only the recent ones are ever read.
         more = await _prune_oldest(session, ViewChangeRow, ViewChangeRow.id, VIEW_CHANGES_KEPT)
-        retention = self.settings.events_retention
+        retention = self.ctx.settings.events_retention
         return await _prune_oldest(session, EventRow, EventRow.id, retention) or more
 
     async def run_once(self) -> PassReport:
-        service = self.service
-        await service.book.flush(service.db)
-        claimed = await service.db.write(self._claim, changes=False)
+        await self.book.flush(self.ctx.db)
+        claimed = await self.ctx.db.write(self._claim, changes=False)
         # Taken here, leader or not: a standstill while another replica led is no silence
         # of ours. One during this pass is recorded afterwards, for the next.
         self._frozen_since_last_pass, self.frozen_for = self.frozen_for, 0.0
         if not claimed:
-            service.metrics.reaper_leader.set(0)
-            # Heartbeats through this replica hint too (``Orchestrator.beat_hint``): the
+            self.ctx.metrics.reaper_leader.set(0)
+            # Heartbeats through this replica hint too (``Heartbeats.beat_hint``): the
             # lease that ends first is the same whoever runs the pass that judges it.
-            service.expiry_due = await _earliest_lease(service)
+            async with self.ctx.db.read() as session:
+                self.ctx.signal.lease_due(await _earliest_lease_in(session))
             return PassReport()
-        service.metrics.reaper_leader.set(1)
+        self.ctx.metrics.reaper_leader.set(1)
         self.passes += 1
         started = time.perf_counter()
-        report = await service.db.write(self._pass)
-        self._alive_at = service.clock()
-        service.expiry_due = report.next_expiry
+        report = await self.ctx.db.write(self._pass)
+        self._alive_at = self.ctx.clock.wall()
+        self.ctx.signal.lease_due(report.next_expiry)
         if self._prune_more or self.passes % HOUSEKEEPING_EVERY_PASSES == 1:
-            self._prune_more = await service.db.write(self._housekeeping, changes=False)
+            self._prune_more = await self.ctx.db.write(self._housekeeping, changes=False)
         took = time.perf_counter() - started
-        m = service.metrics
+        m = self.ctx.metrics
         m.reaper_pass_seconds.observe(took)
-        if took > self.settings.reaper_interval_s:
+        if took > self.ctx.settings.reaper_interval_s:
             # Passes are due every interval: a longer one delays failover by as much.
             log.warning(
                 "orchestrator.slow_reaper_pass",
@@ -218,8 +220,8 @@ class Reaper:
         for wid in report.lost:
             log.warning("orchestrator.worker_lost", extra={"worker_id": wid})
         if report.lost or report.assigned or report.moves:
-            service._changed()
-            service.wake.clear()  # this pass already did what the wake-up asked for
+            self.ctx.signal.changed()
+            self.ctx.signal.wake.clear()  # this pass already did what the wake-up asked for
         return report
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -250,9 +252,9 @@ class Reaper:
             last = now
 
     async def _run(self, stop: asyncio.Event) -> None:
-        service = self.service
-        interval = self.settings.reaper_interval_s
-        flush_every = self.settings.lease_flush_interval_s
+        wake = self.ctx.signal.wake
+        interval = self.ctx.settings.reaper_interval_s
+        flush_every = self.ctx.settings.lease_flush_interval_s
         min_gap = min(0.05, interval / 4)
         loop = asyncio.get_running_loop()
         next_pass = loop.time()
@@ -260,10 +262,10 @@ class Reaper:
         healthy = True
         while not stop.is_set():
             now = loop.time()
-            woken = service.wake.is_set() and now - last_pass >= min_gap
+            woken = wake.is_set() and now - last_pass >= min_gap
             try:
                 if now >= next_pass or woken:
-                    service.wake.clear()
+                    wake.clear()
                     last_pass = now
                     next_pass = now + interval
                     report = await self.run_once()
@@ -273,17 +275,17 @@ class Reaper:
                         # worker's streams move as soon as its lease allows.
                         # (After the flush interval: a beat another replica took just
                         # before the end is written by then.)
-                        due = report.next_expiry - service.clock() + flush_every
+                        due = report.next_expiry - self.ctx.clock.wall() + flush_every
                         due += EXPIRY_MARGIN_S
                         next_pass = min(next_pass, loop.time() + max(due, min_gap))
                 else:
-                    await service.book.flush(service.db)
-                service.metrics.database_up.set(1)
+                    await self.book.flush(self.ctx.db)
+                self.ctx.metrics.database_up.set(1)
                 if healthy and self._alive_at is not None:
-                    self._alive_at = service.clock()
+                    self._alive_at = self.ctx.clock.wall()
             except Exception as exc:  # noqa: BLE001 - the detector must outlive any one failure
                 healthy = False  # until a pass gets through: the silence keeps counting
-                service.metrics.database_up.set(0)
+                self.ctx.metrics.database_up.set(0)
                 if as_api_error(exc) is not None:
                     log.warning(
                         "orchestrator.reaper_db_unavailable", extra={"error": type(exc).__name__}
@@ -292,14 +294,14 @@ class Reaper:
                     log.exception("orchestrator.reaper_failed")
             now = loop.time()
             timeout = max(0.0, min(flush_every, next_pass - now))
-            if service.wake.is_set():
+            if wake.is_set():
                 # Woken too soon after a pass: wait out the gap, not the wake-up event.
                 await _sleep_unless(stop, max(0.0, min(timeout, last_pass + min_gap - now)))
             else:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
-                        await _first(stop, service.wake)
+                        await _first(stop, wake)
 
 
 async def _prune_oldest(session: AsyncSession, table: Any, id_column: Any, keep: int) -> bool:
@@ -318,16 +320,9 @@ async def _earliest_lease_in(session: AsyncSession) -> float | None:
     """When the first running lease ends (None: no worker holds one)."""
     return (
         await session.execute(
-            select(func.min(WorkerRow.lease_expires_at)).where(
-                WorkerRow.state.in_(asg.LEASED_STATES)
-            )
+            select(func.min(WorkerRow.lease_expires_at)).where(WorkerRow.state.in_(LEASED_STATES))
         )
     ).scalar()
-
-
-async def _earliest_lease(service: Orchestrator) -> float | None:
-    async with service.db.read() as session:
-        return await _earliest_lease_in(session)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -343,3 +338,50 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for w in waiters:
             w.cancel()
+
+
+async def mark_lost(session: AsyncSession, now: float) -> tuple[list[str], dict[int, str]]:
+    """Declare every worker whose lease ran out lost and free its streams.
+
+    A handful of statements however many workers died at once: a pass that judges a
+    hundred workers must not take a hundred round trips per step (issue 7, spec 4).
+    """
+    expired = (
+        (
+            await session.execute(
+                select(WorkerRow.worker_id)
+                .where(WorkerRow.state.in_(LEASED_STATES), WorkerRow.lease_expires_at < now)
+                .order_by(WorkerRow.worker_id)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    epochs: dict[str, int] = {}
+    for chunk in ownership.chunks(expired):
+        result = await session.execute(
+            update(WorkerRow)
+            .where(
+                WorkerRow.worker_id.in_(chunk),
+                # Re-checked: a late beat written since the SELECT may have renewed it.
+                WorkerRow.lease_expires_at < now,
+                WorkerRow.state.in_(LEASED_STATES),
+            )
+            .values(state=WorkerState.LOST)
+            .returning(WorkerRow.worker_id, WorkerRow.epoch)
+            .execution_options(synchronize_session=False)
+        )
+        epochs.update({wid: epoch for wid, epoch in result.all()})
+    lost = sorted(epochs)
+    views.touch(session, lost)
+    freed = await ownership.release_owned_by(session, lost, now, reason="lease_expired")
+    released = Counter(freed.values())
+    await ev.record(
+        session,
+        (
+            ev.event(ev.WORKER_LOST, now, worker_id=wid, epoch=epochs[wid], released=released[wid])
+            for wid in lost
+        ),
+    )
+    return lost, freed

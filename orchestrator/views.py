@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -79,46 +77,6 @@ class WorkerView:
     revoking: frozenset[int]
     assignments_json: bytes
     built_at: float
-
-
-def assignment_json(row: Any) -> dict[str, Any]:
-    """An owned stream's row as ``Assignment`` encodes it, without building the model: a
-    cold view encodes a hundred of these, and right after a failover every worker that
-    took streams has a cold view. ``tests/orchestrator/test_views.py`` holds it to the
-    model's encoding."""
-    return {
-        "stream_id": row.id,
-        "token": row.token,
-        "name": row.name,
-        "url": row.url,
-        "metadata": row.meta or {},
-        "assigned_at": rfc3339(row.assigned_at or 0.0),
-    }
-
-
-def rfc3339(seconds: float) -> str:
-    """Unix seconds as RFC 3339 UTC, as pydantic writes a UTC ``datetime``."""
-    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
-
-
-def build_view(worker: Any, streams: Sequence[Any], now: float) -> WorkerView:
-    """The view of ``worker`` owning ``streams`` (rows with ``ASSIGNMENT_COLUMNS`` and
-    ``revoke_at``); streams being revoked are owned but no longer listed."""
-    revoking = frozenset(r.id for r in streams if r.revoke_at is not None)
-    body = json.dumps(
-        [assignment_json(r) for r in streams if r.revoke_at is None], separators=(",", ":")
-    ).encode()
-    return WorkerView(
-        worker_id=worker.worker_id,
-        epoch=worker.epoch,
-        state=worker.state,
-        session_hash=worker.session_hash,
-        lease_expires_at=worker.lease_expires_at,
-        owned=frozenset(r.id for r in streams),
-        revoking=revoking,
-        assignments_json=body,
-        built_at=now,
-    )
 
 
 class ViewCache:

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
-from streamherd_cli.app import Seams, app
 from devkit.procs import OrchestratorProcess, orchestrator_running
+from streamherd_cli.app import Seams, app
 
 ADMIN_TOKEN = "cli-admin-token-0123456789"
 WORKER_TOKEN = "cli-worker-token-0123456789"

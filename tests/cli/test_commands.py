@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devkit.procs import REPO_ROOT, free_port, orchestrator_running
 from streamherd_cli import errors
 from streamherd_cli.app import Seams
 from tests.cli.conftest import ADMIN_TOKEN, WORKER_TOKEN, Cli, one_line_error, orchestrator_env
-from devkit.procs import REPO_ROOT, free_port, orchestrator_running
 
 pytestmark = pytest.mark.e2e
 

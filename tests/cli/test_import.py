@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from bench.pg import dsn
+from devkit.pg import PgDatabases
 from streamherd_cli import errors
 from streamherd_cli.app import Seams
 from streamherd_cli.rows import SOURCE_KEY
 from tests.cli.conftest import Cli
-from devkit.pg import PgDatabases
 
 pytestmark = pytest.mark.e2e
 

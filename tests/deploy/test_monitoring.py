@@ -21,10 +21,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.config import Settings
 from devkit.poll import eventually
-from devkit.procs import astart_orchestrator
-from devkit.procs import Process, worker_env
+from devkit.procs import Process, astart_orchestrator, worker_env
+from orchestrator.config import Settings
 from worker.config import WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ async def test_an_event_committed_late_is_not_skipped_by_a_reader_paging_by_id(
 ) -> None:
     url = await asyncio.to_thread(pg_databases.new)
     async with running(url, clock) as h:
-        db = h.service.db
+        db = h.app.state.db
         recorded, finish = asyncio.Event(), asyncio.Event()
 
         async def slow(session: AsyncSession) -> None:
@@ -41,11 +41,11 @@ async def test_an_event_committed_late_is_not_skipped_by_a_reader_paging_by_id(
         slow_write = asyncio.create_task(db.write(slow, changes=False))
         await recorded.wait()
         await db.write(fast, changes=False)
-        seen = (await h.service.list_events(after=0, limit=100)).items
+        seen = (await h.app.state.catalog.list_events(after=0, limit=100)).items
         assert codes(seen) == ["fast"]
         finish.set()
         await slow_write
-        later = (await h.service.list_events(after=seen[-1].id, limit=100)).items
+        later = (await h.app.state.catalog.list_events(after=seen[-1].id, limit=100)).items
         assert codes(later) == ["slow"], "a reader already past its id would never see it"
 
 
@@ -55,7 +55,7 @@ async def test_a_writer_waits_while_another_holds_event_ids_it_has_not_committed
     """Ids are drawn under a lock held to the commit: the second writer's ids come after."""
     url = await asyncio.to_thread(pg_databases.new)
     async with running(url, clock) as h:
-        db = h.service.db
+        db = h.app.state.db
         drawn, finish = asyncio.Event(), asyncio.Event()
 
         async def first(session: AsyncSession) -> None:
@@ -74,12 +74,12 @@ async def test_a_writer_waits_while_another_holds_event_ids_it_has_not_committed
         assert not second_write.done()
         finish.set()
         await asyncio.gather(first_write, second_write)
-        items = (await h.service.list_events(after=0, limit=100)).items
+        items = (await h.app.state.catalog.list_events(after=0, limit=100)).items
         assert codes(items) == ["first", "second"]
 
 
 async def waiting_for_advisory_lock(h: Harness) -> int:
-    async with h.service.db.read() as session:
+    async with h.app.state.db.read() as session:
         count = await session.execute(
             text(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"

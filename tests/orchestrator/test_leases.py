@@ -118,13 +118,13 @@ async def test_a_slow_pass_is_not_an_outage(
     async with running(db_url, clock) as h:
         await h.register("a", capacity=1)
         await h.reap()
-        balance = reaper_module.asg.balance
+        balance = reaper_module.balancing.balance
 
         async def slow_balance(*args, **kwargs):  # type: ignore[no-untyped-def]
             clock.advance(2 * h.settings.outage_gap_s)
             return await balance(*args, **kwargs)
 
-        monkeypatch.setattr(reaper_module.asg, "balance", slow_balance)
+        monkeypatch.setattr(reaper_module.balancing, "balance", slow_balance)
         lost: list[str] = []
         for _ in range(3):
             clock.advance(0.5)
@@ -296,7 +296,7 @@ async def test_a_beat_at_the_end_of_its_lease_is_saved_before_the_answer(
     """A beat in the last moments of a lease is written before it is answered: a pass on
     another replica (which cannot see this replica's buffered renewals) judging the lease
     right after must find it renewed, not take the streams the answer just confirmed."""
-    from orchestrator.service import mark_lost
+    from orchestrator.reaper import mark_lost
 
     async with running(db_url, clock) as h:
         await h.create_streams(2)
@@ -308,7 +308,7 @@ async def test_a_beat_at_the_end_of_its_lease_is_saved_before_the_answer(
         r = await h.heartbeat(a, held)
         assert r.status_code == 200, r.text
         clock.advance(0.1)  # the old lease has ended; the book was not flushed
-        lost, _ = await h.service.db.write(lambda s: mark_lost(s, clock()))
+        lost, _ = await h.app.state.db.write(lambda s: mark_lost(s, clock()))
         assert lost == []
         assert set((await h.owners()).values()) == {"a"}
 
@@ -318,7 +318,7 @@ async def test_a_late_beat_after_another_replica_judged_it_is_stale(
 ) -> None:
     """The other order: the pass commits first, the late beat then finds the session
     over (409), never a 200 for streams that were just given away."""
-    from orchestrator.service import mark_lost
+    from orchestrator.reaper import mark_lost
 
     async with running(db_url, clock) as h:
         await h.create_streams(1)
@@ -329,7 +329,7 @@ async def test_a_late_beat_after_another_replica_judged_it_is_stale(
         clock.advance(0.75)
         assert (await h.heartbeat(a, held)).status_code == 200  # warms the view cache
         clock.advance(h.settings.lease_ttl_s + 0.1)  # a long silence, judged elsewhere
-        lost, _ = await h.service.db.write(lambda s: mark_lost(s, clock()))
+        lost, _ = await h.app.state.db.write(lambda s: mark_lost(s, clock()))
         assert lost == ["a"]
         r = await h.heartbeat(a, held)
         assert r.status_code == 409, r.text
@@ -427,7 +427,7 @@ async def test_a_replica_that_does_not_lead_gives_beat_hints_too(
         b = await leader.register("b", capacity=4)
         assert (await leader.reap()).leader
         assert (await other.heartbeat(a)).status_code == 200  # a's last beat
-        await other.service.book.flush(other.service.db)
+        await other.app.state.book.flush(other.app.state.db)
         for _ in range(11):  # 2.75 s: b beats, the leader passes; a is silent
             clock.advance(0.25)
             assert (await leader.heartbeat(b)).status_code == 200
@@ -449,12 +449,12 @@ async def test_no_hint_for_a_live_lease_read_a_reaper_interval_ago(
     async with running(
         sqlite_url, clock, heartbeat_interval_s=5.0, lease_ttl_s=10.0, reaper_interval_s=1.0
     ) as h:
-        service, now = h.service, clock()
+        heartbeats, signal, now = h.app.state.heartbeats, h.app.state.signal, clock()
         flush = h.settings.lease_flush_interval_s
-        service.expiry_due = now + 10.0 - 5.0 - flush - 1.0  # live: last beat 5 s + 1 s ago
-        assert service.beat_hint(now) is None
-        service.expiry_due = now + 1.0  # silent for 9 s: judged in 1 s + flush
-        assert service.beat_hint(now) == pytest.approx(1.0 + flush + 0.1)
+        signal.lease_due(now + 10.0 - 5.0 - flush - 1.0)  # live: last beat 5 s + 1 s ago
+        assert heartbeats.beat_hint(now) is None
+        signal.lease_due(now + 1.0)  # silent for 9 s: judged in 1 s + flush
+        assert heartbeats.beat_hint(now) == pytest.approx(1.0 + flush + 0.1)
 
 
 async def test_a_freeze_inside_a_pass_makes_the_next_pass_grant_grace(
@@ -512,7 +512,7 @@ async def test_old_events_are_pruned_a_bounded_batch_per_pass(
             await h.create_streams(1000)  # 3,000 stream_created events
 
         async def count() -> int:
-            async with h.service.db.read() as session:
+            async with h.app.state.db.read() as session:
                 return int((await session.execute(select(func.count(EventRow.id)))).scalar_one())
 
         assert await count() == 3000

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.sql import Executable
 
 from devkit.pg import PgDatabases
-from orchestrator.assignment import PLANNED_GRANT
+from orchestrator.balancing import PLANNED_GRANT
 
 # The shape of the trap: at this size, with every row updated once (each grant writes a
 # new version of the row into every index), the primary key's index is a level taller

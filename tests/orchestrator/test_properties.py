@@ -103,7 +103,7 @@ class AssignmentMachine(RuleBasedStateMachine):
         """Streams each worker still owns but was told to give up (read from the database)."""
 
         async def read() -> dict[str, int]:
-            async with self.h.service.db.read() as session:
+            async with self.h.app.state.db.read() as session:
                 rows = await session.execute(
                     select(StreamRow.owner_id, func.count())
                     .where(StreamRow.revoke_at.is_not(None), StreamRow.owner_id.is_not(None))

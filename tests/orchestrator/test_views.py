@@ -17,8 +17,9 @@ from devkit.clock import FakeClock
 from devkit.harness import ADMIN, API, Harness, Session, held_of, running
 from devkit.pg import PgDatabases
 from devkit.poll import eventually
-from orchestrator.assignment import to_assignment
-from orchestrator.views import LegacyWriters, ViewCache, WorkerView, assignment_json
+from orchestrator.heartbeats import assignment_json
+from orchestrator.ownership import to_assignment
+from orchestrator.views import LegacyWriters, ViewCache, WorkerView
 
 
 def view(worker_id: str, built_at: float = 0.0) -> WorkerView:
@@ -143,7 +144,7 @@ async def test_a_worker_joining_does_not_drop_the_other_workers_views(
         sessions = [await h.register(f"w{i}", capacity=10) for i in range(3)]
         await h.reap()
         await beat_all(h, sessions)  # loads every view
-        views = h.service.views
+        views = h.app.state.views
         misses = views.misses
         await h.register("newcomer", capacity=10)
         await beat_all(h, sessions)
@@ -165,7 +166,7 @@ async def test_a_pass_drops_exactly_the_views_of_the_workers_it_changed(
         await h.reap()
         answers = await beat_all(h, [a, b])
         assert len(owned(answers["a"])) == len(owned(answers["b"])) == 4
-        views = h.service.views
+        views = h.app.state.views
         c = await h.register("c", capacity=8)
         await h.reap()  # revokes from a and b for c: both views change
         misses = views.misses
@@ -216,7 +217,7 @@ async def test_another_replica_drops_only_the_views_a_change_named(
         # would be dropped afterwards by the change it had not read yet (a race, seen in CI).
         await caught_up(other, one)
         await beat_all(other, [a, b])  # the other replica caches both views
-        views = other.service.views
+        views = other.app.state.views
         await eventually(lambda: views.get("a") is not None and views.get("b") is not None)
         await one.register("newcomer", capacity=6)
         c = await one.register("c", capacity=6)
@@ -238,12 +239,12 @@ async def test_another_replica_drops_only_the_views_a_change_named(
 
 
 def seen(h: Harness) -> int:
-    return h.service.views.remote_seen
+    return h.app.state.views.remote_seen
 
 
 async def caught_up(reader: Harness, writer: Harness) -> None:
     """Until ``reader`` has read every view change ``writer`` has committed so far."""
-    target = await writer.service.db.last_view_change()
+    target = await writer.app.state.db.last_view_change()
     await eventually(lambda: seen(reader) >= target, what="the view changes read")
 
 
@@ -261,9 +262,9 @@ async def test_a_write_by_a_replica_of_the_previous_release_drops_every_view(
         # drops every view) before the view is loaded.
         await caught_up(h, h)
         await beat_all(h, [a])
-        views = h.service.views
+        views = h.app.state.views
         assert views.get("a") is not None
-        async with h.service.db.read() as session:  # what an older replica does on a write
+        async with h.app.state.db.read() as session:  # what an older replica does on a write
             await session.execute(text("SELECT nextval('streamherd_generation')"))
         await eventually(lambda: views.get("a") is None)
 
@@ -280,7 +281,7 @@ async def test_a_write_during_the_watchers_start_up_does_not_hide_an_older_repli
         a = await h.register("a", capacity=2)
         await h.reap()
         await caught_up(h, h)
-        db = h.service.db
+        db = h.app.state.db
         reads_rows, newest = db.view_changes_after, db.last_view_change
         state = {"failed": False, "wrote": False}
 
@@ -301,7 +302,7 @@ async def test_a_write_during_the_watchers_start_up_does_not_hide_an_older_repli
         db.last_view_change = newest_then_a_write  # type: ignore[method-assign]
         await eventually(lambda: state["wrote"], what="a write during the start-up")
         await caught_up(h, h)
-        views = h.service.views
+        views = h.app.state.views
 
         async def cached() -> bool:
             await beat_all(h, [a])

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Request, expect
 
+from devkit.procs import OrchestratorProcess, astart_orchestrator
 from orchestrator.ui.ws_token import decode_token, encode_token
 from tests.ui.conftest import VIEWPORT, artifacts_dir
-from devkit.procs import OrchestratorProcess, astart_orchestrator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

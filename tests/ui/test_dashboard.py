@@ -13,9 +13,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, expect
 
+from devkit.procs import OrchestratorProcess, Process, astart_orchestrator, worker_env
 from tests.ui.conftest import VIEWPORT, artifacts_dir
-from devkit.procs import OrchestratorProcess, astart_orchestrator
-from devkit.procs import Process, worker_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from orchestrator.api.deps import ServiceDep
+from orchestrator.api.deps import CatalogDep, DatabaseDep, MetricsDep
 from orchestrator.errors import error_body
+from orchestrator.migrations import schema_problem
 from shared.errors import ErrorCode
 
 router = APIRouter(tags=["health"])
@@ -21,8 +22,8 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", response_model=None)
-async def ready(service: ServiceDep) -> Any:
-    problem = await service.ready()
+async def ready(db: DatabaseDep) -> Any:
+    problem = await schema_problem(db)
     if problem is not None:
         return JSONResponse(
             error_body(ErrorCode.UNAVAILABLE, problem),
@@ -33,10 +34,10 @@ async def ready(service: ServiceDep) -> Any:
 
 
 @router.get("/metrics")
-async def metrics(service: ServiceDep) -> Response:
+async def metrics(catalog: CatalogDep, metrics: MetricsDep) -> Response:
     try:
-        await service.cluster()  # refreshes the gauges of cluster state
-        service.metrics.database_up.set(1)
+        metrics.observe_cluster(await catalog.cluster())
+        metrics.database_up.set(1)
     except Exception:  # noqa: BLE001 - metrics must answer even when the database does not
-        service.metrics.database_up.set(0)
-    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        metrics.database_up.set(0)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

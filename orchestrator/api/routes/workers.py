@@ -1,127 +1,28 @@
-"""Worker calls: register, heartbeat, request, release, reconcile, failures, leave."""
+"""``/workers``: a worker's own calls (register, request, release, reconcile, failures,
+leave; the heartbeat is ``api/fast_heartbeat``), and the admin's (list, read, drain)."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
-from pydantic import ValidationError
-from starlette.requests import ClientDisconnect
+from fastapi import APIRouter, Path
 
-from orchestrator.api.deps import IdempotencyKey, ServiceDep
-from orchestrator.auth import ClusterDep, WorkerCallerDep, session_caller
-from orchestrator.errors import ValidationFailed
+from orchestrator.api.deps import CatalogDep, IdempotencyKey, WorkerCallsDep
+from orchestrator.auth import AdminDep, ClusterDep, WorkerCallerDep
 from shared import limits
 from shared import models as m
 
 router = APIRouter(prefix="/workers", tags=["workers"])
+# The admin's calls on the same resource, documented (and matched) with the admin's.
+admin_router = APIRouter(tags=["admin"])
 
 WorkerIdPath = Annotated[str, Path(pattern=limits.WORKER_ID_PATTERN)]
 StreamIdPath = Annotated[int, Path(ge=1, le=limits.MAX_STREAM_ID)]
 
 
-_WORKER_ID = re.compile(limits.WORKER_ID_PATTERN)
-
-
-class HeartbeatRoute(APIRoute):
-    """The hot path without FastAPI's per-request dependency solving.
-
-    The endpoint below keeps its declared signature, so OpenAPI documents the call as
-    usual, but requests are served by ``handle_heartbeat``: the same checks, same order
-    (token, path, body) with one ``model_validate_json`` and an answer the service has
-    already encoded. Solving the dependencies cost more than the heartbeat itself.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        return handle_heartbeat
-
-
-def _is_json(content_type: str | None) -> bool:
-    """``application/json`` or ``application/<anything>+json``, parameters ignored."""
-    if not content_type:
-        return False
-    main, _, sub = content_type.partition(";")[0].strip().lower().partition("/")
-    return main == "application" and (sub == "json" or sub.endswith("+json"))
-
-
-async def _body(request: Request) -> bytes:
-    """``request.body()`` without its async generator: a few microseconds per beat."""
-    chunks: list[bytes] = []
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def handle_heartbeat(request: Request) -> Response:
-    caller = session_caller(request)
-    worker_id: str = request.path_params["worker_id"]
-    errors: list[Any] = []
-    if not _WORKER_ID.fullmatch(worker_id):
-        errors.append(
-            {
-                "type": "string_pattern_mismatch",
-                "loc": ("path", "worker_id"),
-                "msg": f"String should match pattern '{limits.WORKER_ID_PATTERN}'",
-                "input": worker_id,
-            }
-        )
-    try:
-        body = await _body(request)
-    except ClientDisconnect:
-        # The caller hung up mid-body: nobody reads the answer, but it must not be a 500.
-        raise ValidationFailed("the request body was cut short") from None
-    if not body:
-        errors.append({"type": "missing", "loc": ("body",), "msg": "Field required"})
-    elif not _is_json(request.headers.get("content-type")):
-        # As FastAPI does for every other route: a body is JSON only if it says so.
-        errors.append(
-            {
-                "type": "model_attributes_type",
-                "loc": ("body",),
-                "msg": "Input should be a valid dictionary or object to extract fields from",
-            }
-        )
-    else:
-        try:
-            req = m.HeartbeatRequest.model_validate_json(body)
-        except ValidationError as exc:
-            errors.extend({**e, "loc": ("body", *e["loc"])} for e in exc.errors())
-    if errors:
-        raise RequestValidationError(errors)
-    return await heartbeat(worker_id, req, caller, request.app.state.service)
-
-
-async def heartbeat(
-    worker_id: WorkerIdPath, req: m.HeartbeatRequest, caller: WorkerCallerDep, service: ServiceDep
-) -> Response:
-    """Renew the lease and learn the current assignments (its parameters are checked by
-    ``handle_heartbeat``, not by FastAPI)."""
-    # Already-encoded JSON: the hot path skips a second serialisation of the answer.
-    return Response(await service.heartbeat(caller, worker_id, req), media_type="application/json")
-
-
-# Registered first: routes are matched in order, and this is the call every worker makes
-# every few seconds.
-router.add_api_route(
-    "/{worker_id}/heartbeat",
-    heartbeat,
-    methods=["POST"],
-    response_model=m.HeartbeatAnswer,
-    route_class_override=HeartbeatRoute,
-)
-
-
 @router.post("/register", response_model=m.RegisterAnswer)
-async def register(req: m.RegisterRequest, caller: ClusterDep, service: ServiceDep) -> Any:
-    return await service.register(caller, req)
+async def register(req: m.RegisterRequest, caller: ClusterDep, calls: WorkerCallsDep) -> Any:
+    return await calls.register(caller, req)
 
 
 @router.post("/{worker_id}/streams/request", response_model=m.StreamsRequestAnswer)
@@ -129,10 +30,10 @@ async def request_streams(
     worker_id: WorkerIdPath,
     req: m.StreamsRequest,
     caller: WorkerCallerDep,
-    service: ServiceDep,
+    calls: WorkerCallsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    return await service.request_streams(caller, worker_id, req, idempotency_key)
+    return await calls.request_streams(caller, worker_id, req, idempotency_key)
 
 
 @router.post("/{worker_id}/streams/release", response_model=m.ReleaseAnswer)
@@ -140,17 +41,17 @@ async def release_streams(
     worker_id: WorkerIdPath,
     req: m.ReleaseRequest,
     caller: WorkerCallerDep,
-    service: ServiceDep,
+    calls: WorkerCallsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    return await service.release_streams(caller, worker_id, req, idempotency_key)
+    return await calls.release_streams(caller, worker_id, req, idempotency_key)
 
 
 @router.post("/{worker_id}/reconcile", response_model=m.ReconcileAnswer)
 async def reconcile(
-    worker_id: WorkerIdPath, req: m.ReconcileRequest, caller: WorkerCallerDep, service: ServiceDep
+    worker_id: WorkerIdPath, req: m.ReconcileRequest, caller: WorkerCallerDep, calls: WorkerCallsDep
 ) -> Any:
-    return await service.reconcile(caller, worker_id, req)
+    return await calls.reconcile(caller, worker_id, req)
 
 
 @router.post("/{worker_id}/streams/{stream_id}/failures", response_model=m.FailureAnswer)
@@ -159,17 +60,32 @@ async def report_failure(
     stream_id: StreamIdPath,
     req: m.FailureReport,
     caller: WorkerCallerDep,
-    service: ServiceDep,
+    calls: WorkerCallsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    return await service.report_failure(caller, worker_id, stream_id, req, idempotency_key)
+    return await calls.report_failure(caller, worker_id, stream_id, req, idempotency_key)
 
 
 @router.delete("/{worker_id}", response_model=m.LeaveAnswer)
 async def leave(
     worker_id: WorkerIdPath,
     caller: WorkerCallerDep,
-    service: ServiceDep,
+    calls: WorkerCallsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    return await service.leave(caller, worker_id, idempotency_key)
+    return await calls.leave(caller, worker_id, idempotency_key)
+
+
+@admin_router.get("/workers", response_model=m.WorkerList)
+async def list_workers(_: AdminDep, catalog: CatalogDep, state: m.WorkerState | None = None) -> Any:
+    return await catalog.list_workers(state.value if state else None)
+
+
+@admin_router.get("/workers/{worker_id}", response_model=m.Worker)
+async def get_worker(worker_id: WorkerIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
+    return await catalog.get_worker(worker_id)
+
+
+@admin_router.post("/workers/{worker_id}/drain", response_model=m.Worker)
+async def drain(worker_id: WorkerIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
+    return await catalog.drain(worker_id)

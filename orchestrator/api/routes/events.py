@@ -1,26 +1,39 @@
-"""``WebSocket /api/v1/events/ws``: the live event feed (admin token), served by ``LiveHub``.
+"""``/events`` (admin): the event log as pages (``GET /events``) and live (the WebSocket).
 
-The token comes as ``?token=`` (browsers cannot set headers on a WebSocket) or as
-``Authorization: Bearer``. A missing or wrong token is refused before the handshake
-completes with HTTP 401 and the usual error body; a server without the ASGI
-denial-response extension accepts and closes at once with code 4401 instead. A bad
-``?after=`` is refused the same way with 422 (close code 1008 as the fallback).
+``WebSocket /events/ws`` is served by ``LiveHub``. The token comes as ``?token=`` (browsers
+cannot set headers on a WebSocket) or as ``Authorization: Bearer``. A missing or wrong
+token is refused before the handshake completes with HTTP 401 and the usual error body; a
+server without the ASGI denial-response extension accepts and closes at once with code
+4401 instead. A bad ``?after=`` is refused the same way with 422 (close code 1008 as the
+fallback).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, Query, WebSocket
 from fastapi.responses import JSONResponse
 
-from orchestrator.auth import same_secret
+from orchestrator.api.deps import CatalogDep
+from orchestrator.auth import AdminDep, same_secret
 from orchestrator.errors import error_body
 from orchestrator.live import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_UNAUTHORIZED, LiveHub
 from shared import limits
+from shared import models as m
 from shared.errors import ErrorCode
 
 router = APIRouter(tags=["admin"])
+
+
+@router.get("/events", response_model=m.EventPage)
+async def list_events(
+    _: AdminDep,
+    catalog: CatalogDep,
+    after: Annotated[int, Query(ge=0, le=limits.MAX_STREAM_ID)] = 0,
+    limit: Annotated[int, Query(ge=1, le=limits.MAX_PAGE_LIMIT)] = limits.DEFAULT_PAGE_LIMIT,
+) -> Any:
+    return await catalog.list_events(after=after, limit=limit)
 
 
 def _presented_token(websocket: WebSocket) -> str | None:

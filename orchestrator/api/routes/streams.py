@@ -1,0 +1,53 @@
+"""``/streams``: the stream catalogue (admin): create, page, read, patch, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query
+
+from orchestrator.api.deps import CatalogDep
+from orchestrator.auth import AdminDep
+from shared import limits
+from shared import models as m
+
+router = APIRouter(tags=["admin"])
+
+StreamIdPath = Annotated[int, Path(ge=1, le=limits.MAX_STREAM_ID)]
+Limit = Annotated[int, Query(ge=1, le=limits.MAX_PAGE_LIMIT)]
+
+
+@router.post("/streams", status_code=201, response_model=m.CreateStreamsAnswer)
+async def create_streams(req: m.CreateStreamsRequest, _: AdminDep, catalog: CatalogDep) -> Any:
+    return await catalog.create_streams(req)
+
+
+@router.get("/streams", response_model=m.StreamPage)
+async def list_streams(
+    _: AdminDep,
+    catalog: CatalogDep,
+    status: m.StreamStatus | None = None,
+    owner: Annotated[str | None, Query(pattern=limits.WORKER_ID_PATTERN)] = None,
+    limit: Limit = limits.DEFAULT_PAGE_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=32)] = None,
+) -> Any:
+    return await catalog.list_streams(
+        status=status.value if status else None, owner=owner, limit=limit, cursor=cursor
+    )
+
+
+@router.get("/streams/{stream_id}", response_model=m.Stream)
+async def get_stream(stream_id: StreamIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
+    return await catalog.get_stream(stream_id)
+
+
+@router.patch("/streams/{stream_id}", response_model=m.Stream)
+async def patch_stream(
+    stream_id: StreamIdPath, req: m.StreamPatch, _: AdminDep, catalog: CatalogDep
+) -> Any:
+    return await catalog.patch_stream(stream_id, req)
+
+
+@router.delete("/streams/{stream_id}", response_model=m.Stream)
+async def delete_stream(stream_id: StreamIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
+    return await catalog.delete_stream(stream_id)

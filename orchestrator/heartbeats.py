@@ -1,0 +1,363 @@
+"""Heartbeats and leases: the hot path, from a beat's checks to its encoded answer.
+
+A fleet heartbeats every few seconds; one write transaction per beat would serialise on
+SQLite's lock. A heartbeat therefore only *reads* (the worker row and its streams, through
+a cached ``WorkerView``) and records the renewal in the ``LeaseBook``; ``flush`` writes
+every pending renewal in one transaction a few times a second. The reaper flushes before
+it judges leases, and other replicas' renewals reach the database within
+``lease_flush_interval_s``, well inside the lease's slack. The whole JSON answer is
+encoded here, the owned streams' part once per view (one concept, so one module).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Row, Table, bindparam, case, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator import ownership
+from orchestrator.auth import Caller, same_hash
+from orchestrator.context import Context
+from orchestrator.db import Database
+from orchestrator.errors import StaleEpoch
+from orchestrator.models import LEASED_STATES, StreamRow, WorkerRow
+from orchestrator.sessions import SessionGuard
+from orchestrator.views import ViewCache, WorkerView, scoped
+from shared import models as m
+from shared.models import WorkerState, rfc3339
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Renewal:
+    epoch: int
+    at: float
+    expires: float
+    stats: dict[str, Any] | None
+
+
+class LeaseBook:
+    """Lease renewals accepted by this replica and not yet written."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Renewal] = {}
+        # The newest renewal per worker, kept after it was flushed: cached views hold the
+        # lease as it was when they were built, this holds it as it is now.
+        self._latest: dict[str, tuple[int, float]] = {}
+
+    def renew(
+        self, worker_id: str, epoch: int, now: float, ttl: float, stats: dict[str, Any] | None
+    ) -> float:
+        previous = self._pending.get(worker_id)
+        if stats is None and previous is not None and previous.epoch == epoch:
+            stats = previous.stats
+        self._pending[worker_id] = Renewal(epoch, now, now + ttl, stats)
+        self._latest[worker_id] = (epoch, now + ttl)
+        return now + ttl
+
+    def latest_expiry(self, worker_id: str, epoch: int) -> float | None:
+        """The lease this replica last granted the worker in ``epoch``, if any."""
+        latest = self._latest.get(worker_id)
+        return latest[1] if latest is not None and latest[0] == epoch else None
+
+    async def save_now(
+        self,
+        db: Database,
+        worker_id: str,
+        epoch: int,
+        now: float,
+        ttl: float,
+        stats: dict[str, Any] | None,
+    ) -> bool:
+        """Renew in the database before answering: False if the session ended meanwhile.
+
+        For a beat at the very end of its lease: buffered, it could still be unwritten
+        when a reaper pass (on any replica) judges the old lease, and the worker would be
+        told it holds streams the pass just gave away. Written here, the conditional
+        update and the pass's are ordered by the row: whichever commits second sees the
+        other's outcome.
+        """
+        row = {"wid": worker_id, "ep": epoch, "exp": now + ttl, "at": now, "stats": stats}
+
+        async def write(session: AsyncSession) -> int:
+            result = await session.execute(_renew_statement(with_stats=stats is not None), row)
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+        if await db.write(write, changes=False) != 1:
+            self.forget(worker_id)
+            return False
+        self.renew(worker_id, epoch, now, ttl, stats)
+        return True
+
+    def lease_end(self, worker: Any | None) -> float:
+        """A worker's lease as it is now (a row or a view: ``worker_id``, ``epoch``,
+        ``lease_expires_at``): the stored end or a newer buffered renewal."""
+        if worker is None:
+            return 0.0
+        latest = self.latest_expiry(worker.worker_id, worker.epoch)
+        return max(float(worker.lease_expires_at), latest or 0.0)
+
+    def forget(self, worker_id: str) -> None:
+        self._pending.pop(worker_id, None)
+        self._latest.pop(worker_id, None)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def flush(self, db: Database) -> int:
+        if not self._pending:
+            return 0
+        batch, self._pending = self._pending, {}
+        rows = [
+            {"wid": wid, "ep": r.epoch, "exp": r.expires, "at": r.at, "stats": r.stats}
+            for wid, r in batch.items()
+        ]
+        with_stats = [row for row in rows if row["stats"] is not None]
+        without = [row for row in rows if row["stats"] is None]
+
+        async def write(session: AsyncSession) -> None:
+            if with_stats:
+                await session.execute(_renew_statement(with_stats=True), with_stats)
+            if without:
+                await session.execute(_renew_statement(with_stats=False), without)
+
+        try:
+            await db.write(write, changes=False)
+        except Exception:
+            # Put them back (newer renewals win) so the next flush retries them.
+            for wid, renewal in batch.items():
+                current = self._pending.get(wid)
+                if current is None or current.at < renewal.at:
+                    self._pending[wid] = renewal
+            raise
+        return len(rows)
+
+
+def _renew_statement(*, with_stats: bool) -> Any:
+    # Core table, not the ORM entity: an executemany of plain rows, not an ORM bulk update.
+    workers = cast(Table, WorkerRow.__table__)
+    # A lease never shrinks: an outage grace may already have pushed it further out.
+    values: dict[str, Any] = {
+        "lease_expires_at": case(
+            (workers.c.lease_expires_at > bindparam("exp"), workers.c.lease_expires_at),
+            else_=bindparam("exp"),
+        ),
+        "last_heartbeat_at": bindparam("at"),
+    }
+    if with_stats:
+        values["stats"] = bindparam("stats", type_=workers.c.stats.type)
+    return (
+        update(workers)
+        .where(
+            workers.c.worker_id == bindparam("wid"),
+            workers.c.epoch == bindparam("ep"),
+            # Not IN (...): expanding parameters cannot be used with executemany.
+            workers.c.state != WorkerState.LOST,
+            workers.c.state != WorkerState.LEFT,
+        )
+        .values(values)
+    )
+
+
+# --- the answer's encoding ----------------------------------------------------------------
+
+WORKER_COLUMNS = (
+    WorkerRow.worker_id,
+    WorkerRow.epoch,
+    WorkerRow.state,
+    WorkerRow.session_hash,
+    WorkerRow.lease_expires_at,
+)
+
+
+async def worker_and_streams(
+    session: AsyncSession, worker_id: str
+) -> tuple[Row[Any] | None, list[Row[Any]]]:
+    """The worker's row and the streams it owns, in one query (a cold view's whole load)."""
+    stmt = (
+        select(*WORKER_COLUMNS, *ownership.ASSIGNMENT_COLUMNS, StreamRow.revoke_at)
+        .select_from(WorkerRow)
+        .outerjoin(StreamRow, StreamRow.owner_id == WorkerRow.worker_id)
+        .where(WorkerRow.worker_id == worker_id)
+        .order_by(StreamRow.id)
+    )
+    rows = (await session.execute(stmt)).all()
+    if not rows:
+        return None, []
+    return rows[0], [r for r in rows if r.id is not None]
+
+
+def assignment_json(row: Any) -> dict[str, Any]:
+    """An owned stream's row as ``Assignment`` encodes it, without building the model: a
+    cold view encodes a hundred of these, and right after a failover every worker that
+    took streams has a cold view. ``tests/orchestrator/test_views.py`` holds it to the
+    model's encoding."""
+    return {
+        "stream_id": row.id,
+        "token": row.token,
+        "name": row.name,
+        "url": row.url,
+        "metadata": row.meta or {},
+        "assigned_at": rfc3339(row.assigned_at or 0.0),
+    }
+
+
+def build_view(worker: Any, streams: Sequence[Any], now: float) -> WorkerView:
+    """The view of ``worker`` owning ``streams`` (rows with ``ASSIGNMENT_COLUMNS`` and
+    ``revoke_at``); streams being revoked are owned but no longer listed."""
+    revoking = frozenset(r.id for r in streams if r.revoke_at is not None)
+    body = json.dumps(
+        [assignment_json(r) for r in streams if r.revoke_at is None], separators=(",", ":")
+    ).encode()
+    return WorkerView(
+        worker_id=worker.worker_id,
+        epoch=worker.epoch,
+        state=worker.state,
+        session_hash=worker.session_hash,
+        lease_expires_at=worker.lease_expires_at,
+        owned=frozenset(r.id for r in streams),
+        revoking=revoking,
+        assignments_json=body,
+        built_at=now,
+    )
+
+
+def encode_answer(
+    expires: float, hint: float | None, view: WorkerView, revoke: list[int], dropped: list[m.Drop]
+) -> bytes:
+    """A ``HeartbeatAnswer`` as JSON bytes, the view's assignments spliced in as they are."""
+    return b"".join(
+        (
+            b'{"lease_expires_at":"',
+            rfc3339(expires).encode(),
+            b'","next_heartbeat_in_s":' + str(hint).encode() + b',"assignments":'
+            if hint is not None
+            else b'","assignments":',
+            view.assignments_json,
+            b',"revoke":',
+            json.dumps(revoke).encode() if revoke else b"[]",
+            b',"dropped":',
+            json.dumps([d.model_dump(mode="json") for d in dropped]).encode() if dropped else b"[]",
+            b"}",
+        )
+    )
+
+
+# --- the heartbeat --------------------------------------------------------------------------
+
+# A beat hint allows the judging pass this long to commit (small passes take ~10-50 ms),
+# and is repeated at most this many times while the pass is late.
+HINT_PASS_ALLOWANCE_S = 0.1
+HINT_RETRIES = 3
+
+# A beat whose lease ends within the flush interval plus this is saved before the answer.
+LATE_BEAT_MARGIN_S = 0.1
+
+
+class Heartbeats:
+    """``POST /workers/{id}/heartbeat``: answered from a cached view, renewal buffered."""
+
+    def __init__(
+        self, ctx: Context, *, book: LeaseBook, views: ViewCache, sessions: SessionGuard
+    ) -> None:
+        self.ctx = ctx
+        self.book = book
+        self.views = views
+        self.sessions = sessions
+
+    async def beat(self, caller: Caller, worker_id: str, req: m.HeartbeatRequest) -> bytes:
+        """Renew the lease; the answer already encoded as JSON (a ``HeartbeatAnswer``)."""
+        now = self.ctx.clock.wall()
+        view = self.views.get(worker_id)
+        if view is None or not self._view_accepts(view, caller, req.epoch, now):
+            view = await self._load_view(caller, worker_id, req.epoch, now)
+        held = {h.stream_id for h in req.held}
+        dropped: list[m.Drop] = []
+        missing = held - view.owned
+        if missing:
+            async with self.ctx.db.read() as session:
+                dropped = await ownership.drops_for(session, worker_id, sorted(missing))
+        ttl = self.ctx.settings.lease_ttl_s
+        lease_end = self.book.lease_end(view)
+        if lease_end < now + self.ctx.settings.lease_flush_interval_s + LATE_BEAT_MARGIN_S:
+            # A beat at its lease's end (or past it, before any pass judged it): saved
+            # before the answer, or a pass could give the streams away under it.
+            if not await self.book.save_now(
+                self.ctx.db, worker_id, view.epoch, now, ttl, req.stats
+            ):
+                await self._load_view(caller, worker_id, req.epoch, now)  # raises why
+                raise StaleEpoch("this session ended: register again")
+            expires = now + ttl
+        else:
+            expires = self.book.renew(worker_id, view.epoch, now, ttl, req.stats)
+        self.ctx.metrics.heartbeats.inc()
+        revoke = sorted(view.revoking & held)
+        handed_back = sorted(view.revoking - held)
+        if handed_back:
+            # The worker already stopped these revoked streams: that is its release.
+            async def release(session: AsyncSession) -> None:
+                scoped(session)  # release touches the one worker it changes
+                await ownership.release(session, worker_id, handed_back, now, reason="revoked")
+
+            await self.ctx.db.write(release)
+            self.ctx.signal.changed()
+        return encode_answer(expires, self.beat_hint(now), view, revoke, dropped)
+
+    def beat_hint(self, now: float) -> float | None:
+        """Seconds after which to beat again, when that hears of a failover sooner.
+
+        A lease that ends before the caller's next regular beat belongs to a worker that
+        has missed beats. The pass that judges it runs ``lease_flush_interval_s`` after its
+        end; a worker told to beat just after that learns of the streams it frees at once,
+        not up to a whole interval later (the way Kafka's heartbeat answer tells a consumer
+        to rejoin). A live worker's lease always ends further out, so a healthy fleet never
+        gets a hint; a failover costs each worker at most a few extra beats.
+        """
+        due = self.ctx.signal.expiry_due
+        if due is None:
+            return None
+        settings = self.ctx.settings
+        interval = settings.heartbeat_interval_s
+        flush = settings.lease_flush_interval_s
+        # A live worker's lease ends at least TTL - interval after its last beat; as read
+        # here it can be older by the flush interval and by this value's age (up to one
+        # reaper interval). Anything ending sooner than that belongs to a silent worker.
+        live_margin = settings.lease_ttl_s - interval - flush - settings.reaper_interval_s
+        if due >= now + min(interval, live_margin):
+            return None  # a live worker's lease, or one judged before our next beat anyway
+        judged = due + flush + HINT_PASS_ALLOWANCE_S
+        if now <= judged:
+            return round(judged - now, 3) if judged - now < interval else None
+        if now <= judged + HINT_RETRIES * HINT_PASS_ALLOWANCE_S:
+            return HINT_PASS_ALLOWANCE_S  # the pass is late: look again shortly
+        return None
+
+    def _view_accepts(self, view: WorkerView, caller: Caller, epoch: int, now: float) -> bool:
+        """Can the cached view vouch for this call? Anything doubtful goes to the database."""
+        token_hash = caller.token_hash
+        if caller.is_admin or token_hash is None or not same_hash(token_hash, view.session_hash):
+            return False
+        if epoch != view.epoch or view.state not in LEASED_STATES:
+            return False
+        return self.book.lease_end(view) >= now
+
+    async def _load_view(
+        self, caller: Caller, worker_id: str, epoch: int, now: float
+    ) -> WorkerView:
+        generation = self.views.generation
+        async with self.ctx.db.read() as session:
+            row, streams = await worker_and_streams(session, worker_id)
+            lease_end = self.book.lease_end(row)
+            await self.sessions.check(
+                session, caller, worker_id, row, epoch=epoch, now=now, lease_end=lease_end
+            )
+            assert row is not None
+        view = build_view(row, streams, self.views.now())
+        self.views.put(view, generation)
+        return view

@@ -1,0 +1,376 @@
+"""Who owns which stream: grants, releases, held-set settling and the fair-share quota.
+
+Every function runs inside the caller's write transaction and never commits. Ownership is
+one column (``streams.owner_id``), so a stream can never have two owners; what has to be
+guarded is *granting*: a grant is a conditional UPDATE (``owner_id IS NULL``) over rows
+picked with ``FOR UPDATE SKIP LOCKED``, and capacity is checked under the worker's row
+lock, so concurrent grants through any number of replicas cannot overfill a worker.
+Evening the load out across workers is ``balancing``'s, on top of these primitives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import Row, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator import events as ev
+from orchestrator.models import StreamRow, WorkerRow
+from orchestrator.views import touch
+from shared.models import (
+    Assignment,
+    Drop,
+    DropReason,
+    Held,
+    StreamStatus,
+    WorkerState,
+    from_timestamp,
+)
+
+T = TypeVar("T")
+
+# SQLite allows 32766 bound parameters; stay far below it.
+IN_CHUNK = 5_000
+# Worker ids per IN (...) when a statement also lists up to IN_CHUNK stream ids.
+OWNER_CHUNK = 1_000
+
+ASSIGNMENT_COLUMNS = (
+    StreamRow.id,
+    StreamRow.token,
+    StreamRow.name,
+    StreamRow.url,
+    StreamRow.meta,
+    StreamRow.assigned_at,
+)
+
+
+def to_assignment(row: Any) -> Assignment:
+    return Assignment(
+        stream_id=row.id,
+        token=row.token,
+        name=row.name,
+        url=row.url,
+        metadata=row.meta or {},
+        assigned_at=from_timestamp(row.assigned_at or 0.0),
+    )
+
+
+def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+async def lock_worker(session: AsyncSession, worker_id: str) -> WorkerRow | None:
+    stmt = select(WorkerRow).where(WorkerRow.worker_id == worker_id).with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def owned_count(session: AsyncSession, worker_id: str) -> int:
+    stmt = select(func.count()).select_from(StreamRow).where(StreamRow.owner_id == worker_id)
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def owned_streams(session: AsyncSession, worker_id: str) -> Sequence[Row[Any]]:
+    stmt = (
+        select(*ASSIGNMENT_COLUMNS, StreamRow.revoke_at)
+        .where(StreamRow.owner_id == worker_id)
+        .order_by(StreamRow.id)
+    )
+    return (await session.execute(stmt)).all()
+
+
+def quota(active_streams: int, capacity: int, total_capacity: int) -> int:
+    """The most streams a worker should hold: the ceiling of its capacity-weighted share."""
+    if total_capacity <= 0 or capacity <= 0:
+        return 0
+    if active_streams >= total_capacity:
+        return capacity
+    return min(capacity, -(-active_streams * capacity // total_capacity))
+
+
+async def fair_quota(session: AsyncSession, worker: WorkerRow) -> int:
+    if worker.state != WorkerState.ACTIVE:
+        return 0
+    streams = (
+        await session.execute(
+            select(func.count())
+            .select_from(StreamRow)
+            .where(StreamRow.status == StreamStatus.ACTIVE)
+        )
+    ).scalar_one()
+    total = (
+        await session.execute(
+            select(func.coalesce(func.sum(WorkerRow.capacity), 0)).where(
+                WorkerRow.state == WorkerState.ACTIVE
+            )
+        )
+    ).scalar_one()
+    return quota(int(streams), worker.capacity, int(total))
+
+
+async def _take(
+    session: AsyncSession, ids: Sequence[int], worker_id: str, now: float
+) -> list[Row[Any]]:
+    """Give the still-unowned ones of ``ids`` to ``worker_id`` with a new fencing token."""
+    touch(session, [worker_id])
+    taken: list[Row[Any]] = []
+    for chunk in chunks(ids):
+        stmt = (
+            update(StreamRow)
+            .where(
+                StreamRow.id.in_(chunk),
+                StreamRow.owner_id.is_(None),
+                StreamRow.status == StreamStatus.ACTIVE,
+            )
+            .values(
+                owner_id=worker_id,
+                token=StreamRow.token + 1,
+                assigned_at=now,
+                revoke_at=None,
+                revoke_to=None,
+                updated_at=now,
+            )
+            .returning(*ASSIGNMENT_COLUMNS)
+            .execution_options(synchronize_session=False)
+        )
+        taken.extend((await session.execute(stmt)).all())
+    taken.sort(key=lambda row: row.id)
+    return taken
+
+
+async def unowned_ids(session: AsyncSession, limit: int) -> list[int]:
+    if limit <= 0:
+        return []
+    stmt = (
+        select(StreamRow.id)
+        .where(StreamRow.owner_id.is_(None), StreamRow.status == StreamStatus.ACTIVE)
+        .order_by(StreamRow.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def grant(session: AsyncSession, worker: WorkerRow, count: int, now: float) -> list[Row[Any]]:
+    """Up to ``count`` unowned streams for a locked worker, never past capacity or fair share."""
+    held = await owned_count(session, worker.worker_id)
+    room = min(count, worker.capacity - held, await fair_quota(session, worker) - held)
+    if room <= 0:
+        return []
+    rows = await _take(session, await unowned_ids(session, room), worker.worker_id, now)
+    await ev.record(
+        session,
+        (
+            ev.event(
+                ev.STREAM_ASSIGNED, now, worker_id=worker.worker_id, stream_id=r.id, token=r.token
+            )
+            for r in rows
+        ),
+    )
+    return rows
+
+
+async def release(
+    session: AsyncSession, worker_id: str, stream_ids: Iterable[int], now: float, *, reason: str
+) -> list[int]:
+    """Unown the given streams if ``worker_id`` owns them; others are left alone."""
+    touch(session, [worker_id])
+    wanted = sorted(set(stream_ids))
+    released: list[int] = []
+    for chunk in chunks(wanted):
+        stmt = (
+            update(StreamRow)
+            .where(StreamRow.id.in_(chunk), StreamRow.owner_id == worker_id)
+            .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=now)
+            .returning(StreamRow.id)
+            .execution_options(synchronize_session=False)
+        )
+        released.extend((await session.execute(stmt)).scalars())
+    released.sort()
+    await ev.record(
+        session,
+        (
+            ev.event(ev.STREAM_RELEASED, now, worker_id=worker_id, stream_id=sid, reason=reason)
+            for sid in released
+        ),
+    )
+    return released
+
+
+async def release_all(
+    session: AsyncSession, worker_id: str, now: float, *, reason: str
+) -> list[int]:
+    return sorted(await release_owned_by(session, [worker_id], now, reason=reason))
+
+
+async def release_owned_by(
+    session: AsyncSession, owners: Sequence[str], now: float, *, reason: str
+) -> dict[int, str]:
+    """Unown every stream the given workers own, in a few statements however many there are.
+
+    The callers hold the owners' rows locked (or SQLite's write lock), so nothing can be
+    granted to them meanwhile: what the SELECT finds is what the UPDATE frees.
+    """
+    touch(session, owners)
+    released: dict[int, str] = {}
+    for group in chunks(list(owners), OWNER_CHUNK):
+        found = await session.execute(
+            select(StreamRow.id, StreamRow.owner_id)
+            .where(StreamRow.owner_id.in_(group))
+            .with_for_update()
+        )
+        owned = {sid: str(owner) for sid, owner in found.all()}  # owner_id IN (...): set
+        if owned:
+            # By owner, not by id: no 5,000-id IN list to render and bind; the same rows,
+            # as nothing can be granted to a locked owner meanwhile.
+            await session.execute(
+                update(StreamRow)
+                .where(StreamRow.owner_id.in_(group))
+                .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            released.update(owned)
+    await ev.record(
+        session,
+        (
+            ev.event(ev.STREAM_RELEASED, now, worker_id=owner, stream_id=sid, reason=reason)
+            for sid, owner in sorted(released.items())
+        ),
+    )
+    return released
+
+
+@dataclass
+class Settled:
+    """A worker's held list held against the catalogue (register and reconcile)."""
+
+    keep: list[Row[Any]] = field(default_factory=list)
+    drop: list[Drop] = field(default_factory=list)
+    assign: list[Row[Any]] = field(default_factory=list)
+
+
+def drop_reason(row: Any | None, worker_id: str) -> Drop | None:
+    """Why a held stream is not the worker's, or None if it is."""
+    if row is None:
+        return None
+    if row.owner_id == worker_id:
+        return None
+    if row.owner_id is not None:
+        return Drop(stream_id=row.id, reason=DropReason.REASSIGNED, owner=row.owner_id)
+    if row.status == StreamStatus.DISABLED:
+        return Drop(stream_id=row.id, reason=DropReason.DISABLED)
+    if row.status == StreamStatus.QUARANTINED:
+        return Drop(stream_id=row.id, reason=DropReason.QUARANTINED)
+    return Drop(stream_id=row.id, reason=DropReason.NOT_OWNED)
+
+
+async def _rows_by_id(session: AsyncSession, ids: Sequence[int], *, lock: bool) -> dict[int, Any]:
+    found: dict[int, Any] = {}
+    for chunk in chunks(ids):
+        stmt = select(
+            *ASSIGNMENT_COLUMNS, StreamRow.owner_id, StreamRow.status, StreamRow.revoke_at
+        ).where(StreamRow.id.in_(chunk))
+        if lock:
+            stmt = stmt.with_for_update()
+        found.update({row.id: row for row in (await session.execute(stmt)).all()})
+    return found
+
+
+async def settle_held(
+    session: AsyncSession, worker: WorkerRow, held: Sequence[Held], now: float
+) -> Settled:
+    """Keep what the worker still owns, drop what it lost, hand back unowned streams it held.
+
+    The orchestrator's current owner always wins; an unowned active stream goes back to the
+    worker with a new fencing token while its capacity allows.
+    """
+    ids = sorted({h.stream_id for h in held})
+    rows = await _rows_by_id(session, ids, lock=True)
+    settled = Settled()
+    hand_back: list[int] = []
+    room = worker.capacity - await owned_count(session, worker.worker_id)
+    for sid in ids:
+        row = rows.get(sid)
+        if row is None:
+            settled.drop.append(Drop(stream_id=sid, reason=DropReason.REMOVED))
+            continue
+        reason = drop_reason(row, worker.worker_id)
+        if reason is None:
+            settled.keep.append(row)
+        elif (
+            reason.reason == DropReason.NOT_OWNED
+            and worker.state == WorkerState.ACTIVE
+            and room > 0
+        ):
+            hand_back.append(sid)
+            room -= 1
+        elif reason.reason == DropReason.NOT_OWNED:
+            settled.drop.append(Drop(stream_id=sid, reason=DropReason.CAPACITY))
+        else:
+            settled.drop.append(reason)
+    if hand_back:
+        settled.assign = await _take(session, hand_back, worker.worker_id, now)
+        taken = {row.id for row in settled.assign}
+        # Lost a race for one of them (another replica granted it): say so.
+        for sid in hand_back:
+            if sid not in taken:
+                settled.drop.append(Drop(stream_id=sid, reason=DropReason.REASSIGNED))
+        await ev.record(
+            session,
+            (
+                ev.event(
+                    ev.STREAM_ASSIGNED,
+                    now,
+                    worker_id=worker.worker_id,
+                    stream_id=r.id,
+                    token=r.token,
+                    handed_back=True,
+                )
+                for r in settled.assign
+            ),
+        )
+    settled.drop.sort(key=lambda d: d.stream_id)
+    return settled
+
+
+async def shed_over_capacity(
+    session: AsyncSession,
+    worker: WorkerRow,
+    owned: Sequence[Any],
+    held: Sequence[Held],
+    now: float,
+) -> set[int]:
+    """Release what ``worker`` owns beyond its capacity; the ids released.
+
+    A worker that registers again with a lower capacity (restarted with a smaller
+    ``WORKER_MAX_STREAMS``) must not own more than it even until a rebalance. Streams it
+    does not run (not in ``held``) go first, then the newest ids.
+    """
+    excess = len(owned) - worker.capacity
+    if excess <= 0:
+        return set()
+    running = {h.stream_id for h in held}
+    order = sorted(owned, key=lambda r: (r.id not in running, r.id), reverse=True)
+    return set(
+        await release(
+            session, worker.worker_id, [r.id for r in order[:excess]], now, reason="capacity"
+        )
+    )
+
+
+async def drops_for(session: AsyncSession, worker_id: str, stream_ids: Sequence[int]) -> list[Drop]:
+    """Reasons for streams a worker reports holding that it does not own (heartbeat)."""
+    rows = await _rows_by_id(session, stream_ids, lock=False)
+    drops = []
+    for sid in sorted(stream_ids):
+        row = rows.get(sid)
+        if row is None:
+            drops.append(Drop(stream_id=sid, reason=DropReason.REMOVED))
+            continue
+        reason = drop_reason(row, worker_id)
+        if reason is not None:
+            drops.append(reason)
+    return drops
