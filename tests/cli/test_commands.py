@@ -118,13 +118,20 @@ def test_events_page_and_follow(cli: Cli) -> None:
 
 
 def test_v11_commands_say_the_orchestrator_is_too_old(cli: Cli) -> None:
-    """workers fail, rebalance --dry-run and ui need what this orchestrator lacks: exit 4."""
-    for args in (("workers", "fail", "w1"), ("rebalance", "--dry-run"), ("ui", "--print")):
+    """workers fail and rebalance --dry-run need what this orchestrator lacks: exit 4."""
+    for args in (("workers", "fail", "w1"), ("rebalance", "--dry-run")):
         result = cli(*args)
         assert result.exit_code == errors.TOO_OLD, (args, result.output)
         assert "too old" in one_line_error(result)
     # Nothing moved: the preview was never sent as a real rebalance, w1 was not failed.
     assert cli.api("GET", "/workers/w1")["state"] == "active"
+
+
+def test_ui_prints_the_dashboard_url(cli: Cli) -> None:
+    """ui --print: the orchestrator serves /ui, so its URL is printed and the exit is 0."""
+    result = cli("ui", "--print")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith("/ui/") or result.stdout.strip().endswith("/ui")
 
 
 def test_ui_opens_the_dashboard_without_the_token() -> None:
