@@ -12,9 +12,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from threading import Thread
 from typing import Any, TypeVar
 
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, func, make_url, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import (
@@ -65,6 +66,44 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         raise
 
 
+async def _open_aiosqlite(*args: Any, **kwargs: Any) -> Any:
+    """``aiosqlite.connect``, waiting on failure for the connection's worker thread to end.
+
+    aiosqlite stops that thread after a failed connect without waiting for it; the thread's
+    last act is a callback into the event loop, so a loop closed meanwhile (``asyncio.run``
+    right after a start-up check) got "Event loop is closed" printed from the thread at
+    exit, about 1 run in 6. Joined here, it ends while the loop still runs.
+    """
+    import aiosqlite
+
+    connection = aiosqlite.connect(*args, **kwargs)
+    # aiosqlite < 0.22 is the thread; 0.22 holds it (SQLAlchemy's own connect does the same).
+    worker: Thread = connection if isinstance(connection, Thread) else connection._thread
+    worker.daemon = True  # as SQLAlchemy sets it: a leaked connection must not block exit
+    try:
+        return await connection
+    except BaseException:
+        await asyncio.to_thread(worker.join)
+        raise
+
+
+def sqlite_engine(url: str, *, timeout_s: float | None = None, **options: Any) -> AsyncEngine:
+    """An aiosqlite engine whose failed connects leave no thread behind (``_open_aiosqlite``).
+
+    The URL's own connect arguments are applied as SQLAlchemy would (``async_creator`` does
+    not apply them itself); ``timeout_s`` is the driver's busy timeout.
+    """
+    parsed = make_url(url)
+    cargs, cparams = parsed.get_dialect()().create_connect_args(parsed)
+    if timeout_s is not None:
+        cparams["timeout"] = timeout_s
+
+    async def connect() -> Any:
+        return await _open_aiosqlite(*cargs, **cparams)
+
+    return create_async_engine(url, async_creator=connect, **options)
+
+
 def _failed_connect_is_an_outage(context: ExceptionContext) -> None:
     """A connection the pool could not open is the database being away, whatever the
     driver says why (no such database, not accepting connections, a refused role): marked
@@ -77,11 +116,11 @@ def _failed_connect_is_an_outage(context: ExceptionContext) -> None:
 
 def _make_engine(settings: Settings, *, immediate: bool) -> AsyncEngine:
     if settings.is_sqlite:
-        engine = create_async_engine(
+        engine = sqlite_engine(
             settings.database_url,
+            timeout_s=SQLITE_BUSY_TIMEOUT_MS / 1000,
             pool_size=1 if immediate else max(2, settings.db_pool_size),
             max_overflow=0 if immediate else 4,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"

@@ -11,11 +11,11 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from orchestrator.db import Database
+from orchestrator.db import Database, sqlite_engine
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,12 @@ async def upgrade_to_head(database_url: str) -> None:
 
 async def check_connection(database_url: str) -> None:
     """Open one connection and run ``SELECT 1``; raises whatever stopped it."""
-    sqlite = database_url.startswith("sqlite")
-    engine = create_async_engine(
-        database_url,
-        poolclass=NullPool,
-        connect_args={} if sqlite else {"timeout": CONNECT_TIMEOUT_S},
-    )
+    if make_url(database_url).get_backend_name() == "sqlite":
+        engine = sqlite_engine(database_url, poolclass=NullPool)
+    else:
+        engine = create_async_engine(
+            database_url, poolclass=NullPool, connect_args={"timeout": CONNECT_TIMEOUT_S}
+        )
     try:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
