@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import (
 
 from orchestrator import events as event_log
 from orchestrator.config import Settings
-from orchestrator.errors import Unavailable, is_database_trouble
+from orchestrator.errors import database_errors
 from orchestrator.models import ViewChangeRow
 from orchestrator.views import ALL_WORKERS, changed_workers
 
@@ -151,7 +151,8 @@ class Database:
     """One process's connection to the catalogue: a read engine and a write engine.
 
     On PostgreSQL both are the same engine. Writes go through ``write()``, which owns the
-    transaction, retries conflicts, and turns an unreachable database into ``Unavailable``.
+    transaction, retries conflicts, and turns an unreachable database into ``Unavailable``
+    (``errors.database_errors``, as ``read()`` does).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -178,15 +179,9 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        try:
+        with database_errors():
             async with self._reads() as session:
                 yield session
-        except sa_exc.SQLAlchemyError as exc:
-            if is_database_trouble(exc) or is_database_trouble(exc.__cause__ or exc):
-                raise Unavailable("the database is unavailable; retry shortly") from exc
-            raise
-        except OSError as exc:
-            raise Unavailable("the database is unavailable; retry shortly") from exc
 
     async def write(
         self, work: Callable[[AsyncSession], Awaitable[T]], *, changes: bool = True
@@ -197,22 +192,19 @@ class Database:
         transaction changed nothing a heartbeat answers with (lease renewals, leader
         claims), so cached worker views stay valid.
         """
-        for attempt in range(1, WRITE_RETRIES + 1):
-            try:
-                if self._sqlite_write_lock is not None:
-                    async with self._sqlite_write_lock:
-                        return await self._write_once(work, changes)
-                return await self._write_once(work, changes)
-            except sa_exc.DBAPIError as exc:
-                if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
-                    log.info("orchestrator.write_retried", extra={"attempt": attempt})
-                    await asyncio.sleep(0.005 * attempt)
-                    continue
-                if is_database_trouble(exc) or "database is locked" in str(exc):
-                    raise Unavailable("the database is unavailable; retry shortly") from exc
-                raise
-            except OSError as exc:
-                raise Unavailable("the database is unavailable; retry shortly") from exc
+        with database_errors():
+            for attempt in range(1, WRITE_RETRIES + 1):
+                try:
+                    if self._sqlite_write_lock is not None:
+                        async with self._sqlite_write_lock:
+                            return await self._write_once(work, changes)
+                    return await self._write_once(work, changes)
+                except sa_exc.DBAPIError as exc:
+                    if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
+                        log.info("orchestrator.write_retried", extra={"attempt": attempt})
+                        await asyncio.sleep(0.005 * attempt)
+                        continue
+                    raise
         raise AssertionError("unreachable")
 
     async def _write_once(self, work: Callable[[AsyncSession], Awaitable[T]], changes: bool) -> T:
