@@ -56,7 +56,7 @@ def create_app(
         stop = asyncio.Event()
         task = asyncio.create_task(reaper.run(stop), name="reaper") if run_reaper else None
         await live.start(service)
-        watcher = asyncio.create_task(service.views.watch(db, stop), name="view-watcher")
+        watcher = asyncio.create_task(service.view_sync.watch(stop), name="view-watcher")
         for name in settings.weak_tokens:
             # Named, never shown: the value is a secret however weak.
             log.warning(

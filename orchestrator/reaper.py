@@ -35,10 +35,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import assignment as asg
 from orchestrator import events as ev
-from orchestrator import idempotency, views
+from orchestrator import idempotency, view_sync
 from orchestrator.errors import as_api_error
 from orchestrator.models import ClusterRow, EventRow, ViewChangeRow, WorkerRow
 from orchestrator.service import Orchestrator, mark_lost
+from orchestrator.write_context import write_context
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +136,11 @@ class Reaper:
         report.moves = len(balance.moves)
         report.next_expiry = await _earliest_lease_in(session)
         if not (report.grace or report.lost or report.assigned or report.moves or overdue):
-            session.info["quiet"] = True  # nothing a heartbeat answers with has changed
+            write_context(session).quiet = True  # nothing a heartbeat answers with has changed
         elif not report.grace:
             # The ownership helpers touched every worker they changed; a grace changed
             # every lease, so then all views go.
-            views.scoped(session)
+            view_sync.scoped(session)
         return report
 
     def _outage(self, last_reaper_at: float | None, now: float) -> tuple[str, float] | None:

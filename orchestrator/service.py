@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import assignment as asg
 from orchestrator import events as ev
-from orchestrator import idempotency, views
+from orchestrator import idempotency, view_sync
 from orchestrator.auth import Caller, hash_token, new_session_token, same_hash
 from orchestrator.config import Settings
 from orchestrator.db import Database
@@ -37,9 +37,10 @@ from orchestrator.models import (
     WorkerRow,
     WorkerSessionRow,
 )
-from orchestrator.views import ViewCache, WorkerView, build_view, rfc3339
+from orchestrator.views import ViewCache, WorkerView, build_view
 from shared import models as m
 from shared.limits import MAX_STREAM_ID
+from shared.models import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class Orchestrator:
         # or a read when another replica leads); heartbeats use it for their hints.
         self.expiry_due: float | None = None
         self.views = ViewCache()
-        db.on_change.append(self.views.invalidate)
+        self.view_sync = view_sync.ViewSync(db, self.views)
 
     def _changed(self) -> None:
         self.wake.set()
@@ -181,8 +182,8 @@ class Orchestrator:
             )
             await session.flush()
             # Only this worker's view changes: its row, and streams it takes back unowned.
-            views.touch(session, [wid])
-            views.scoped(session)
+            view_sync.touch(session, [wid])
+            view_sync.scoped(session)
             settled = await asg.settle_held(session, row, req.held, now)
             await self._store_history(session, wid, req.history, now)
             owned = await asg.owned_streams(session, wid)
@@ -267,7 +268,7 @@ class Orchestrator:
         if handed_back:
             # The worker already stopped these revoked streams: that is its release.
             async def release(session: AsyncSession) -> None:
-                views.scoped(session)  # release touches the one worker it changes
+                view_sync.scoped(session)  # release touches the one worker it changes
                 await asg.release(session, worker_id, handed_back, now, reason="revoked")
 
             await self.db.write(release)
@@ -367,8 +368,8 @@ class Orchestrator:
         async def txn(session: AsyncSession) -> dict[str, Any]:
             # A worker's own call changes only its own row and streams (granted to it,
             # released or quarantined from it): only its view goes, on every replica.
-            views.touch(session, [worker_id])
-            views.scoped(session)
+            view_sync.touch(session, [worker_id])
+            view_sync.scoped(session)
             now = self.clock()
             row = await asg.lock_worker(session, worker_id)
             try:
@@ -966,7 +967,7 @@ async def mark_lost(session: AsyncSession, now: float) -> tuple[list[str], dict[
         )
         epochs.update({wid: epoch for wid, epoch in result.all()})
     lost = sorted(epochs)
-    views.touch(session, lost)
+    view_sync.touch(session, lost)
     freed = await asg.release_owned_by(session, lost, now, reason="lease_expired")
     released = Counter(freed.values())
     await ev.record(
