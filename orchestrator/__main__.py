@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     from orchestrator.app import create_app
-    from orchestrator.live import run_server
+    from orchestrator.server import run_server
 
     # Migrated above: the lifespan need not do it again (nor fail there, in a traceback).
     app = create_app(settings.model_copy(update={"auto_migrate": False}))

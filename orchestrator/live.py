@@ -26,8 +26,10 @@ Messages (JSON text frames, server to client; clients ignore types they do not k
 ``?after=<id>`` replays the stored events after ``id`` before the live ones. Timestamps
 are RFC 3339 UTC. A client that is refused a token gets HTTP 401 (see ``events_ws``).
 
-``SERVER_SHUTDOWN`` needs ``LiveServer`` (``run_server``): plain uvicorn closes WebSockets
-before the lifespan ends, so the lifespan's ``close()`` only covers other hosts.
+``SERVER_SHUTDOWN`` needs ``server.LiveServer`` (``run_server``): plain uvicorn closes
+WebSockets before the lifespan ends, so the lifespan's ``close()`` only covers other hosts.
+uvicorn logs each WebSocket's path with its ``?token=``: the entry point's logging set-up
+(``shared.logs.configure_logging``) redacts it.
 """
 
 from __future__ import annotations
@@ -36,22 +38,18 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-import uvicorn
 from sqlalchemy import func, select
 from starlette.websockets import WebSocket
 
 from orchestrator.models import EventRow
 from shared import models as m
+from shared.clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
-
     from orchestrator.config import Settings
     from orchestrator.metrics import OrchestratorMetrics
     from orchestrator.service import Orchestrator
@@ -81,12 +79,6 @@ DATABASE_UNAVAILABLE: Final = "DATABASE_UNAVAILABLE"
 DATABASE_RECOVERED: Final = "DATABASE_RECOVERED"
 
 
-def _timestamp(seconds: float) -> str:
-    stamp = m.from_timestamp(seconds)
-    assert stamp is not None
-    return stamp.isoformat().replace("+00:00", "Z")
-
-
 def _dumps(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), default=str)
 
@@ -106,7 +98,7 @@ def error_message(
         "message": message,
         "component": component,
         "severity": severity,
-        "timestamp": _timestamp(at),
+        "timestamp": m.rfc3339(at),
         "details": details or {},
     }
 
@@ -153,8 +145,7 @@ class LiveHub:
         gap_wait_s: float = DEFAULT_GAP_WAIT_S,
         db_timeout_s: float = DEFAULT_DB_TIMEOUT_S,
         close_grace_s: float = DEFAULT_CLOSE_GRACE_S,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.heartbeat_s = heartbeat_s
         self.metrics = metrics
@@ -165,7 +156,6 @@ class LiveHub:
         self.db_timeout_s = db_timeout_s
         self.close_grace_s = close_grace_s
         self.clock = clock
-        self.monotonic = monotonic
         self.last_id = 0
         self._service: Orchestrator | None = None
         self._clients: set[_Client] = set()
@@ -178,8 +168,10 @@ class LiveHub:
         self._closed = False
 
     @classmethod
-    def for_settings(cls, settings: Settings, metrics: OrchestratorMetrics) -> LiveHub:
-        return cls(heartbeat_s=settings.events_heartbeat_s, metrics=metrics)
+    def for_settings(
+        cls, settings: Settings, metrics: OrchestratorMetrics, *, clock: Clock = SYSTEM_CLOCK
+    ) -> LiveHub:
+        return cls(heartbeat_s=settings.events_heartbeat_s, metrics=metrics, clock=clock)
 
     @property
     def client_count(self) -> int:
@@ -201,7 +193,6 @@ class LiveHub:
         if service.settings.is_sqlite:
             self.gap_wait_s = 0.0  # one writer, ids become visible in order: no gaps to wait for
         service.listeners.append(self.wake)
-        _install_token_redaction()
         try:
             async with asyncio.timeout(self.db_timeout_s):
                 self.last_id = await self._max_event_id()
@@ -232,7 +223,7 @@ class LiveHub:
             "the server is shutting down; reconnect with ?after=details.resume_after",
             component="server",
             severity="critical",
-            at=self.clock(),
+            at=self.clock.wall(),
         )
         clients = list(self._clients)
         for client in clients:
@@ -267,7 +258,7 @@ class LiveHub:
             "type": "subscribed",
             "after": start,
             "heartbeat_interval_s": self.heartbeat_s,
-            "timestamp": _timestamp(self.clock()),
+            "timestamp": m.rfc3339(self.clock.wall()),
         }
         if self._database_down:
             client.queue.put_nowait((None, _dumps(self._database_unavailable())))
@@ -371,7 +362,7 @@ class LiveHub:
             "client buffer full, connection closing; reconnect with ?after=details.resume_after",
             component="hub",
             severity="warning",
-            at=self.clock(),
+            at=self.clock.wall(),
         )
         self._retire(client, message, _Close(CLOSE_POLICY_VIOLATION, SLOW_CLIENT))
 
@@ -399,12 +390,12 @@ class LiveHub:
                 async with asyncio.timeout(self.poll_interval_s):
                     await self._wake.wait()
             self._wake.clear()
-            spacing = next_poll - self.monotonic()
+            spacing = next_poll - self.clock.monotonic()
             if spacing > 0:
                 await asyncio.sleep(spacing)
             more = True
             while more and not self._closed:
-                next_poll = self.monotonic() + MIN_POLL_SPACING_S
+                next_poll = self.clock.monotonic() + MIN_POLL_SPACING_S
                 more = await self._poll_once()
 
     async def _poll_once(self) -> bool:
@@ -473,7 +464,7 @@ class LiveHub:
     def _gap_expired(self, missing: int) -> bool:
         if self.gap_wait_s <= 0:
             return True
-        now = self.monotonic()
+        now = self.clock.monotonic()
         if self._gap is None or self._gap[0] != missing:
             self._gap = (missing, now)
         if now - self._gap[1] >= self.gap_wait_s:
@@ -487,7 +478,7 @@ class LiveHub:
             "the event log cannot be read; events will follow when the database answers",
             component="database",
             severity="error",
-            at=self.clock(),
+            at=self.clock.wall(),
         )
 
     def _database_failed(self, exc: Exception) -> None:
@@ -507,7 +498,7 @@ class LiveHub:
             "the event log answers again",
             component="database",
             severity="warning",
-            at=self.clock(),
+            at=self.clock.wall(),
         )
         self._broadcast(_dumps(message))
 
@@ -516,7 +507,7 @@ class LiveHub:
             await asyncio.sleep(self.heartbeat_s)
             beat = {
                 "type": "heartbeat",
-                "timestamp": _timestamp(self.clock()),
+                "timestamp": m.rfc3339(self.clock.wall()),
                 "clients": len(self._clients),
                 "last_event_id": self.last_id,
                 "database_available": not self._database_down,
@@ -530,64 +521,3 @@ async def _read_until_gone(websocket: WebSocket) -> None:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
-
-
-# --- serving --------------------------------------------------------------------------
-
-
-class LiveServer(uvicorn.Server):
-    """uvicorn's server, saying goodbye to live clients before it closes their sockets.
-
-    uvicorn closes every WebSocket (code 1012) *before* it runs the lifespan shutdown, so a
-    hub closed only from the lifespan would find its clients already gone.
-    """
-
-    def __init__(self, config: uvicorn.Config, hub: LiveHub) -> None:
-        super().__init__(config)
-        self.hub = hub
-
-    async def shutdown(self, sockets: list[Any] | None = None) -> None:
-        try:
-            await self.hub.close()
-        except Exception:  # noqa: BLE001 - the server must stop whatever the hub does
-            log.exception("orchestrator.live_close_failed")
-        await super().shutdown(sockets=sockets)
-
-
-STARTUP_FAILURE: Final = 3
-
-
-def run_server(app: FastAPI, **options: Any) -> None:
-    """``uvicorn.run(app, **options)`` for one process, with ``LiveServer``."""
-    config = uvicorn.Config(app, **options)
-    server = LiveServer(config, app.state.live)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
-    if not server.started:
-        raise SystemExit(STARTUP_FAILURE)
-
-
-# --- keeping ?token= out of the logs ---------------------------------------------------
-
-_TOKEN_IN_QUERY = re.compile(r"([?&](?:token|access_token)=)[^&\s\"']*", re.IGNORECASE)
-
-
-class TokenRedaction(logging.Filter):
-    """uvicorn logs each WebSocket's path with its query string, token included."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            text = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record is the handler's problem
-            return True
-        if "token=" in text.lower():
-            record.msg = _TOKEN_IN_QUERY.sub(r"\1<redacted>", text)
-            record.args = ()
-        return True
-
-
-def _install_token_redaction() -> None:
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, TokenRedaction) for f in logger.filters):
-            logger.addFilter(TokenRedaction())
