@@ -83,15 +83,29 @@ def _dumps(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), default=str)
 
 
-def error_message(
-    code: str,
-    message: str,
-    *,
-    component: str,
-    severity: str,
-    at: float,
-    details: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+# What each error message says: (message, component, severity), as seed 004 lists them.
+_ERRORS: Final[dict[str, tuple[str, str, str]]] = {
+    SLOW_CLIENT: (
+        "client buffer full, connection closing; reconnect with ?after=details.resume_after",
+        "hub",
+        "warning",
+    ),
+    SERVER_SHUTDOWN: (
+        "the server is shutting down; reconnect with ?after=details.resume_after",
+        "server",
+        "critical",
+    ),
+    DATABASE_UNAVAILABLE: (
+        "the event log cannot be read; events will follow when the database answers",
+        "database",
+        "error",
+    ),
+    DATABASE_RECOVERED: ("the event log answers again", "database", "warning"),
+}
+
+
+def error_message(code: str, *, at: float, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    message, component, severity = _ERRORS[code]
     return {
         "type": "error",
         "code": code,
@@ -218,13 +232,7 @@ class LiveHub:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.close_grace_s)
-        goodbye = error_message(
-            SERVER_SHUTDOWN,
-            "the server is shutting down; reconnect with ?after=details.resume_after",
-            component="server",
-            severity="critical",
-            at=self.clock.wall(),
-        )
+        goodbye = error_message(SERVER_SHUTDOWN, at=self.clock.wall())
         clients = list(self._clients)
         for client in clients:
             self._retire(client, goodbye, _Close(CLOSE_GOING_AWAY, "server shutdown"))
@@ -357,13 +365,7 @@ class LiveHub:
             "orchestrator.live_client_dropped",
             extra={"peer": client.peer, "queue_size": client.queue.maxsize},
         )
-        message = error_message(
-            SLOW_CLIENT,
-            "client buffer full, connection closing; reconnect with ?after=details.resume_after",
-            component="hub",
-            severity="warning",
-            at=self.clock.wall(),
-        )
+        message = error_message(SLOW_CLIENT, at=self.clock.wall())
         self._retire(client, message, _Close(CLOSE_POLICY_VIOLATION, SLOW_CLIENT))
 
     async def _deliver(self, events: Sequence[m.Event]) -> None:
@@ -473,13 +475,7 @@ class LiveHub:
         return False
 
     def _database_unavailable(self) -> dict[str, Any]:
-        return error_message(
-            DATABASE_UNAVAILABLE,
-            "the event log cannot be read; events will follow when the database answers",
-            component="database",
-            severity="error",
-            at=self.clock.wall(),
-        )
+        return error_message(DATABASE_UNAVAILABLE, at=self.clock.wall())
 
     def _database_failed(self, exc: Exception) -> None:
         if self._database_down:
@@ -493,13 +489,7 @@ class LiveHub:
             return
         self._database_down = False
         log.info("orchestrator.live_database_recovered")
-        message = error_message(
-            DATABASE_RECOVERED,
-            "the event log answers again",
-            component="database",
-            severity="warning",
-            at=self.clock.wall(),
-        )
+        message = error_message(DATABASE_RECOVERED, at=self.clock.wall())
         self._broadcast(_dumps(message))
 
     async def _heartbeats(self) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.clock import SYSTEM_CLOCK, Clock
-from shared.models import rfc3339
+from shared.models import WorkerState, rfc3339
 
 # A safety net, not the invalidation: every change that could alter a view drops it.
 DEFAULT_MAX_AGE_S = 120.0
@@ -25,7 +25,7 @@ DEFAULT_MAX_AGE_S = 120.0
 class WorkerView:
     worker_id: str
     epoch: int
-    state: str
+    state: WorkerState
     session_hash: str
     lease_expires_at: float
     owned: frozenset[int]
@@ -59,7 +59,7 @@ def build_view(worker: Any, streams: Sequence[Any], now: float) -> WorkerView:
     return WorkerView(
         worker_id=worker.worker_id,
         epoch=worker.epoch,
-        state=worker.state,
+        state=WorkerState(worker.state),
         session_hash=worker.session_hash,
         lease_expires_at=worker.lease_expires_at,
         owned=frozenset(r.id for r in streams),

@@ -18,6 +18,7 @@ from devkit.clock import FakeClock
 from orchestrator.assignment import to_assignment
 from orchestrator.view_sync import LegacyWriters, apply_remote
 from orchestrator.views import ViewCache, WorkerView, assignment_json
+from shared.models import WorkerState
 from tests.utils.harness import ADMIN, API, Harness, Session, held_of, running
 from tests.utils.pg import PgDatabases
 from tests.utils.poll import eventually
@@ -27,7 +28,7 @@ def view(worker_id: str, built_at: float = 0.0) -> WorkerView:
     return WorkerView(
         worker_id=worker_id,
         epoch=1,
-        state="active",
+        state=WorkerState.ACTIVE,
         session_hash="h",
         lease_expires_at=10.0,
         owned=frozenset(),
