@@ -4,7 +4,8 @@ WebSocket clients (``/api/v1/events/ws``), never letting a slow client slow anyo
 The hub tails the ``events`` table, not this process's own changes, so a client of any
 replica sees every replica's events (they share the database). It polls every
 ``DEFAULT_POLL_INTERVAL_S`` and at once when ``Orchestrator.listeners`` says this replica
-changed something.
+changed something. One concept, the hub, in about 500 lines (the WebSocket protocol,
+per-client queues, the tail with its gap wait); serving lives in ``server.py``.
 
 Messages (JSON text frames, server to client; clients ignore types they do not know):
 
