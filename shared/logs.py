@@ -1,8 +1,9 @@
 """Logging set-up for the entry points: human-readable lines by default, JSON with one setting.
 
-Libraries only call ``logging.getLogger(__name__)``; handlers are configured here, once,
-by ``streamherd-orchestrator`` and ``streamherd-worker``. Structured fields travel as
-``extra={...}`` and are printed after the event name.
+Libraries only call ``logging.getLogger(__name__)``; handlers and filters are configured
+here, once, by ``streamherd-orchestrator`` and ``streamherd-worker``. Structured fields
+travel as ``extra={...}`` and are printed after the event name; secrets never are (fields
+named like one, and ``?token=`` in the paths uvicorn logs).
 """
 
 from __future__ import annotations
