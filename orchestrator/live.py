@@ -4,8 +4,8 @@ WebSocket clients (``/api/v1/events/ws``), never letting a slow client slow anyo
 The hub tails the ``events`` table, not this process's own changes, so a client of any
 replica sees every replica's events (they share the database). It polls every
 ``DEFAULT_POLL_INTERVAL_S`` and at once when ``Orchestrator.listeners`` says this replica
-changed something. One concept, the hub, in about 500 lines (the WebSocket protocol,
-per-client queues, the tail with its gap wait); serving lives in ``server.py``.
+changed something. One concept, the hub (the WebSocket protocol, per-client queues, the
+tail); its gap wait is ``event_gaps.py``, serving is ``server.py``.
 
 Messages (JSON text frames, server to client; clients ignore types they do not know):
 
@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import func, select
 from starlette.websockets import WebSocket
 
+from orchestrator.event_gaps import GapWait
 from orchestrator.models import EventRow
 from shared import models as m
 from shared.clock import SYSTEM_CLOCK, Clock
@@ -179,7 +180,7 @@ class LiveHub:
         self._tasks: list[asyncio.Task[None]] = []
         self._cursor_ready = False
         self._database_down = False
-        self._gap: tuple[int, float] | None = None
+        self._gaps = GapWait(gap_wait_s, clock)
         self._closed = False
 
     @classmethod
@@ -204,9 +205,9 @@ class LiveHub:
         self._closed = False
         self._cursor_ready = False
         self._database_down = False
-        self._gap = None
         if service.settings.is_sqlite:
             self.gap_wait_s = 0.0  # one writer, ids become visible in order: no gaps to wait for
+        self._gaps = GapWait(self.gap_wait_s, self.clock)
         service.listeners.append(self.wake)
         try:
             async with asyncio.timeout(self.db_timeout_s):
@@ -425,7 +426,7 @@ class LiveHub:
             self._database_failed(exc)
             return False
         self._database_answered()
-        ready = self._contiguous(ids)
+        ready = self._gaps.ready(self.last_id, ids)
         if not listening and self._clients:
             return True  # a client joined meanwhile at the old cursor: read it all for them
         if listening and ready:
@@ -452,28 +453,6 @@ class LiveHub:
         async with service.db.read() as session:
             value = (await session.execute(select(func.max(EventRow.id)))).scalar()
         return int(value or 0)
-
-    def _contiguous(self, ids: Sequence[int]) -> list[int]:
-        """The event ids up to the first id gap that is younger than ``gap_wait_s``."""
-        ready: list[int] = []
-        expected = self.last_id + 1
-        for event_id in ids:
-            if event_id != expected and not self._gap_expired(expected):
-                break
-            ready.append(event_id)
-            expected = event_id + 1
-        return ready
-
-    def _gap_expired(self, missing: int) -> bool:
-        if self.gap_wait_s <= 0:
-            return True
-        now = self.clock.monotonic()
-        if self._gap is None or self._gap[0] != missing:
-            self._gap = (missing, now)
-        if now - self._gap[1] >= self.gap_wait_s:
-            self._gap = None
-            return True
-        return False
 
     def _database_unavailable(self) -> dict[str, Any]:
         return error_message(DATABASE_UNAVAILABLE, at=self.clock.wall())
