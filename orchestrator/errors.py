@@ -126,7 +126,7 @@ _DB_TROUBLE = (
 # exceptions, authorization refused (only ever raised while connecting), shutdown or
 # start-up in progress, too many connections or no resources, no schema (yet).
 _TROUBLE_SQLSTATE_PREFIXES = ("08", "28", "57P", "53")
-_TROUBLE_SQLSTATES = {"42P01"}
+_UNDEFINED_TABLE = "42P01"
 _ASYNCPG_TROUBLE = {
     "ConnectionDoesNotExistError",
     "CannotConnectNowError",
@@ -164,13 +164,25 @@ def is_database_trouble(exc: BaseException) -> bool:
             return True
         state = getattr(item, "sqlstate", None) or getattr(item, "pgcode", None)
         if state and (
-            str(state).startswith(_TROUBLE_SQLSTATE_PREFIXES) or state in _TROUBLE_SQLSTATES
+            str(state).startswith(_TROUBLE_SQLSTATE_PREFIXES) or state == _UNDEFINED_TABLE
         ):
             return True
         module = type(item).__module__ or ""
         if "no such table" in str(item) and module.startswith(("sqlite3", "sqlalchemy")):
             return True
         if module.startswith("asyncpg") and type(item).__name__ in _ASYNCPG_TROUBLE:
+            return True
+    return False
+
+
+def is_missing_table(exc: BaseException) -> bool:
+    """True when a statement failed because its table does not exist (no schema yet)."""
+    for item in _causes(exc):
+        state = getattr(item, "sqlstate", None) or getattr(item, "pgcode", None)
+        module = type(item).__module__ or ""
+        if state == _UNDEFINED_TABLE or (
+            "no such table" in str(item) and module.startswith(("sqlite3", "sqlalchemy"))
+        ):
             return True
     return False
 

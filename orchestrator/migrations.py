@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from orchestrator.db import Database, sqlite_engine
+from orchestrator.errors import is_missing_table
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,7 @@ async def schema_problem(db: Database) -> str | None:
         async with db.read_engine.connect() as conn:
             rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
     except Exception as exc:  # noqa: BLE001 - any failure here is a reason not to be ready
-        message = str(exc).lower()
-        if "alembic_version" in message and (
-            "no such table" in message or "does not exist" in message
-        ):
+        if is_missing_table(exc):  # the statement reads one table: alembic_version
             return "the database has no schema: run `alembic upgrade head`"
         return f"the database does not answer ({type(exc).__name__})"
     current = rows[0][0] if rows else None
