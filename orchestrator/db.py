@@ -3,7 +3,9 @@
 SQLite: WAL, a busy timeout, and writers serialised in-process and opened with
 ``BEGIN IMMEDIATE`` so a transaction never has to upgrade a read lock (the source of
 "database is locked" under load). PostgreSQL: row locks and conditional updates; a
-deadlock or serialisation failure is retried a few times before it becomes a 503.
+deadlock or serialisation failure is retried a few times before it becomes a 503. What a
+write means beyond its rows (cached views to drop) is left to commit hooks, so the store
+imports nothing above it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 WRITE_RETRIES = 4
+# Times the attempt number: the transaction that won the conflict needs a moment to commit.
+WRITE_RETRY_PAUSE_S = 0.005
 # PostgreSQL SQLSTATEs worth running the transaction again for.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
@@ -200,7 +204,7 @@ class Database:
                 except sa_exc.DBAPIError as exc:
                     if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
                         log.info("orchestrator.write_retried", extra={"attempt": attempt})
-                        await asyncio.sleep(0.005 * attempt)
+                        await asyncio.sleep(WRITE_RETRY_PAUSE_S * attempt)
                         continue
                     raise
         raise AssertionError("unreachable")
