@@ -53,6 +53,7 @@ def create_app(
         reaper = Reaper(service)
         app.state.service = service
         app.state.reaper = reaper
+        app.state.view_sync = service.view_sync
         stop = asyncio.Event()
         task = asyncio.create_task(reaper.run(stop), name="reaper") if run_reaper else None
         await live.start(service)

@@ -246,7 +246,7 @@ def seen(h: Harness) -> int:
 
 async def caught_up(reader: Harness, writer: Harness) -> None:
     """Until ``reader`` has read every view change ``writer`` has committed so far."""
-    target = await writer.service.view_sync.last_change()
+    target = await writer.app.state.view_sync.last_change()
     await eventually(lambda: seen(reader) >= target, what="the view changes read")
 
 
@@ -284,7 +284,7 @@ async def test_a_write_during_the_watchers_start_up_does_not_hide_an_older_repli
         await h.reap()
         await caught_up(h, h)
         db = h.service.db
-        sync = h.service.view_sync
+        sync = h.app.state.view_sync
         reads_rows, newest = sync.changes_after, sync.last_change
         state = {"failed": False, "wrote": False}
 
