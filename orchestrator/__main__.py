@@ -24,6 +24,9 @@ from shared.logs import configure_logging
 PROG = "streamherd-orchestrator"
 ENV_PREFIX = "ORCH_"
 EXIT_BAD_CONFIG = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+# How long a stopping server waits for requests in flight before it cuts them off.
+GRACEFUL_SHUTDOWN_S = 10
 
 log = logging.getLogger("orchestrator")
 
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         problem = prepare_database(settings)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     if problem is not None:
         print(f"{PROG}: {_without_password(problem, settings.database_url)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -113,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     from orchestrator.app import create_app
-    from orchestrator.live import run_server
+    from orchestrator.server import run_server
 
     # Migrated above: the lifespan need not do it again (nor fail there, in a traceback).
     app = create_app(settings.model_copy(update={"auto_migrate": False}))
@@ -124,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=settings.port,
             log_config=None,
             access_log=False,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
     except OSError as exc:
         print(f"{PROG}: cannot serve on {settings.host}:{settings.port}: {exc}", file=sys.stderr)

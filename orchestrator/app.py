@@ -33,6 +33,7 @@ from orchestrator.reaper import Reaper
 from orchestrator.sessions import SessionGuard
 from orchestrator.signals import ChangeSignal
 from orchestrator.ui import mount_ui
+from orchestrator.view_sync import ViewSync
 from orchestrator.views import ViewCache
 from orchestrator.worker_calls import WorkerCalls
 from shared.clock import SYSTEM_CLOCK, Clock
@@ -61,7 +62,7 @@ def create_app(
         book = LeaseBook()
         signal = ChangeSignal()
         views = ViewCache()
-        db.on_change.append(views.invalidate)
+        app.state.view_sync = sync = ViewSync(db, views)
         app.state.db = db
         app.state.book = book
         app.state.signal = signal
@@ -75,7 +76,7 @@ def create_app(
         stop = asyncio.Event()
         task = asyncio.create_task(reaper.run(stop), name="reaper") if run_reaper else None
         await live.start(db, signal)
-        watcher = asyncio.create_task(views.watch(db, stop), name="view-watcher")
+        watcher = asyncio.create_task(sync.watch(stop), name="view-watcher")
         for name in settings.weak_tokens:
             # Named, never shown: the value is a secret however weak.
             log.warning(

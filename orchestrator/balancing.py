@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator import events as ev
 from orchestrator.models import StreamRow, WorkerRow
 from orchestrator.ownership import ASSIGNMENT_COLUMNS, chunks, unowned_ids
-from orchestrator.views import touch
+from orchestrator.view_sync import touch
 from shared.models import Move, StreamStatus, WorkerState
 
 # --- fair share (pure) ------------------------------------------------------------------

@@ -3,7 +3,9 @@
 SQLite: WAL, a busy timeout, and writers serialised in-process and opened with
 ``BEGIN IMMEDIATE`` so a transaction never has to upgrade a read lock (the source of
 "database is locked" under load). PostgreSQL: row locks and conditional updates; a
-deadlock or serialisation failure is retried a few times before it becomes a 503.
+deadlock or serialisation failure is retried a few times before it becomes a 503. What a
+write means beyond its rows (cached views to drop) is left to commit hooks, so the store
+imports nothing above it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from threading import Thread
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, make_url
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import (
@@ -26,24 +29,17 @@ from sqlalchemy.ext.asyncio import (
 
 from orchestrator import events as event_log
 from orchestrator.config import Settings
-from orchestrator.errors import Unavailable, is_database_trouble
-from orchestrator.models import ViewChangeRow
-from orchestrator.views import ALL_WORKERS, changed_workers
+from orchestrator.errors import database_errors
+from orchestrator.write_context import WriteContext, write_context
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-LEGACY_GENERATION_SEQUENCE = "streamherd_generation"
-# The row is produced by the subquery that takes the lock, so its id is drawn after it.
-ANNOUNCE = text(
-    "INSERT INTO view_changes (workers)"
-    " SELECT :workers FROM (SELECT pg_advisory_xact_lock(:key)) AS ordered RETURNING id"
-)
-# A view change naming more workers than this says "all": reloading is cheaper than a list.
-MAX_ANNOUNCED_WORKERS = 1_000
 WRITE_RETRIES = 4
+# Times the attempt number: the transaction that won the conflict needs a moment to commit.
+WRITE_RETRY_PAUSE_S = 0.005
 # PostgreSQL SQLSTATEs worth running the transaction again for.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
@@ -65,6 +61,44 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         raise
 
 
+async def _open_aiosqlite(*args: Any, **kwargs: Any) -> Any:
+    """``aiosqlite.connect``, waiting on failure for the connection's worker thread to end.
+
+    aiosqlite stops that thread after a failed connect without waiting for it; the thread's
+    last act is a callback into the event loop, so a loop closed meanwhile (``asyncio.run``
+    right after a start-up check) got "Event loop is closed" printed from the thread at
+    exit, about 1 run in 6. Joined here, it ends while the loop still runs.
+    """
+    import aiosqlite
+
+    connection = aiosqlite.connect(*args, **kwargs)
+    # aiosqlite < 0.22 is the thread; 0.22 holds it (SQLAlchemy's own connect does the same).
+    worker: Thread = connection if isinstance(connection, Thread) else connection._thread
+    worker.daemon = True  # as SQLAlchemy sets it: a leaked connection must not block exit
+    try:
+        return await connection
+    except BaseException:
+        await asyncio.to_thread(worker.join)
+        raise
+
+
+def sqlite_engine(url: str, *, timeout_s: float | None = None, **options: Any) -> AsyncEngine:
+    """An aiosqlite engine whose failed connects leave no thread behind (``_open_aiosqlite``).
+
+    The URL's own connect arguments are applied as SQLAlchemy would (``async_creator`` does
+    not apply them itself); ``timeout_s`` is the driver's busy timeout.
+    """
+    parsed = make_url(url)
+    cargs, cparams = parsed.get_dialect()().create_connect_args(parsed)
+    if timeout_s is not None:
+        cparams["timeout"] = timeout_s
+
+    async def connect() -> Any:
+        return await _open_aiosqlite(*cargs, **cparams)
+
+    return create_async_engine(url, async_creator=connect, **options)
+
+
 def _failed_connect_is_an_outage(context: ExceptionContext) -> None:
     """A connection the pool could not open is the database being away, whatever the
     driver says why (no such database, not accepting connections, a refused role): marked
@@ -77,11 +111,11 @@ def _failed_connect_is_an_outage(context: ExceptionContext) -> None:
 
 def _make_engine(settings: Settings, *, immediate: bool) -> AsyncEngine:
     if settings.is_sqlite:
-        engine = create_async_engine(
+        engine = sqlite_engine(
             settings.database_url,
+            timeout_s=SQLITE_BUSY_TIMEOUT_MS / 1000,
             pool_size=1 if immediate else max(2, settings.db_pool_size),
             max_overflow=0 if immediate else 4,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
@@ -108,11 +142,22 @@ def _sqlstate(exc: BaseException) -> str | None:
     return None
 
 
+class CommitHook(Protocol):
+    """Code run by every write: ``before_commit`` as the transaction's closing statements
+    (before its events are inserted), ``after_commit`` once it committed. Both read what
+    the transaction declared in its ``WriteContext``."""
+
+    async def before_commit(self, session: AsyncSession, context: WriteContext) -> None: ...
+
+    async def after_commit(self, session: AsyncSession, context: WriteContext) -> None: ...
+
+
 class Database:
     """One process's connection to the catalogue: a read engine and a write engine.
 
     On PostgreSQL both are the same engine. Writes go through ``write()``, which owns the
-    transaction, retries conflicts, and turns an unreachable database into ``Unavailable``.
+    transaction, retries conflicts, and turns an unreachable database into ``Unavailable``
+    (``errors.database_errors``, as ``read()`` does).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -127,11 +172,8 @@ class Database:
         # Only one writer at a time can hold SQLite's lock; queueing here is cheaper than
         # spinning in busy_timeout on a worker thread.
         self._sqlite_write_lock = asyncio.Lock() if self.is_sqlite else None
-        # Called after every committed write that may change what a heartbeat answers,
-        # with the workers whose answers it changed (None: any of them; see views.touch).
-        self.on_change: list[Callable[[frozenset[str] | None], None]] = []
-        # Ids of the view changes this process announced (PostgreSQL; see ``_announce``).
-        self.own_view_changes: set[int] = set()
+        # Run by every write around its commit (``view_sync.ViewSync`` is one).
+        self.commit_hooks: list[CommitHook] = []
 
     @property
     def dialect(self) -> str:
@@ -139,126 +181,48 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        try:
+        with database_errors():
             async with self._reads() as session:
                 yield session
-        except sa_exc.SQLAlchemyError as exc:
-            if is_database_trouble(exc) or is_database_trouble(exc.__cause__ or exc):
-                raise Unavailable("the database is unavailable; retry shortly") from exc
-            raise
-        except OSError as exc:
-            raise Unavailable("the database is unavailable; retry shortly") from exc
 
     async def write(
         self, work: Callable[[AsyncSession], Awaitable[T]], *, changes: bool = True
     ) -> T:
         """Run ``work`` in one transaction and commit; ``work`` must not commit itself.
 
-        ``changes=False`` (or ``session.info["quiet"] = True`` set by ``work``) says the
-        transaction changed nothing a heartbeat answers with (lease renewals, leader
+        ``changes=False`` (or ``write_context(session).quiet = True`` set by ``work``) says
+        the transaction changed nothing a heartbeat answers with (lease renewals, leader
         claims), so cached worker views stay valid.
         """
-        for attempt in range(1, WRITE_RETRIES + 1):
-            try:
-                if self._sqlite_write_lock is not None:
-                    async with self._sqlite_write_lock:
-                        return await self._write_once(work, changes)
-                return await self._write_once(work, changes)
-            except sa_exc.DBAPIError as exc:
-                if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
-                    log.info("orchestrator.write_retried", extra={"attempt": attempt})
-                    await asyncio.sleep(0.005 * attempt)
-                    continue
-                if is_database_trouble(exc) or "database is locked" in str(exc):
-                    raise Unavailable("the database is unavailable; retry shortly") from exc
-                raise
-            except OSError as exc:
-                raise Unavailable("the database is unavailable; retry shortly") from exc
+        with database_errors():
+            for attempt in range(1, WRITE_RETRIES + 1):
+                try:
+                    if self._sqlite_write_lock is not None:
+                        async with self._sqlite_write_lock:
+                            return await self._write_once(work, changes)
+                    return await self._write_once(work, changes)
+                except sa_exc.DBAPIError as exc:
+                    if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
+                        log.info("orchestrator.write_retried", extra={"attempt": attempt})
+                        await asyncio.sleep(WRITE_RETRY_PAUSE_S * attempt)
+                        continue
+                    raise
         raise AssertionError("unreachable")
 
     async def _write_once(self, work: Callable[[AsyncSession], Awaitable[T]], changes: bool) -> T:
         async with self._writes() as session:
-            announced: int | None = None
+            context = write_context(session)
+            context.quiet = not changes
             async with session.begin():
                 result = await work(session)
-                changed = changes and not session.info.get("quiet", False)
-                workers = changed_workers(session.info) if changed else None
-                if changed and not self.is_sqlite:
-                    # First: its statement also takes the commit-order lock, which the
-                    # events below then need not take again (one round trip fewer).
-                    announced = await self._announce(session, workers)
+                for hook in self.commit_hooks:
+                    await hook.before_commit(session, context)
                 await event_log.write_pending(
-                    session, ordered=not self.is_sqlite and announced is None
+                    session, ordered=not self.is_sqlite and not context.order_locked
                 )
-            if announced is not None:
-                # Ours once committed: this replica's views go just below. (Noted before
-                # the commit, a commit that failed to answer would leave them stale.)
-                self.own_view_changes.add(announced)
-            if changed:
-                for listener in self.on_change:
-                    listener(workers)
-                if not self.is_sqlite:
-                    await self._bump_legacy_generation(session)
+            for hook in self.commit_hooks:
+                await hook.after_commit(session, context)
         return result
-
-    async def _bump_legacy_generation(self, session: AsyncSession) -> None:
-        """Tell replicas of the previous release (which poll this counter) that something
-        changed, so a rolling upgrade never leaves them serving stale views. Nothing in
-        this release reads it; it goes, with the sequence, in the next major version."""
-        try:
-            await session.execute(text(f"SELECT nextval('{LEGACY_GENERATION_SEQUENCE}')"))
-            await session.commit()
-        except Exception:  # noqa: BLE001 - the write itself committed
-            log.warning("orchestrator.generation_bump_failed")
-
-    async def _announce(self, session: AsyncSession, workers: frozenset[str] | None) -> int:
-        """Tell other replicas whose cached views this write changes, in its transaction.
-
-        Takes the commit-order lock (``events.lock_commit_order``) in the same statement,
-        before the row's id is drawn: ids in commit order, so tailing them misses none.
-        """
-        if workers is None or len(workers) > MAX_ANNOUNCED_WORKERS:
-            listed = ALL_WORKERS
-        else:
-            listed = ",".join(sorted(workers))  # worker ids cannot hold a comma
-        row = await session.execute(ANNOUNCE, {"workers": listed, "key": event_log.ORDER_LOCK})
-        return int(row.scalar_one())
-
-    async def view_changes_after(self, after: int, limit: int) -> list[tuple[int, str]]:
-        """Changes other replicas (and this one) announced, oldest first."""
-        async with self.read_engine.connect() as conn:
-            rows = await conn.execute(
-                select(ViewChangeRow.id, ViewChangeRow.workers)
-                .where(ViewChangeRow.id > after)
-                .order_by(ViewChangeRow.id)
-                .limit(limit)
-            )
-            return [(int(i), str(w)) for i, w in rows.all()]
-
-    async def last_view_change(self) -> int:
-        async with self.read_engine.connect() as conn:
-            value = await conn.execute(select(func.max(ViewChangeRow.id)))
-            return int(value.scalar() or 0)
-
-    async def first_view_change(self) -> int | None:
-        """The oldest view change still kept (the reaper purges old ones)."""
-        async with self.read_engine.connect() as conn:
-            value = await conn.execute(select(func.min(ViewChangeRow.id)))
-            first = value.scalar()
-            return None if first is None else int(first)
-
-    async def legacy_generation(self) -> int:
-        """The previous release's change counter: every changing write of either release
-        bumps it after its commit."""
-        async with self.read_engine.connect() as conn:
-            # A fresh sequence reads last_value 1 before its first nextval, and after it.
-            value = await conn.execute(
-                text(
-                    "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
-                    f" FROM {LEGACY_GENERATION_SEQUENCE}"
-                )
-            )
-            return int(value.scalar_one())
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()

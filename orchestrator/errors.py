@@ -9,10 +9,13 @@
     ├── Conflict                 409 CONFLICT
     └── Unavailable              503 UNAVAILABLE (+ Retry-After)
 
+Database failures that go away when the database comes back (SQLite busy, PostgreSQL
+restarting, any failure to open a connection: ``db.py`` marks those as disconnects) become
+``Unavailable`` in ``database_errors()``, the one boundary (as httpx's
+``map_httpcore_exceptions``), which ``Database.read``/``write`` and the reaper run inside.
 ``install_error_handlers`` maps FastAPI's validation errors, Starlette's HTTP errors and
-database failures (SQLite busy, PostgreSQL restarting, any failure to open a connection:
-``db.py`` marks those as disconnects) onto that tree; anything else is a bare 500
-INTERNAL without a traceback in the answer.
+anything that escaped that boundary onto the tree; anything else is a bare 500 INTERNAL
+without a traceback in the answer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,6 +38,7 @@ from shared.errors import ErrorCode
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER_S = 1
+DATABASE_UNAVAILABLE = "the database is unavailable; retry shortly"
 
 
 class ApiError(Exception):
@@ -122,7 +127,7 @@ _DB_TROUBLE = (
 # exceptions, authorization refused (only ever raised while connecting), shutdown or
 # start-up in progress, too many connections or no resources, no schema (yet).
 _TROUBLE_SQLSTATE_PREFIXES = ("08", "28", "57P", "53")
-_TROUBLE_SQLSTATES = {"42P01"}
+_UNDEFINED_TABLE = "42P01"
 _ASYNCPG_TROUBLE = {
     "ConnectionDoesNotExistError",
     "CannotConnectNowError",
@@ -160,7 +165,7 @@ def is_database_trouble(exc: BaseException) -> bool:
             return True
         state = getattr(item, "sqlstate", None) or getattr(item, "pgcode", None)
         if state and (
-            str(state).startswith(_TROUBLE_SQLSTATE_PREFIXES) or state in _TROUBLE_SQLSTATES
+            str(state).startswith(_TROUBLE_SQLSTATE_PREFIXES) or state == _UNDEFINED_TABLE
         ):
             return True
         module = type(item).__module__ or ""
@@ -171,13 +176,44 @@ def is_database_trouble(exc: BaseException) -> bool:
     return False
 
 
+def is_missing_table(exc: BaseException) -> bool:
+    """True when a statement failed because its table does not exist (no schema yet)."""
+    for item in _causes(exc):
+        state = getattr(item, "sqlstate", None) or getattr(item, "pgcode", None)
+        module = type(item).__module__ or ""
+        if state == _UNDEFINED_TABLE or (
+            "no such table" in str(item) and module.startswith(("sqlite3", "sqlalchemy"))
+        ):
+            return True
+    return False
+
+
+def _is_outage(exc: BaseException) -> bool:
+    # SQLite's busy error outlasting ``busy_timeout`` says "locked", whatever its class.
+    return is_database_trouble(exc) or "database is locked" in str(exc)
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """Turn a database that is away into ``Unavailable`` (503 + Retry-After), from here only.
+
+    Anything else (an ``ApiError`` raised inside, a constraint broken by a bug) passes
+    through unchanged.
+    """
+    try:
+        yield
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        if isinstance(exc, OSError) or _is_outage(exc):
+            raise Unavailable(DATABASE_UNAVAILABLE) from exc
+        raise
+
+
 def as_api_error(exc: BaseException) -> ApiError | None:
+    """The API error ``exc`` answers as, or None for a bug (500)."""
     if isinstance(exc, ApiError):
         return exc
-    if is_database_trouble(exc) or (
-        exc.__cause__ is not None and is_database_trouble(exc.__cause__)
-    ):
-        return Unavailable("the database is unavailable; retry shortly")
+    if _is_outage(exc):
+        return Unavailable(DATABASE_UNAVAILABLE)
     return None
 
 

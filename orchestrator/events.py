@@ -22,9 +22,9 @@ from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.models import EventRow
+from orchestrator.write_context import write_context
 from shared.models import Event, EventPage
 
-_PENDING = "streamherd.events.pending"
 # The advisory lock that orders event ids (any constant; this one spells "STHERD").
 ORDER_LOCK: Final = 0x5354_4845_5244
 
@@ -60,7 +60,7 @@ def event(
 
 async def record(session: AsyncSession, events: Iterable[dict[str, Any]]) -> None:
     """Add events to the transaction; they are written at its end (``write_pending``)."""
-    session.info.setdefault(_PENDING, []).extend(events)
+    write_context(session).events.extend(events)
 
 
 async def lock_commit_order(session: AsyncSession) -> None:
@@ -74,7 +74,8 @@ async def lock_commit_order(session: AsyncSession) -> None:
 
 async def write_pending(session: AsyncSession, *, ordered: bool) -> None:
     """Insert the transaction's events; ``ordered``: draw their ids in commit order."""
-    rows = session.info.pop(_PENDING, None)
+    context = write_context(session)
+    rows, context.events = context.events, []
     if not rows:
         return
     if ordered:

@@ -27,7 +27,8 @@ from orchestrator.db import Database
 from orchestrator.errors import StaleEpoch
 from orchestrator.models import LEASED_STATES, StreamRow, WorkerRow
 from orchestrator.sessions import SessionGuard
-from orchestrator.views import ViewCache, WorkerView, scoped
+from orchestrator.view_sync import scoped
+from orchestrator.views import ViewCache, WorkerView
 from shared import models as m
 from shared.models import WorkerState, rfc3339
 
@@ -218,7 +219,7 @@ def build_view(worker: Any, streams: Sequence[Any], now: float) -> WorkerView:
     return WorkerView(
         worker_id=worker.worker_id,
         epoch=worker.epoch,
-        state=worker.state,
+        state=WorkerState(worker.state),
         session_hash=worker.session_hash,
         lease_expires_at=worker.lease_expires_at,
         owned=frozenset(r.id for r in streams),

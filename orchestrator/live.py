@@ -4,7 +4,8 @@ WebSocket clients (``/api/v1/events/ws``), never letting a slow client slow anyo
 The hub tails the ``events`` table, not this process's own changes, so a client of any
 replica sees every replica's events (they share the database). It polls every
 ``DEFAULT_POLL_INTERVAL_S`` and at once when this replica's ``ChangeSignal`` says it
-changed something.
+changed something. One concept, the hub (the WebSocket protocol, per-client queues, the
+tail); its gap wait is ``event_gaps.py``, serving is ``server.py``.
 
 Messages (JSON text frames, server to client; clients ignore types they do not know):
 
@@ -26,8 +27,10 @@ Messages (JSON text frames, server to client; clients ignore types they do not k
 ``?after=<id>`` replays the stored events after ``id`` before the live ones. Timestamps
 are RFC 3339 UTC. A client that is refused a token gets HTTP 401 (see ``events_ws``).
 
-``SERVER_SHUTDOWN`` needs ``LiveServer`` (``run_server``): plain uvicorn closes WebSockets
-before the lifespan ends, so the lifespan's ``close()`` only covers other hosts.
+``SERVER_SHUTDOWN`` needs ``server.LiveServer`` (``run_server``): plain uvicorn closes
+WebSockets before the lifespan ends, so the lifespan's ``close()`` only covers other hosts.
+uvicorn logs each WebSocket's path with its ``?token=``: the entry point's logging set-up
+(``shared.logs.configure_logging``) redacts it.
 """
 
 from __future__ import annotations
@@ -36,21 +39,18 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import uvicorn
 from starlette.websockets import WebSocket
 
 from orchestrator import events as event_log
+from orchestrator.event_gaps import GapWait
 from shared import models as m
+from shared.clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
-
     from orchestrator.config import Settings
     from orchestrator.db import Database
     from orchestrator.metrics import OrchestratorMetrics
@@ -82,32 +82,40 @@ DATABASE_UNAVAILABLE: Final = "DATABASE_UNAVAILABLE"
 DATABASE_RECOVERED: Final = "DATABASE_RECOVERED"
 
 
-def _timestamp(seconds: float) -> str:
-    stamp = m.from_timestamp(seconds)
-    assert stamp is not None
-    return stamp.isoformat().replace("+00:00", "Z")
-
-
 def _dumps(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), default=str)
 
 
-def error_message(
-    code: str,
-    message: str,
-    *,
-    component: str,
-    severity: str,
-    at: float,
-    details: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+# What each error message says: (message, component, severity), as seed 004 lists them.
+_ERRORS: Final[dict[str, tuple[str, str, str]]] = {
+    SLOW_CLIENT: (
+        "client buffer full, connection closing; reconnect with ?after=details.resume_after",
+        "hub",
+        "warning",
+    ),
+    SERVER_SHUTDOWN: (
+        "the server is shutting down; reconnect with ?after=details.resume_after",
+        "server",
+        "critical",
+    ),
+    DATABASE_UNAVAILABLE: (
+        "the event log cannot be read; events will follow when the database answers",
+        "database",
+        "error",
+    ),
+    DATABASE_RECOVERED: ("the event log answers again", "database", "warning"),
+}
+
+
+def error_message(code: str, *, at: float, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    message, component, severity = _ERRORS[code]
     return {
         "type": "error",
         "code": code,
         "message": message,
         "component": component,
         "severity": severity,
-        "timestamp": _timestamp(at),
+        "timestamp": m.rfc3339(at),
         "details": details or {},
     }
 
@@ -154,8 +162,7 @@ class LiveHub:
         gap_wait_s: float = DEFAULT_GAP_WAIT_S,
         db_timeout_s: float = DEFAULT_DB_TIMEOUT_S,
         close_grace_s: float = DEFAULT_CLOSE_GRACE_S,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.heartbeat_s = heartbeat_s
         self.metrics = metrics
@@ -166,7 +173,6 @@ class LiveHub:
         self.db_timeout_s = db_timeout_s
         self.close_grace_s = close_grace_s
         self.clock = clock
-        self.monotonic = monotonic
         self.last_id = 0
         self._db: Database | None = None
         self._signal: ChangeSignal | None = None
@@ -176,12 +182,14 @@ class LiveHub:
         self._tasks: list[asyncio.Task[None]] = []
         self._cursor_ready = False
         self._database_down = False
-        self._gap: tuple[int, float] | None = None
+        self._gaps = GapWait(gap_wait_s, clock)
         self._closed = False
 
     @classmethod
-    def for_settings(cls, settings: Settings, metrics: OrchestratorMetrics) -> LiveHub:
-        return cls(heartbeat_s=settings.events_heartbeat_s, metrics=metrics)
+    def for_settings(
+        cls, settings: Settings, metrics: OrchestratorMetrics, *, clock: Clock = SYSTEM_CLOCK
+    ) -> LiveHub:
+        return cls(heartbeat_s=settings.events_heartbeat_s, metrics=metrics, clock=clock)
 
     @property
     def client_count(self) -> int:
@@ -200,11 +208,10 @@ class LiveHub:
         self._closed = False
         self._cursor_ready = False
         self._database_down = False
-        self._gap = None
         if db.is_sqlite:
             self.gap_wait_s = 0.0  # one writer, ids become visible in order: no gaps to wait for
+        self._gaps = GapWait(self.gap_wait_s, self.clock)
         signal.subscribe(self.wake)
-        _install_token_redaction()
         try:
             async with asyncio.timeout(self.db_timeout_s):
                 self.last_id = await self._max_event_id()
@@ -230,13 +237,7 @@ class LiveHub:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.close_grace_s)
-        goodbye = error_message(
-            SERVER_SHUTDOWN,
-            "the server is shutting down; reconnect with ?after=details.resume_after",
-            component="server",
-            severity="critical",
-            at=self.clock(),
-        )
+        goodbye = error_message(SERVER_SHUTDOWN, at=self.clock.wall())
         clients = list(self._clients)
         for client in clients:
             self._retire(client, goodbye, _Close(CLOSE_GOING_AWAY, "server shutdown"))
@@ -270,7 +271,7 @@ class LiveHub:
             "type": "subscribed",
             "after": start,
             "heartbeat_interval_s": self.heartbeat_s,
-            "timestamp": _timestamp(self.clock()),
+            "timestamp": m.rfc3339(self.clock.wall()),
         }
         if self._database_down:
             client.queue.put_nowait((None, _dumps(self._database_unavailable())))
@@ -372,13 +373,7 @@ class LiveHub:
             "orchestrator.live_client_dropped",
             extra={"peer": client.peer, "queue_size": client.queue.maxsize},
         )
-        message = error_message(
-            SLOW_CLIENT,
-            "client buffer full, connection closing; reconnect with ?after=details.resume_after",
-            component="hub",
-            severity="warning",
-            at=self.clock(),
-        )
+        message = error_message(SLOW_CLIENT, at=self.clock.wall())
         self._retire(client, message, _Close(CLOSE_POLICY_VIOLATION, SLOW_CLIENT))
 
     async def _deliver(self, events: Sequence[m.Event]) -> None:
@@ -405,12 +400,12 @@ class LiveHub:
                 async with asyncio.timeout(self.poll_interval_s):
                     await self._wake.wait()
             self._wake.clear()
-            spacing = next_poll - self.monotonic()
+            spacing = next_poll - self.clock.monotonic()
             if spacing > 0:
                 await asyncio.sleep(spacing)
             more = True
             while more and not self._closed:
-                next_poll = self.monotonic() + MIN_POLL_SPACING_S
+                next_poll = self.clock.monotonic() + MIN_POLL_SPACING_S
                 more = await self._poll_once()
 
     async def _poll_once(self) -> bool:
@@ -433,7 +428,7 @@ class LiveHub:
             self._database_failed(exc)
             return False
         self._database_answered()
-        ready = self._contiguous(ids)
+        ready = self._gaps.ready(self.last_id, ids)
         if not listening and self._clients:
             return True  # a client joined meanwhile at the old cursor: read it all for them
         if listening and ready:
@@ -455,36 +450,8 @@ class LiveHub:
         async with db.read() as session:
             return await event_log.last_id(session)
 
-    def _contiguous(self, ids: Sequence[int]) -> list[int]:
-        """The event ids up to the first id gap that is younger than ``gap_wait_s``."""
-        ready: list[int] = []
-        expected = self.last_id + 1
-        for event_id in ids:
-            if event_id != expected and not self._gap_expired(expected):
-                break
-            ready.append(event_id)
-            expected = event_id + 1
-        return ready
-
-    def _gap_expired(self, missing: int) -> bool:
-        if self.gap_wait_s <= 0:
-            return True
-        now = self.monotonic()
-        if self._gap is None or self._gap[0] != missing:
-            self._gap = (missing, now)
-        if now - self._gap[1] >= self.gap_wait_s:
-            self._gap = None
-            return True
-        return False
-
     def _database_unavailable(self) -> dict[str, Any]:
-        return error_message(
-            DATABASE_UNAVAILABLE,
-            "the event log cannot be read; events will follow when the database answers",
-            component="database",
-            severity="error",
-            at=self.clock(),
-        )
+        return error_message(DATABASE_UNAVAILABLE, at=self.clock.wall())
 
     def _database_failed(self, exc: Exception) -> None:
         if self._database_down:
@@ -498,13 +465,7 @@ class LiveHub:
             return
         self._database_down = False
         log.info("orchestrator.live_database_recovered")
-        message = error_message(
-            DATABASE_RECOVERED,
-            "the event log answers again",
-            component="database",
-            severity="warning",
-            at=self.clock(),
-        )
+        message = error_message(DATABASE_RECOVERED, at=self.clock.wall())
         self._broadcast(_dumps(message))
 
     async def _heartbeats(self) -> None:
@@ -512,7 +473,7 @@ class LiveHub:
             await asyncio.sleep(self.heartbeat_s)
             beat = {
                 "type": "heartbeat",
-                "timestamp": _timestamp(self.clock()),
+                "timestamp": m.rfc3339(self.clock.wall()),
                 "clients": len(self._clients),
                 "last_event_id": self.last_id,
                 "database_available": not self._database_down,
@@ -526,64 +487,3 @@ async def _read_until_gone(websocket: WebSocket) -> None:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
-
-
-# --- serving --------------------------------------------------------------------------
-
-
-class LiveServer(uvicorn.Server):
-    """uvicorn's server, saying goodbye to live clients before it closes their sockets.
-
-    uvicorn closes every WebSocket (code 1012) *before* it runs the lifespan shutdown, so a
-    hub closed only from the lifespan would find its clients already gone.
-    """
-
-    def __init__(self, config: uvicorn.Config, hub: LiveHub) -> None:
-        super().__init__(config)
-        self.hub = hub
-
-    async def shutdown(self, sockets: list[Any] | None = None) -> None:
-        try:
-            await self.hub.close()
-        except Exception:  # noqa: BLE001 - the server must stop whatever the hub does
-            log.exception("orchestrator.live_close_failed")
-        await super().shutdown(sockets=sockets)
-
-
-STARTUP_FAILURE: Final = 3
-
-
-def run_server(app: FastAPI, **options: Any) -> None:
-    """``uvicorn.run(app, **options)`` for one process, with ``LiveServer``."""
-    config = uvicorn.Config(app, **options)
-    server = LiveServer(config, app.state.live)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
-    if not server.started:
-        raise SystemExit(STARTUP_FAILURE)
-
-
-# --- keeping ?token= out of the logs ---------------------------------------------------
-
-_TOKEN_IN_QUERY = re.compile(r"([?&](?:token|access_token)=)[^&\s\"']*", re.IGNORECASE)
-
-
-class TokenRedaction(logging.Filter):
-    """uvicorn logs each WebSocket's path with its query string, token included."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            text = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record is the handler's problem
-            return True
-        if "token=" in text.lower():
-            record.msg = _TOKEN_IN_QUERY.sub(r"\1<redacted>", text)
-            record.args = ()
-        return True
-
-
-def _install_token_redaction() -> None:
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, TokenRedaction) for f in logger.filters):
-            logger.addFilter(TokenRedaction())

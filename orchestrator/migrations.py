@@ -11,11 +11,12 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from orchestrator.db import Database
+from orchestrator.db import Database, sqlite_engine
+from orchestrator.errors import is_missing_table
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,12 @@ async def upgrade_to_head(database_url: str) -> None:
 
 async def check_connection(database_url: str) -> None:
     """Open one connection and run ``SELECT 1``; raises whatever stopped it."""
-    sqlite = database_url.startswith("sqlite")
-    engine = create_async_engine(
-        database_url,
-        poolclass=NullPool,
-        connect_args={} if sqlite else {"timeout": CONNECT_TIMEOUT_S},
-    )
+    if make_url(database_url).get_backend_name() == "sqlite":
+        engine = sqlite_engine(database_url, poolclass=NullPool)
+    else:
+        engine = create_async_engine(
+            database_url, poolclass=NullPool, connect_args={"timeout": CONNECT_TIMEOUT_S}
+        )
     try:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
@@ -73,10 +74,7 @@ async def schema_problem(db: Database) -> str | None:
         async with db.read_engine.connect() as conn:
             rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
     except Exception as exc:  # noqa: BLE001 - any failure here is a reason not to be ready
-        message = str(exc).lower()
-        if "alembic_version" in message and (
-            "no such table" in message or "does not exist" in message
-        ):
+        if is_missing_table(exc):  # the statement reads one table: alembic_version
             return "the database has no schema: run `alembic upgrade head`"
         return f"the database does not answer ({type(exc).__name__})"
     current = rows[0][0] if rows else None

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
 from orchestrator.models import StreamRow, WorkerRow
-from orchestrator.views import touch
+from orchestrator.view_sync import touch
 from shared.models import (
     Assignment,
     Drop,

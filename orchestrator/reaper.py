@@ -34,12 +34,13 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator import balancing, idempotency, ownership, views
+from orchestrator import balancing, idempotency, ownership, view_sync
 from orchestrator import events as ev
 from orchestrator.context import Context
 from orchestrator.errors import as_api_error
 from orchestrator.heartbeats import LeaseBook
 from orchestrator.models import LEASED_STATES, ClusterRow, EventRow, ViewChangeRow, WorkerRow
+from orchestrator.write_context import write_context
 from shared.models import WorkerState
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,11 @@ class Reaper:
         report.moves = len(balance.moves)
         report.next_expiry = await _earliest_lease_in(session)
         if not (report.grace or report.lost or report.assigned or report.moves or overdue):
-            session.info["quiet"] = True  # nothing a heartbeat answers with has changed
+            write_context(session).quiet = True  # nothing a heartbeat answers with has changed
         elif not report.grace:
             # The ownership helpers touched every worker they changed; a grace changed
             # every lease, so then all views go.
-            views.scoped(session)
+            view_sync.scoped(session)
         return report
 
     def _outage(self, last_reaper_at: float | None, now: float) -> tuple[str, float] | None:
@@ -374,7 +375,7 @@ async def mark_lost(session: AsyncSession, now: float) -> tuple[list[str], dict[
         )
         epochs.update({wid: epoch for wid, epoch in result.all()})
     lost = sorted(epochs)
-    views.touch(session, lost)
+    view_sync.touch(session, lost)
     freed = await ownership.release_owned_by(session, lost, now, reason="lease_expired")
     released = Counter(freed.values())
     await ev.record(

@@ -17,7 +17,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
-from orchestrator import idempotency, ownership, views
+from orchestrator import idempotency, ownership, view_sync
 from orchestrator.auth import Caller, hash_token, new_session_token
 from orchestrator.context import Context
 from orchestrator.errors import Conflict, NotFound, StaleEpoch
@@ -99,8 +99,8 @@ class WorkerCalls:
             )
             await session.flush()
             # Only this worker's view changes: its row, and streams it takes back unowned.
-            views.touch(session, [wid])
-            views.scoped(session)
+            view_sync.touch(session, [wid])
+            view_sync.scoped(session)
             settled = await ownership.settle_held(session, row, req.held, now)
             await self._store_history(session, wid, req.history, now)
             owned = await ownership.owned_streams(session, wid)
@@ -168,8 +168,8 @@ class WorkerCalls:
         async def txn(session: AsyncSession) -> dict[str, Any]:
             # A worker's own call changes only its own row and streams (granted to it,
             # released or quarantined from it): only its view goes, on every replica.
-            views.touch(session, [worker_id])
-            views.scoped(session)
+            view_sync.touch(session, [worker_id])
+            view_sync.scoped(session)
             now = self.ctx.clock.wall()
             row = await ownership.lock_worker(session, worker_id)
             try:

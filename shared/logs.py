@@ -1,14 +1,16 @@
 """Logging set-up for the entry points: human-readable lines by default, JSON with one setting.
 
-Libraries only call ``logging.getLogger(__name__)``; handlers are configured here, once,
-by ``streamherd-orchestrator`` and ``streamherd-worker``. Structured fields travel as
-``extra={...}`` and are printed after the event name.
+Libraries only call ``logging.getLogger(__name__)``; handlers and filters are configured
+here, once, by ``streamherd-orchestrator`` and ``streamherd-worker``. Structured fields
+travel as ``extra={...}`` and are printed after the event name; secrets never are (fields
+named like one, and ``?token=`` in the paths uvicorn logs).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +19,9 @@ from typing import Any
 _RECORD_ATTRS = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
 )
+# Loggers that print request paths, query strings (and so ``?token=``) included.
+SERVER_LOGGERS = ("uvicorn.error", "uvicorn.access")
+_TOKEN_IN_QUERY = re.compile(r"([?&](?:token|access_token)=)[^&\s\"']*", re.IGNORECASE)
 # Never printed, whatever a caller passes in ``extra``.
 _SECRET_FIELDS = frozenset({"token", "session_token", "authorization", "password", "secret"})
 
@@ -55,6 +60,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class TokenRedaction(logging.Filter):
+    """uvicorn logs each WebSocket's path with its query string, token included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is the handler's problem
+            return True
+        if "token=" in text.lower():
+            record.msg = _TOKEN_IN_QUERY.sub(r"\1<redacted>", text)
+            record.args = ()
+        return True
+
+
+def redact_tokens() -> None:
+    """Keep ``?token=`` values out of the server loggers' lines (idempotent)."""
+    for name in SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, TokenRedaction) for f in logger.filters):
+            logger.addFilter(TokenRedaction())
+
+
 def configure_logging(*, level: str = "INFO", json_format: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_format else HumanFormatter())
@@ -63,3 +90,4 @@ def configure_logging(*, level: str = "INFO", json_format: bool = False) -> None
     root.setLevel(level.upper())
     # Access logs at INFO would drown the heartbeat path; uvicorn's errors still come through.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    redact_tokens()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import socket
 import sqlite3
@@ -22,7 +23,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from devkit.harness import ADMIN, ADMIN_TOKEN, settings_for
 from orchestrator.app import create_app
-from orchestrator.live import LiveServer
+from orchestrator.server import LiveServer
+from shared.logs import TokenRedaction, redact_tokens
 
 DEADLINE_S = 30.0
 Message = dict[str, Any]
@@ -68,6 +70,7 @@ class Running:
 @contextlib.asynccontextmanager
 async def serving(db_url: str, **overrides: Any) -> AsyncIterator[Running]:
     settings = settings_for(db_url, auto_migrate=True, **overrides)
+    redact_tokens()  # what the entry point's logging set-up does
     app = create_app(settings)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=0, log_config=None, lifespan="on", timeout_graceful_shutdown=10
@@ -321,6 +324,44 @@ async def test_token_is_kept_out_of_server_logs(
                 await receive_until(ws, is_type("subscribed"))
     assert "events/ws" in caplog.text
     assert ADMIN_TOKEN not in caplog.text
+
+
+def test_the_redaction_masks_every_token_parameter_in_a_line() -> None:
+    """Both spellings, anywhere in the query string; the rest of the line stays."""
+    record = logging.LogRecord(
+        "uvicorn.error",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "WebSocket %s" [accepted]',
+        ("127.0.0.1:5", "/ws?after=3&token=s3cr3t&access_token=x"),
+        None,
+    )
+    assert TokenRedaction().filter(record)
+    line = record.getMessage()
+    assert "s3cr3t" not in line and "access_token=x" not in line, line
+    expected = "WebSocket /ws?after=3&token=<redacted>&access_token=<redacted>"
+    assert line == f'127.0.0.1:5 - "{expected}" [accepted]'
+
+
+@pytest.mark.e2e
+async def test_real_process_keeps_the_token_out_of_its_log(sqlite_url: str) -> None:
+    """``python -m orchestrator`` sets up its logging with the redaction: the path is
+    logged, the ?token= value is not."""
+    from devkit.procs import astart_orchestrator
+
+    env = {"ORCH_DATABASE_URL": sqlite_url, "ORCH_ADMIN_TOKEN": ADMIN_TOKEN}
+    proc = await astart_orchestrator(env)
+    try:
+        url = f"ws://127.0.0.1:{proc.port}/api/v1/events/ws?token={ADMIN_TOKEN}"
+        async with ws_connect(url) as ws:
+            await receive_until(ws, is_type("subscribed"))
+        assert await proc.astop() in (0, -signal.SIGTERM)
+        log = proc.log_text()
+        assert "events/ws" in log, proc.log_tail()
+        assert ADMIN_TOKEN not in log
+    finally:
+        await proc.akill()
 
 
 @pytest.mark.e2e

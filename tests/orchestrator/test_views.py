@@ -1,7 +1,8 @@
 """Cached worker views: a change drops the views of the workers it changed, not everyone's.
 
-The unit tests drive ``ViewCache`` with an injected clock; the others run the app on a real
-database and count cache hits while workers join, die and have streams moved.
+The unit tests drive ``ViewCache`` and ``view_sync``'s pure parts with an injected clock;
+the others run the app on a real database and count cache hits while workers join, die
+and have streams moved.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from devkit.pg import PgDatabases
 from devkit.poll import eventually
 from orchestrator.heartbeats import assignment_json
 from orchestrator.ownership import to_assignment
-from orchestrator.views import LegacyWriters, ViewCache, WorkerView
+from orchestrator.view_sync import LegacyWriters, apply_remote
+from orchestrator.views import ViewCache, WorkerView
+from shared.models import WorkerState
 
 
 def view(worker_id: str, built_at: float = 0.0) -> WorkerView:
     return WorkerView(
         worker_id=worker_id,
         epoch=1,
-        state="active",
+        state=WorkerState.ACTIVE,
         session_hash="h",
         lease_expires_at=10.0,
         owned=frozenset(),
@@ -56,7 +59,7 @@ def test_a_views_assignment_is_encoded_as_the_model_encodes_it(
 
 
 def test_invalidating_one_worker_keeps_the_others() -> None:
-    cache = ViewCache(monotonic=lambda: 0.0)
+    cache = ViewCache(clock=FakeClock(0.0))
     for wid in ("a", "b", "c"):
         cache.put(view(wid), cache.generation)
     cache.invalidate({"b"})
@@ -67,7 +70,7 @@ def test_invalidating_one_worker_keeps_the_others() -> None:
 
 
 def test_a_view_loaded_across_its_invalidation_is_not_stored() -> None:
-    cache = ViewCache(monotonic=lambda: 0.0)
+    cache = ViewCache(clock=FakeClock(0.0))
     started = cache.generation  # a load of "a" and of "b" begins here
     cache.invalidate({"a"})  # a write touching "a" commits while both load
     cache.put(view("a"), started)
@@ -81,31 +84,31 @@ def test_a_view_loaded_across_its_invalidation_is_not_stored() -> None:
 
 
 def test_views_expire_after_max_age() -> None:
-    now = [100.0]
-    cache = ViewCache(max_age_s=120.0, monotonic=lambda: now[0])
+    clock = FakeClock(100.0)
+    cache = ViewCache(max_age_s=120.0, clock=clock)
     cache.put(view("a", built_at=100.0), cache.generation)
-    now[0] = 219.0
+    clock.now = 219.0
     assert cache.get("a") is not None
-    now[0] = 221.0
+    clock.now = 221.0
     assert cache.get("a") is None
 
 
 def test_changes_announced_by_other_replicas_drop_the_views_they_name() -> None:
-    cache = ViewCache(monotonic=lambda: 0.0)
+    cache = ViewCache(clock=FakeClock(0.0))
     for wid in ("a", "b", "c"):
         cache.put(view(wid), cache.generation)
     own = {11}
-    cache.apply_remote([(10, "b"), (11, "a")], own)  # 11 was this replica's own write
+    apply_remote(cache, [(10, "b"), (11, "a")], own)  # 11 was this replica's own write
     assert [cache.get(w) is not None for w in ("a", "b", "c")] == [True, False, True]
     assert own == set()
-    cache.apply_remote([(12, "*")], own)  # a change of unknown extent
+    apply_remote(cache, [(12, "*")], own)  # a change of unknown extent
     assert cache.get("a") is None and cache.get("c") is None
 
 
 def test_own_ids_of_writes_that_never_committed_are_forgotten() -> None:
-    cache = ViewCache(monotonic=lambda: 0.0)
+    cache = ViewCache(clock=FakeClock(0.0))
     own = {5, 9}  # 5 rolled back: its row will never be read
-    cache.apply_remote([(6, "x"), (7, "y")], own)
+    apply_remote(cache, [(6, "x"), (7, "y")], own)
     assert own == {9}
 
 
@@ -244,7 +247,7 @@ def seen(h: Harness) -> int:
 
 async def caught_up(reader: Harness, writer: Harness) -> None:
     """Until ``reader`` has read every view change ``writer`` has committed so far."""
-    target = await writer.app.state.db.last_view_change()
+    target = await writer.app.state.view_sync.last_change()
     await eventually(lambda: seen(reader) >= target, what="the view changes read")
 
 
@@ -282,7 +285,8 @@ async def test_a_write_during_the_watchers_start_up_does_not_hide_an_older_repli
         await h.reap()
         await caught_up(h, h)
         db = h.app.state.db
-        reads_rows, newest = db.view_changes_after, db.last_view_change
+        sync = h.app.state.view_sync
+        reads_rows, newest = sync.changes_after, sync.last_change
         state = {"failed": False, "wrote": False}
 
         async def fail_once(after: int, limit: int) -> list[tuple[int, str]]:
@@ -298,8 +302,8 @@ async def test_a_write_during_the_watchers_start_up_does_not_hide_an_older_repli
                 await h.register("between", capacity=2)
             return value
 
-        db.view_changes_after = fail_once  # type: ignore[method-assign]
-        db.last_view_change = newest_then_a_write  # type: ignore[method-assign]
+        sync.changes_after = fail_once  # type: ignore[method-assign]
+        sync.last_change = newest_then_a_write  # type: ignore[method-assign]
         await eventually(lambda: state["wrote"], what="a write during the start-up")
         await caught_up(h, h)
         views = h.app.state.views
