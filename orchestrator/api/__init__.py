@@ -1,0 +1,1 @@
+"""The HTTP layer: dependencies, the heartbeat fast path and one router per resource."""
