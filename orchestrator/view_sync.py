@@ -2,7 +2,7 @@
 replica (this one at its commit, the others through ``view_changes``) drops them.
 
 A write says whose views it changed with ``touch`` and ``scoped``: ownership helpers in
-``assignment`` touch every worker whose streams they change, and the transactions built
+``ownership`` and ``balancing`` touch every worker whose streams they change, and the transactions built
 only from them (registration, the reaper's pass, a worker's own calls, a heartbeat's
 hand-back) declare themselves scoped; only the touched workers' views are dropped, here
 and on the other replicas. Any other write drops them all. A fleet of 10,000 workers must

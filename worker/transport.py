@@ -1,7 +1,7 @@
 """The link to the orchestrator: one HTTP call through breaker, retries and budget.
 
 It is the one place where httpx's errors and statuses become ours (``map_httpx_errors``
-and ``_raise_for_status``, as httpx's ``map_httpcore_exceptions``); it knows no session
+and ``_status_error``, as httpx's ``map_httpcore_exceptions``); it knows no session
 and no local mode: it raises, and the session layer (``worker.client``) decides.
 """
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.pg import dsn
-from devkit.pg import PgDatabases
+from devkit.pg import PgDatabases, dsn
 from streamherd_cli import errors
 from streamherd_cli.app import Seams
 from streamherd_cli.rows import SOURCE_KEY
