@@ -1,1 +1,4 @@
-"""The orchestrator: assigns long-lived streams to workers by lease, with fencing tokens (see docs/architecture.md)."""
+"""The orchestrator: assigns long-lived streams to workers by lease, with fencing tokens.
+
+The module map is docs/architecture.md.
+"""

@@ -1,12 +1,12 @@
 """The view-change protocol: how a write says whose cached views it changed, and how every
 replica (this one at its commit, the others through ``view_changes``) drops them.
 
-A write says whose views it changed with ``touch`` and ``scoped``: ownership helpers in
-``ownership`` and ``balancing`` touch every worker whose streams they change, and the transactions built
-only from them (registration, the reaper's pass, a worker's own calls, a heartbeat's
-hand-back) declare themselves scoped; only the touched workers' views are dropped, here
-and on the other replicas. Any other write drops them all. A fleet of 10,000 workers must
-not reload 10,000 views because one worker joined (issue 7, growth).
+A write says whose views it changed with ``touch`` and ``scoped``: the helpers of
+``ownership`` and ``balancing`` touch every worker whose streams they change, and the
+transactions built only from them (registration, the reaper's pass, a worker's own calls,
+a heartbeat's hand-back) declare themselves scoped; only the touched workers' views are
+dropped, here and on the other replicas. Any other write drops them all.
+A fleet of 10,000 workers must not reload 10,000 views because one worker joined (issue 7, growth).
 
 ``ViewSync`` is a commit hook of ``Database.write``: on PostgreSQL a changing write adds a
 row naming the workers (or ``*``) to ``view_changes`` in its own transaction, with its id
