@@ -291,11 +291,17 @@ class ResilientWorkerClient:
         async with self._beat_lock:
             return await self._beat()
 
-    async def _keepalive_beat(self) -> None:
-        """The keep-alive's beat: skipped when one is in flight (it renews the lease)."""
+    async def _keepalive_beat(self) -> bool:
+        """The keep-alive's beat, unless another began within the interval meanwhile (the
+        application's, waited for here): True when it sent one."""
         if self._closed or self._beat_lock.locked():
-            return
-        await self.send_heartbeat()
+            return False  # the one in flight renews the lease
+        async with self._beat_lock:
+            keepalive = self.keepalive
+            if self._closed or keepalive is None or keepalive.due_at() > self._clock.monotonic():
+                return False
+            await self._beat()
+            return True
 
     async def _beat(self) -> bool:
         if self.keepalive is not None:
@@ -528,6 +534,8 @@ class ResilientWorkerClient:
 
     async def _register(self) -> bool:
         await self.load_state()
+        if self.keepalive is not None:
+            self.keepalive.beat_started()  # a registration renews the lease like a beat
         body = RegisterRequest(
             worker_id=self.config.worker_id,
             capacity=self.config.capacity,

@@ -29,6 +29,7 @@ FAILED_BEAT_PAUSE_SHARE = 0.5
 class KeepAlive:
     """Beats through ``beat`` whenever ``interval()`` seconds passed since the last beat
     began; ``hint()`` (the orchestrator's ``next_heartbeat_in_s``) may ask for one sooner.
+    ``beat`` answers whether it sent one (it does not when another just went out).
 
     The client calls ``beat_started()`` at the start of every beat and registration, its
     own or the application's; ``start()`` on each loop it is used from; ``stop()`` once.
@@ -36,7 +37,7 @@ class KeepAlive:
 
     def __init__(
         self,
-        beat: Callable[[], Awaitable[object]],
+        beat: Callable[[], Awaitable[bool]],
         *,
         interval: Callable[[], float],
         hint: Callable[[], float | None] = lambda: None,
@@ -114,6 +115,8 @@ class KeepAlive:
         self._stopping = False
 
     async def _run(self) -> None:
+        if self.last_beat_at is None:
+            self.last_beat_at = self._clock.monotonic()
         try:
             while not self._stopped:
                 now = self._clock.monotonic()
@@ -131,14 +134,17 @@ class KeepAlive:
             raise
 
     async def _beat_once(self) -> None:
-        self.beat_started()
-        self.beats += 1
+        before = self.last_beat_at
         try:
-            await self._beat()
+            sent = await self._beat()
         except Exception:
             log.exception("worker.keepalive_beat_failed", extra={"worker_id": self.worker_id})
             self._early_at = self._clock.monotonic() + FAILED_BEAT_PAUSE_SHARE * self._interval()
             return
-        hint = self._hint()
-        if hint is not None:
-            self._early_at = self._clock.monotonic() + hint
+        if sent:
+            self.beats += 1
+            hint = self._hint()
+            if hint is not None:
+                self._early_at = self._clock.monotonic() + hint
+        elif self.last_beat_at == before:
+            self.beat_started()  # nothing went out, and nobody beat: look again in an interval
