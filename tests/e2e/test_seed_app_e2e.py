@@ -96,10 +96,8 @@ async def test_the_seed_application_keeps_its_streams_through_sparse_beats_crash
     app = start_seed_app(app_dir, orch.url)
     try:
         async with httpx.AsyncClient(base_url=orch.url, headers=ADMIN, timeout=5) as http:
-            created = await http.post(
-                "/api/v1/streams",
-                json={"streams": [{"name": f"radio-{i}", "url": f"http://r/{i}"} for i in (1, 2, 3)]},
-            )
+            catalogue = [{"name": f"radio-{i}", "url": f"http://r/{i}"} for i in (1, 2, 3)]
+            created = await http.post("/api/v1/streams", json={"streams": catalogue})
             assert created.status_code == 201, created.text
 
             # 1. Created at import time, registered, streams taken.
