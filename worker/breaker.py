@@ -18,6 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
 from typing import Any
@@ -37,6 +38,8 @@ DEFAULT_FAILURE_RATE_THRESHOLD = 0.5
 DEFAULT_WINDOW_SIZE = 20
 DEFAULT_MINIMUM_CALLS = 10
 DEFAULT_HISTORY_SIZE = 50
+# How many state changes seed 001's get_stats() shows.
+SEED_RECENT_CHANGES = 10
 
 
 class BreakerState(StrEnum):
@@ -157,6 +160,11 @@ class CircuitBreaker:
         self.name = name
         # Only durations matter here: the open period is measured on the monotonic clock.
         self._clock = clock.monotonic
+        # Only for the seed's ``get_stats()``, which shows when the last calls ended.
+        self._wall = clock.wall
+        self._last_failure_at: float | None = None
+        self._last_success_at: float | None = None
+        self._successes_since_change = 0
         self._state = BreakerState.CLOSED
         # Bumped on every transition; permits from an older generation are stale.
         self._generation = 0
@@ -252,6 +260,30 @@ class CircuitBreaker:
             ],
         }
 
+    def get_stats(self) -> dict[str, Any]:
+        """Seed 001's ``circuit_breaker.get_stats()``: its keys, its three states, its
+        ISO times (UTC); ``stats()`` has ours."""
+        now_wall, now = self._wall(), self._clock()
+        changes = list(self._history)[-SEED_RECENT_CHANGES:]
+        return {
+            "state": self.state.seed_name,
+            "failure_count": self._consecutive_failures,
+            "success_count": self._successes_since_change,
+            "total_requests": self._counts["calls"],
+            "total_failures": self._counts["failures"],
+            "last_failure_time": _iso(self._last_failure_at),
+            "last_success_time": _iso(self._last_success_at),
+            "recent_state_changes": [
+                {
+                    "timestamp": _iso(now_wall - (now - c.at)),
+                    "from_state": c.previous.seed_name,
+                    "to_state": c.state.seed_name,
+                    "reason": c.reason,
+                }
+                for c in changes
+            ],
+        }
+
     # --- calling ---------------------------------------------------------------------
 
     def acquire(self) -> Permit:
@@ -285,6 +317,11 @@ class CircuitBreaker:
             return
         self._counts["calls"] += 1
         self._counts["successes" if outcome is Outcome.SUCCESS else "failures"] += 1
+        if outcome is Outcome.SUCCESS:
+            self._last_success_at = self._wall()
+            self._successes_since_change += 1
+        else:
+            self._last_failure_at = self._wall()
         if stale:
             # Started before the last transition: it says nothing about the current state.
             return
@@ -361,6 +398,7 @@ class CircuitBreaker:
         self._consecutive_failures = 0
         self._half_open_successes = 0
         self._half_open_in_flight = 0
+        self._successes_since_change = 0
         if state is BreakerState.CLOSED:
             self._window.clear()
         if state is not BreakerState.OPEN:
@@ -382,3 +420,7 @@ class CircuitBreaker:
             except Exception:
                 # A broken listener must not break the call path that triggered it.
                 log.exception("worker.breaker_listener_failed", extra={"breaker": self.name})
+
+
+def _iso(wall: float | None) -> str | None:
+    return None if wall is None else datetime.fromtimestamp(wall, UTC).isoformat()

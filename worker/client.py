@@ -1,8 +1,11 @@
 """The session with the orchestrator, and local mode: what every worker calls.
 
-No public coroutine raises because the orchestrator is unreachable: it answers False, []
-or None and the worker keeps running what it holds (local mode), persisted under
-``state_dir``. Layers, top down (as httpx's client over its transport):
+No public method raises, whatever the orchestrator does and whichever event loop calls
+it: it answers False, [] or None and the worker keeps running what it holds (local mode),
+persisted under ``state_dir``. Used from a new loop (a second ``asyncio.run``), the client
+rebuilds what was bound to the old one (its locks, the httpx client, its tasks). Once
+registered, ``worker.keepalive`` renews the lease while a loop runs, however rarely the
+application beats. Layers, top down (as httpx's client over its transport):
 - this module: register, re-register when a session is over, the session calls, and the
   local-mode state machine, entered where a call's outcome is seen (``_call``) and left
   by a registration or a reconcile;
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +60,7 @@ from worker.errors import (
     StaleEpochError,
 )
 from worker.holdings import Holdings
+from worker.keepalive import KeepAlive
 from worker.metrics import WorkerMetrics
 from worker.retry import Operation
 from worker.state import LocalState, StateStore
@@ -74,8 +78,12 @@ DEFAULT_LEASE_TTL_S = 15.0
 # an interval ago: beats one interval apart (a little jitter allowed) all probe, and a
 # caller beating faster still probes only about once per interval.
 BEAT_PROBE_SHARE = 0.9
+# ``record_stream_processing()`` marks the state dirty; it is on disk this long after
+# (at once when no event loop runs), so a crash loses at most this much of the history.
+RECORD_PERSIST_DELAY_S = 1.0
 
 A = TypeVar("A", bound=Answer)
+R = TypeVar("R")
 Sent = TypeVar("Sent", bound=BaseModel)
 
 
@@ -122,6 +130,47 @@ class ResilientWorkerClient:
         self._calls = CallLog(config.worker_id, clock)
         self._register_lock = asyncio.Lock()
         self._reconnect_lock = asyncio.Lock()
+        # Held for every heartbeat (and the reconcile sent in its place): never two in flight.
+        self._beat_lock = asyncio.Lock()
+        # The loop the locks and tasks above belong to (set by the first call).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._persist_task: asyncio.Task[None] | None = None
+        self.persist_delay_s = RECORD_PERSIST_DELAY_S
+        # Set by the first register(): from then on the keep-alive runs on every loop the
+        # client is used from, until shutdown().
+        self._keepalive_wanted = False
+        self.keepalive = (
+            KeepAlive(
+                self._keepalive_beat,
+                interval=lambda: self.heartbeat_interval_s,
+                hint=self.take_beat_hint,
+                on_loop_end=self._loop_ending,
+                clock=clock,
+                worker_id=config.worker_id,
+            )
+            if config.keepalive
+            else None
+        )
+
+    # --- what seed 001's application and tests read --------------------------------
+
+    @property
+    def server_id(self) -> str:
+        return self.config.worker_id
+
+    @property
+    def max_streams(self) -> int:
+        return self.config.capacity
+
+    @property
+    def orchestrator_url(self) -> str:
+        return self.config.orchestrator_url
+
+    @property
+    def circuit_breaker(self) -> CircuitBreaker:
+        """The breaker, under the seed's name: ``get_stats()`` answers in the seed's shape."""
+        return self._link.breaker
 
     # --- what the runtime reads ------------------------------------------------------
 
@@ -159,12 +208,21 @@ class ResilientWorkerClient:
         return self.assigned_streams
 
     def can_process_stream(self, stream_id: int) -> bool:
-        return self._holdings.can_process(stream_id)
+        try:
+            return self._holdings.can_process(stream_id)
+        except Exception:
+            log.exception("worker.client_call_failed", extra=self._call_fields("can_process"))
+            return False
 
     def record_stream_processing(self, stream_id: int) -> None:
-        """Note one unit of work on a stream; reported on reconcile, persisted in local mode."""
-        if self._holdings.record_processing(stream_id):
-            self._dirty = True
+        """Note one unit of work on a stream (reported on reconcile). On disk within
+        ``RECORD_PERSIST_DELAY_S`` while a loop runs, at once when none does."""
+        try:
+            if self._holdings.record_processing(stream_id):
+                self._dirty = True
+                self._persist_soon()
+        except Exception:
+            log.exception("worker.client_call_failed", extra=self._call_fields("record"))
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -199,7 +257,19 @@ class ResilientWorkerClient:
         )
 
     async def register(self) -> bool:
-        """Join (or rejoin) presenting what we hold; True when the orchestrator accepted."""
+        """Join (or rejoin) presenting what we hold; True when the orchestrator accepted.
+
+        Unreachable: False within the configured attempts and delays. Either way (unless
+        our credentials were refused) the keep-alive starts: it keeps the lease, or keeps
+        trying to join, in the background.
+        """
+        ok = await self._guarded("register", self._register_public, lambda: False)
+        if self.registration_refused is None and not self._closed:
+            self._keepalive_wanted = True
+            self._start_keepalive()
+        return ok
+
+    async def _register_public(self) -> bool:
         async with self._register_lock:
             ok = await self._register()
         # Outside the lock: a release answered STALE_EPOCH registers again through it.
@@ -211,8 +281,31 @@ class ResilientWorkerClient:
     async def send_heartbeat(self) -> bool:
         """Renew the lease and converge to the answer; False (quickly) while unreachable.
 
-        In local mode each beat probes the orchestrator (see ``_probe_on_beat``).
+        In local mode each beat probes the orchestrator (see ``_probe_on_beat``). A beat
+        in flight (the keep-alive's) is waited for, then this one is sent: it answers for
+        itself.
         """
+        return await self._guarded("send_heartbeat", self._send_heartbeat, lambda: False)
+
+    async def _send_heartbeat(self) -> bool:
+        async with self._beat_lock:
+            return await self._beat()
+
+    async def _keepalive_beat(self) -> bool:
+        """The keep-alive's beat, unless another began within the interval meanwhile (the
+        application's, waited for here): True when it sent one."""
+        if self._closed or self._beat_lock.locked():
+            return False  # the one in flight renews the lease
+        async with self._beat_lock:
+            keepalive = self.keepalive
+            if self._closed or keepalive is None or keepalive.due_at() > self._clock.monotonic():
+                return False
+            await self._beat()
+            return True
+
+    async def _beat(self) -> bool:
+        if self.keepalive is not None:
+            self.keepalive.beat_started()
         if self.local_mode_active:
             self._probe_on_beat()
         if not self.is_registered:
@@ -241,6 +334,11 @@ class ResilientWorkerClient:
 
         While the orchestrator is unreachable: the ids already held, as in seed 001.
         """
+        return await self._guarded(
+            "request_streams", lambda: self._request_streams(count), self._fallback_ids
+        )
+
+    async def _request_streams(self, count: int | None) -> list[int]:
         if not await self._ensure_connected():
             return self._fallback_ids()
         wanted = self.config.capacity - len(self._holdings.held) if count is None else count
@@ -266,7 +364,11 @@ class ResilientWorkerClient:
             # Only a heartbeat answer tells us; the caller asked for streams, so ask now
             # rather than an interval later. Once per registration.
             before = set(self._holdings.held)
-            if await self._heartbeat():
+            async with self._beat_lock:
+                if self.keepalive is not None:
+                    self.keepalive.beat_started()
+                beat = await self._heartbeat()
+            if beat:
                 got.extend(sid for sid in self._holdings.held if sid not in before)
         return got
 
@@ -276,6 +378,11 @@ class ResilientWorkerClient:
         True when the orchestrator confirmed; False when the release is queued until it
         can be heard (or it refused the ids).
         """
+        return await self._guarded(
+            "release_streams", lambda: self._release(stream_ids), lambda: False
+        )
+
+    async def _release(self, stream_ids: Iterable[int]) -> bool:
         ids = [sid for sid in dict.fromkeys(stream_ids) if 1 <= sid <= limits.MAX_STREAM_ID]
         if not ids:
             return True
@@ -347,21 +454,34 @@ class ResilientWorkerClient:
         return answer.released
 
     async def shutdown(self, *, leave: bool = True) -> None:
-        """Leave, persist, close; never raises (a stuck orchestrator must not block exit).
+        """Stop the keep-alive, leave, persist, close; never raises (a stuck orchestrator
+        must not block exit). No beat goes out after it.
 
         ``leave=False``: the caller has already tried to leave (the runtime does, to log
         what was released); a second try would wait out an unreachable orchestrator twice.
         """
+        self._keepalive_wanted = False
         try:
+            self._bind_loop()
+            if self.keepalive is not None:
+                await self.keepalive.stop()
+            self._cancel_persist_task()
             if leave:
                 await self.leave()
             await self._persist()
         except Exception:
             log.exception("worker.shutdown_failed", extra={"worker_id": self.config.worker_id})
         finally:
-            await self.aclose()
+            self._closed = True
+            try:
+                await self.aclose()
+            except Exception:
+                log.exception("worker.shutdown_failed", extra={"worker_id": self.config.worker_id})
 
     async def aclose(self) -> None:
+        if self.keepalive is not None:
+            await self.keepalive.stop()
+        self._cancel_persist_task()
         await self._link.aclose()
 
     # --- status ----------------------------------------------------------------------
@@ -372,6 +492,9 @@ class ResilientWorkerClient:
 
     async def health_check(self) -> dict[str, Any]:
         """The seed's health shape; reads local state only, never calls the orchestrator."""
+        return await self._guarded("health_check", self._health_async, dict)
+
+    async def _health_async(self) -> dict[str, Any]:
         return self._health()
 
     def _health(self) -> dict[str, Any]:
@@ -388,22 +511,31 @@ class ResilientWorkerClient:
         )
 
     def get_detailed_status(self) -> dict[str, Any]:
-        return detailed_status(
-            self._health(),
-            config=self.config,
-            heartbeat_interval_s=self.heartbeat_interval_s,
-            lease_ttl_s=self.lease_ttl_s,
-            holdings=self._holdings,
-            local_mode_since=self._state.local_mode_since,
-            state_path=self.state_path,
-            breaker=self._link.breaker,
-            budget=self._link.budget,
-        )
+        """Seed 001's sections (``client_info``, ``local_state``, ``circuit_breaker``,
+        ``orchestrator_status``, ``metrics``, ``configuration``) and ours."""
+        try:
+            return detailed_status(
+                self._health(),
+                config=self.config,
+                heartbeat_interval_s=self.heartbeat_interval_s,
+                lease_ttl_s=self.lease_ttl_s,
+                holdings=self._holdings,
+                local_mode_since=self._state.local_mode_since,
+                state_path=self.state_path,
+                breaker=self._link.breaker,
+                budget=self._link.budget,
+                keepalive=self.keepalive,
+            )
+        except Exception:
+            log.exception("worker.client_call_failed", extra=self._call_fields("status"))
+            return {}
 
     # --- the calls behind the public methods -----------------------------------------
 
     async def _register(self) -> bool:
         await self.load_state()
+        if self.keepalive is not None:
+            self.keepalive.beat_started()  # a registration renews the lease like a beat
         body = RegisterRequest(
             worker_id=self.config.worker_id,
             capacity=self.config.capacity,
@@ -683,6 +815,90 @@ class ResilientWorkerClient:
                 "held": len(self._holdings.held),
             },
         )
+
+    # --- the event loop we are called from --------------------------------------------
+
+    async def _guarded(
+        self, name: str, work: Callable[[], Awaitable[R]], fallback: Callable[[], R]
+    ) -> R:
+        """``work()`` on the caller's loop; whatever it raises (a bug; the orchestrator's
+        trouble is answered, not raised) is logged and ``fallback()`` answered."""
+        try:
+            self._bind_loop()
+            result = await work()
+        except Exception:
+            log.exception("worker.client_call_failed", extra=self._call_fields(name))
+            return fallback()
+        self._start_keepalive()
+        if self._dirty and self._persist_task is None:
+            self._persist_soon()
+        return result
+
+    def _bind_loop(self) -> None:
+        """Called from a loop other than the last one (a second ``asyncio.run``): what
+        belonged to that loop is dropped and made anew; the link rebuilds its httpx client
+        on its next call."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        first = self._loop is None
+        self._loop = loop
+        if first:
+            return
+        log.info("worker.event_loop_changed", extra={"worker_id": self.config.worker_id})
+        self._register_lock = asyncio.Lock()
+        self._reconnect_lock = asyncio.Lock()
+        self._beat_lock = asyncio.Lock()
+        self._persist_task = None
+        if self._store is not None:
+            self._store.rebind()
+
+    def _start_keepalive(self) -> None:
+        if self.keepalive is not None and self._keepalive_wanted and not self._closed:
+            self.keepalive.start()
+
+    async def _loop_ending(self) -> None:
+        """The keep-alive's loop is ending: write what is dirty and close its connections."""
+        self._cancel_persist_task()
+        if self._dirty:
+            await self._persist()
+        await self._link.release_loop()
+
+    def _persist_soon(self) -> None:
+        """Write the state within ``RECORD_PERSIST_DELAY_S`` (coalescing the records made
+        meanwhile); with no loop running, now and synchronously (a small file)."""
+        if self._store is None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._dirty = not self._store.save_now(self._holdings.save_into(self._state))
+            return
+        task = self._persist_task
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._persist_task = loop.create_task(self._persist_later())
+
+    async def _persist_later(self) -> None:
+        # Real time, not the injected clock: a bound on data loss, not a protocol timer.
+        await asyncio.sleep(self.persist_delay_s)
+        self._persist_task = None
+        if self._dirty:
+            await self._persist()
+
+    def _cancel_persist_task(self) -> None:
+        task, self._persist_task = self._persist_task, None
+        if task is None or task.done():
+            return
+        try:
+            same_loop = task.get_loop() is asyncio.get_running_loop()
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            task.cancel()
+
+    def _call_fields(self, call: str) -> dict[str, Any]:
+        return {"worker_id": self.config.worker_id, "call": call}
 
     # --- small things ----------------------------------------------------------------
 

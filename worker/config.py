@@ -125,6 +125,9 @@ class ClientConfig:
     ca_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+    # The client keeps its own lease alive while an event loop runs (``worker.keepalive``);
+    # off for an owner that beats on schedule itself (the worker runtime).
+    keepalive: bool = True
 
     def __post_init__(self) -> None:
         # BreakerConfig and RetryPolicy refuse their own nonsense when they are built.
@@ -276,6 +279,8 @@ class WorkerSettings(BaseSettings):
             ca_file=self.ca_file,
             client_cert=self.client_cert,
             client_key=self.client_key,
+            # The runtime's loop beats at the orchestrator's interval: no second beater.
+            keepalive=False,
         )
 
 

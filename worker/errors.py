@@ -5,6 +5,7 @@
     │   │                              counts against the breaker, leads to local mode
     │   ├── ConnectFailed              connection refused, reset, DNS, TLS handshake
     │   ├── RequestTimedOut            connect/read/write/pool timeout
+    │   │   └── ConnectTimedOut        no connection within the timeout (nobody there)
     │   ├── ServerError                5xx (503 may carry Retry-After)
     │   ├── RateLimited                429 (carries Retry-After)
     │   └── CircuitOpenError           the breaker refuses calls: fail fast, never retried
@@ -45,6 +46,10 @@ class ConnectFailed(OrchestratorUnavailable):
 
 class RequestTimedOut(OrchestratorUnavailable):
     pass
+
+
+class ConnectTimedOut(RequestTimedOut):
+    """Not even a connection within the timeout: like ``ConnectFailed``, nobody there."""
 
 
 class ServerError(OrchestratorUnavailable):

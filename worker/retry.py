@@ -21,7 +21,13 @@ from enum import StrEnum
 from typing import Literal, TypeVar
 
 from shared.clock import SYSTEM_CLOCK, Clock
-from worker.errors import CircuitOpenError, OrchestratorError, OrchestratorUnavailable
+from worker.errors import (
+    CircuitOpenError,
+    ConnectFailed,
+    ConnectTimedOut,
+    OrchestratorError,
+    OrchestratorUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +66,16 @@ class RetryPolicy:
     deadline: float = DEFAULT_DEADLINE_S
     # The longest Retry-After we honour; a longer one is cut to this.
     max_retry_after: float = DEFAULT_MAX_RETRY_AFTER_S
+    # Attempts when nobody can even be connected to (refused, connect timeout); None:
+    # ``max_attempts``. An orchestrator that answers, if slowly, may get more patience
+    # than one that is not there: that one is tried again by the next beat anyway.
+    max_unreachable_attempts: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if self.max_unreachable_attempts is not None and self.max_unreachable_attempts < 1:
+            raise ValueError("max_unreachable_attempts must be at least 1")
         if self.base_delay < 0 or self.max_delay < 0 or self.exp_base < 1:
             raise ValueError("need base_delay >= 0, max_delay >= 0, exp_base >= 1")
         if self.deadline <= 0 or self.max_retry_after < 0:
@@ -130,9 +142,14 @@ def default_policies(
         max_retry_after=beat / 2,
     )
     return {
-        # Joining is worth waiting for; the breaker still cuts it short in an outage.
+        # Joining a busy orchestrator is worth waiting for; one that nobody can connect to
+        # answers False within the configured attempts and delays (seed 001's ~3 s with
+        # 3 attempts from 1 s), and the next beat tries again.
         Operation.REGISTER: replace(
-            common, max_attempts=max(2 * max_attempts, 6), deadline=4 * common.deadline
+            common,
+            max_attempts=max(2 * max_attempts, 6),
+            deadline=4 * common.deadline,
+            max_unreachable_attempts=max_attempts,
         ),
         Operation.HEARTBEAT: beat_policy,
         Operation.REQUEST: common,
@@ -278,6 +295,12 @@ def _next_delay(
 ) -> float | None:
     """How long to wait before attempt ``number + 1``, or None to give up now."""
     if number >= policy.max_attempts:
+        return None
+    if (
+        policy.max_unreachable_attempts is not None
+        and isinstance(exc, ConnectFailed | ConnectTimedOut)
+        and number >= policy.max_unreachable_attempts
+    ):
         return None
     if budget is not None and not budget.can_retry():
         log.debug("worker.retry_budget_exhausted", extra={"operation_attempt": number})

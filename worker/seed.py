@@ -2,11 +2,15 @@
 
 The seed names breaker and retry settings flat (``circuit_failure_threshold``,
 ``retry_base_delay``); they are mapped here, once, onto ``BreakerConfig``/``RetryPolicy``.
+Like the seed's client, ours persists its local state without being told where: with no
+``state_dir``, ``WORKER_STATE_DIR``, else ``./state`` under the working directory at
+creation; with no ``token``, ``WORKER_TOKEN``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ import httpx
 from shared.clock import SYSTEM_CLOCK, Clock
 from worker.breaker import BreakerConfig
 from worker.client import ResilientWorkerClient
-from worker.config import ClientConfig
+from worker.config import DEFAULT_STATE_DIR, ClientConfig
 from worker.metrics import WorkerMetrics
 from worker.retry import RetryPolicy
 
@@ -54,6 +58,10 @@ def create_resilient_worker_client(
     ``ClientConfig`` field."""
     breaker = {BREAKER_KEYWORDS[k]: config.pop(k) for k in list(config) if k in BREAKER_KEYWORDS}
     retry = {RETRY_KEYWORDS[k]: config.pop(k) for k in list(config) if k in RETRY_KEYWORDS}
+    if state_dir is None:
+        state_dir = default_state_dir()
+    if token is None:
+        token = os.environ.get("WORKER_TOKEN") or None
     if "recovery_timeout" in breaker:
         breaker["recovery_timeout"] = float(breaker["recovery_timeout"])  # the seed passes 60
     return ResilientWorkerClient(
@@ -71,3 +79,11 @@ def create_resilient_worker_client(
         clock=clock,
         metrics=metrics,
     )
+
+
+def default_state_dir() -> Path:
+    """Where a client given no ``state_dir`` keeps its state file: ``WORKER_STATE_DIR``, else
+    ``./state`` (the worker process's default too), made absolute now, so a later
+    ``chdir`` does not move it."""
+    configured = os.environ.get("WORKER_STATE_DIR")
+    return Path(configured or DEFAULT_STATE_DIR).absolute()

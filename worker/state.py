@@ -100,6 +100,23 @@ class StateStore:
             self._failing = False
             return True
 
+    def save_now(self, state: LocalState) -> bool:
+        """``save`` for a caller with no event loop running: written here and now."""
+        state.saved_at = datetime.fromtimestamp(self._clock.wall(), UTC)
+        try:
+            self._write_sync(state.model_dump_json(indent=1).encode())
+        except OSError as exc:
+            log.warning(
+                "worker.state_write_failed",
+                extra={"worker_id": self.worker_id, "path": str(self.path), "error": str(exc)},
+            )
+            return False
+        return True
+
+    def rebind(self) -> None:
+        """Used from a new event loop: the lock of the old one cannot serve it."""
+        self._lock = asyncio.Lock()
+
     # --- in a thread -----------------------------------------------------------------
 
     def _load_sync(self) -> LocalState | None:

@@ -24,6 +24,7 @@ from worker.errors import (
     RequestRejected,
 )
 from worker.holdings import Holdings
+from worker.keepalive import KeepAlive
 from worker.retry import Operation, RetryBudget
 
 # The client's own lines, under its name: operators filter the session's events by it.
@@ -71,10 +72,48 @@ def detailed_status(
     state_path: Path | None,
     breaker: CircuitBreaker,
     budget: RetryBudget,
+    keepalive: KeepAlive | None = None,
 ) -> dict[str, Any]:
-    """``health`` plus the configuration, the timing, the local state and the breaker."""
+    """``health`` plus seed 001's sections (``client_info``, ``orchestrator_status``,
+    ``configuration``; its ``circuit_breaker`` keys beside ours) and our configuration,
+    timing, local state, keep-alive and retry budget."""
     return {
         **health,
+        "client_info": {
+            "server_id": config.worker_id,
+            "orchestrator_url": config.orchestrator_url,
+            "max_streams": config.capacity,
+        },
+        "orchestrator_status": {
+            "available": health["orchestrator_available"],
+            # The seed probed /health; we know the orchestrator from our calls' answers.
+            "last_health_check": health["last_orchestrator_contact"],
+            "registered": health["is_registered"],
+            "epoch": health["epoch"],
+            "heartbeat_interval_s": heartbeat_interval_s,
+            "lease_ttl_s": lease_ttl_s,
+        },
+        "configuration": {
+            "circuit_breaker": {
+                "failure_threshold": config.breaker.failure_threshold,
+                "recovery_timeout": config.breaker.recovery_timeout,
+                "success_threshold": config.breaker.success_threshold,
+                "timeout": config.request_timeout,
+            },
+            "retry": {
+                "max_attempts": config.retry.max_attempts,
+                "base_delay": config.retry.base_delay,
+                "max_delay": config.retry.max_delay,
+                "exponential_base": config.retry.exp_base,
+                "jitter": True,
+            },
+            "keepalive": config.keepalive,
+        },
+        "keepalive": {
+            "enabled": keepalive is not None,
+            "running": keepalive is not None and keepalive.running,
+            "beats_sent": keepalive.beats if keepalive is not None else 0,
+        },
         "config": {
             "orchestrator_url": config.orchestrator_url,
             "capacity": config.capacity,
@@ -102,7 +141,8 @@ def detailed_status(
             "history": [e.model_dump(mode="json") for e in holdings.history.values()],
             "state_file": str(state_path) if state_path is not None else None,
         },
-        "circuit_breaker": breaker.stats(),
+        # The seed's get_stats() keys, then ours (ours win: "state" names all five).
+        "circuit_breaker": {**breaker.get_stats(), **breaker.stats()},
         "retry_budget": {"tokens": budget.tokens, "max_tokens": budget.max_tokens},
     }
 

@@ -7,6 +7,7 @@ and no local mode: it raises, and the session layer (``worker.client``) decides.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -26,6 +27,7 @@ from worker.errors import (
     CircuitOpenError,
     ClientClosed,
     ConnectFailed,
+    ConnectTimedOut,
     InvalidAnswer,
     OrchestratorError,
     OrchestratorUnavailable,
@@ -76,6 +78,8 @@ def map_httpx_errors(op: Operation) -> Iterator[None]:
     """httpx's (and the socket's) exceptions raised inside become our tree, cause kept."""
     try:
         yield
+    except httpx.ConnectTimeout as exc:
+        raise ConnectTimedOut(f"{op.value}: {type(exc).__name__}") from exc
     except httpx.TimeoutException as exc:
         raise RequestTimedOut(f"{op.value}: {type(exc).__name__}") from exc
     except (httpx.TransportError, OSError) as exc:
@@ -105,18 +109,49 @@ class OrchestratorLink:
         self.budget = RetryBudget()
         self._policies: dict[Operation, RetryPolicy] = {}
         self.pace(heartbeat_interval)
+        self._transport = transport
         # With an injected transport (tests, ASGI) there is no TLS to set up.
-        verify: ssl.SSLContext | bool = build_ssl_context(config) if transport is None else True
-        self._http = httpx.AsyncClient(
-            base_url=config.orchestrator_url.rstrip("/").removesuffix(API_PREFIX),
-            transport=transport,
-            verify=verify,
-            timeout=config.request_timeout,
+        self._verify: ssl.SSLContext | bool = (
+            build_ssl_context(config) if transport is None else True
+        )
+        self._http = self._build_http()
+        # The loop the httpx client's connections belong to (set by its first call): a
+        # connection pool cannot be used from another loop, or after its loop closed.
+        self._http_loop: asyncio.AbstractEventLoop | None = None
+        self._urls: dict[str, httpx.URL] = {}
+        self.closed = False
+
+    def _build_http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.config.orchestrator_url.rstrip("/").removesuffix(API_PREFIX),
+            transport=self._transport,
+            verify=self._verify,
+            timeout=self.config.request_timeout,
             headers={"User-Agent": USER_AGENT},
             follow_redirects=False,
         )
-        self._urls: dict[str, httpx.URL] = {}
-        self.closed = False
+
+    def _http_for_this_loop(self) -> httpx.AsyncClient:
+        """The httpx client for the running loop: a new one when the loop changed (a second
+        ``asyncio.run``); the old one's connections went with their loop."""
+        loop = asyncio.get_running_loop()
+        if self._http_loop is None:
+            self._http_loop = loop
+        elif self._http_loop is not loop:
+            self._http = self._build_http()
+            self._http_loop = loop
+            log.info("worker.http_client_rebuilt", extra={"worker_id": self.config.worker_id})
+        return self._http
+
+    async def release_loop(self) -> None:
+        """The running loop is ending: close the connections bound to it (while they can
+        be closed); the next call, from whatever loop, opens new ones."""
+        if self.closed or self._http_loop is not asyncio.get_running_loop():
+            return
+        old, self._http = self._http, self._build_http()
+        self._http_loop = None
+        with contextlib.suppress(Exception):
+            await old.aclose()
 
     def pace(self, heartbeat_interval: float) -> None:
         """Fit the breaker and the beat's retries to the orchestrator's heartbeat interval.
@@ -137,7 +172,13 @@ class OrchestratorLink:
 
     async def aclose(self) -> None:
         self.closed = True
-        await self._http.aclose()
+        try:
+            same_loop = self._http_loop in (None, asyncio.get_running_loop())
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            await self._http.aclose()
+        # Else its connections belong to a loop that is gone: nothing left to close here.
 
     async def call(
         self,
@@ -207,7 +248,7 @@ class OrchestratorLink:
         started = self._clock.monotonic()
         try:
             with map_httpx_errors(op):
-                response = await self._http.request(
+                response = await self._http_for_this_loop().request(
                     method, url, content=content, headers=headers, timeout=timeout
                 )
         finally:

@@ -47,6 +47,10 @@ async def make_client(
             "capacity": 3,
             "token": CLUSTER_TOKEN,
             "state_dir": tmp_path / "state",
+            # These tests drive every beat themselves, on a clock whose sleep returns at
+            # once: a background keep-alive would beat between their steps. Its own tests
+            # (test_keepalive.py) turn it on.
+            "keepalive": False,
         }
         settings.update(overrides)
         client = ResilientWorkerClient(

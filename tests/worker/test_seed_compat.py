@@ -48,6 +48,9 @@ def seed_client(
         state_dir=state_dir,
         transport=httpx.MockTransport(orchestrator),
         clock=fake_time,
+        # The test drives every beat on a clock whose sleep returns at once; the
+        # keep-alive has its own tests (test_keepalive.py).
+        keepalive=False,
     )
 
 
@@ -190,6 +193,7 @@ async def test_no_seed_call_raises_whatever_the_orchestrator_does(
         state_dir=tmp_path,
         transport=httpx.MockTransport(handler),
         clock=fake_time,
+        keepalive=False,  # every beat is the test's (see seed_client)
     )
     assert await client.register() is False
     assert await client.send_heartbeat() is False
