@@ -316,8 +316,37 @@ class Move(Answer):
     to: str | None = None
 
 
+MAX_SHARES_SHOWN = 100
+
+
+class WorkerShare(Answer):
+    """A worker against its capacity-weighted fair share (extra to the contract)."""
+
+    worker_id: str
+    capacity: int
+    held: int  # what it keeps as things stand (streams already being revoked not counted)
+    target: int  # its fair share (0 while draining)
+    after: int  # what it holds once this rebalance's grants and moves have settled
+
+
+class Imbalance(Answer):
+    """How far the fleet is from its fair shares, in streams (extra to the contract)."""
+
+    before: int  # the largest distance of one worker from its share, now
+    after: int  # the same once the rebalance has settled
+    unassigned: int  # active streams nobody owns, before the rebalance
+    off_target: int = 0  # workers whose share differs from what they hold now
+    # Those workers, furthest first (at most ``MAX_SHARES_SHOWN``).
+    workers: list[WorkerShare] = Field(default_factory=list)
+
+
 class RebalanceAnswer(Answer):
     moves: list[Move] = Field(default_factory=list)
+    # Extra to the contract: whether this was a preview (``dry_run=true``: nothing
+    # changed), how many unowned streams it hands out (or would), and the imbalance.
+    dry_run: bool = False
+    grants: int = 0
+    imbalance: Imbalance | None = None
 
 
 class ClusterAnswer(Answer):
