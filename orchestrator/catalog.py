@@ -111,6 +111,7 @@ class Catalog:
             stats=row.stats or {},
             lease_expires_at=from_timestamp(lease),
             local_mode_since=from_timestamp(row.local_mode_since),
+            health_url=row.health_url,
         )
 
     async def _held_counts(self, session: AsyncSession) -> dict[str, int]:
