@@ -159,3 +159,26 @@ async def test_a_preview_counts_the_unowned_streams_it_would_hand_out(
         assert r.status_code == 200, r.text
         assert r.json()["grants"] == 3 and r.json()["imbalance"]["unassigned"] == 3
         assert set((await h.owners()).values()) == {None}
+
+
+# --- the advertised health URL ----------------------------------------------------------
+
+
+async def test_a_workers_advertised_health_url_is_shown(db_url: str, clock: FakeClock) -> None:
+    """register's health_url is in Worker; a registration without it clears it; only an
+    http(s) URL is taken (the dashboard links to it)."""
+    async with running(db_url, clock) as h:
+        await h.register("a", capacity=1, health_url="http://a.example:8081/health")
+        shown = (await h.client.get(f"{API}/workers/a", headers=ADMIN)).json()
+        assert shown["health_url"] == "http://a.example:8081/health"
+        listed = (await h.client.get(f"{API}/workers", headers=ADMIN)).json()["items"]
+        assert listed[0]["health_url"] == "http://a.example:8081/health"
+        await h.register("a", capacity=1)
+        assert (await h.client.get(f"{API}/workers/a", headers=ADMIN)).json()["health_url"] is None
+        for bad in ("javascript:alert(1)", "a.example:8081", "http://", "x" * 5000):
+            r = await h.client.post(
+                f"{API}/workers/register",
+                json={"worker_id": "b", "capacity": 1, "health_url": bad},
+                headers={"Authorization": f"Bearer {h.settings.worker_token}"},
+            )
+            assert_error(r, 422, "VALIDATION_ERROR")
