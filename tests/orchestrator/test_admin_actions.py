@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from devkit.clock import FakeClock
-from devkit.harness import ADMIN, API, Harness, assert_error, held_of, running
+from devkit.harness import ADMIN, API, CLUSTER, Harness, assert_error, held_of, running
 
 
 async def events_since(h: Harness, after: int) -> list[dict[str, Any]]:
@@ -179,6 +179,6 @@ async def test_a_workers_advertised_health_url_is_shown(db_url: str, clock: Fake
             r = await h.client.post(
                 f"{API}/workers/register",
                 json={"worker_id": "b", "capacity": 1, "health_url": bad},
-                headers={"Authorization": f"Bearer {h.settings.worker_token}"},
+                headers=CLUSTER,
             )
             assert_error(r, 422, "VALIDATION_ERROR")
