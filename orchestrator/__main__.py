@@ -3,7 +3,9 @@
 Every ``ORCH_*`` setting is also a flag (``ORCH_LEASE_TTL_S`` is ``--lease-ttl-s``); flags
 win over the environment. A setting that makes no sense ends the start with one line that
 names it and exit status 2, never a traceback; so does a database that cannot be opened
-(or, with ``ORCH_AUTO_MIGRATE``, migrated) before the server starts.
+(or, with ``ORCH_AUTO_MIGRATE``, migrated) before the server starts. With
+``ORCH_DB_STARTUP_TIMEOUT_S`` a database that does not answer yet is waited for that long
+(``orchestrator.startup``: one log line per attempt, ``/health`` answering meanwhile).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -56,24 +59,49 @@ def _reason(exc: BaseException) -> str:
     return f"{message} ({type(root).__name__})" if message else type(root).__name__
 
 
-def prepare_database(settings: Settings) -> str | None:
+def prepare_database(settings: Settings, sock: socket.socket | None = None) -> str | None:
     """Open the database, and migrate it with ORCH_AUTO_MIGRATE, before serving.
 
     None when it is ready to serve from, else one line saying why not. Without
     ORCH_AUTO_MIGRATE a reachable database whose schema is behind still starts (``/ready``
-    says what is missing); one that cannot be opened at all does not.
+    says what is missing); one that cannot be opened at all does not. With a
+    ``db_startup_timeout_s`` and the API's socket (``sock``), one that cannot be opened is
+    waited for, with probes answered on ``sock`` meanwhile.
     """
-    from orchestrator.migrations import check_connection, upgrade_to_head
+    return asyncio.run(_prepare(settings, sock))
 
-    masked = make_url(settings.database_url).render_as_string(hide_password=True)
+
+async def _prepare(settings: Settings, sock: socket.socket | None) -> str | None:
+    from orchestrator.migrations import check_connection, upgrade_to_head
+    from orchestrator.startup import wait_for_database
+
+    url = settings.database_url
+    masked = make_url(url).render_as_string(hide_password=True)
     where = f"ORCH_DATABASE_URL={masked}"
-    try:
-        asyncio.run(check_connection(settings.database_url))
-    except Exception as exc:  # noqa: BLE001 - whatever it is, it is said in one line
-        return f"cannot open the database {where}: {_reason(exc)}"
+
+    async def check() -> None:
+        await check_connection(url)
+
+    if sock is not None and settings.db_startup_timeout_s > 0:
+        failure = await wait_for_database(
+            check,
+            timeout_s=settings.db_startup_timeout_s,
+            sock=sock,
+            describe=lambda exc: _without_password(_reason(exc), url),
+        )
+        if failure is not None:
+            return (
+                f"cannot open the database {where}: {_reason(failure)} "
+                f"(waited ORCH_DB_STARTUP_TIMEOUT_S={settings.db_startup_timeout_s:g})"
+            )
+    else:
+        try:
+            await check()
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it is said in one line
+            return f"cannot open the database {where}: {_reason(exc)}"
     if settings.auto_migrate:
         try:
-            asyncio.run(upgrade_to_head(settings.database_url))
+            await upgrade_to_head(url)
         except Exception as exc:  # noqa: BLE001 - as above
             return f"cannot migrate the database {where} (ORCH_AUTO_MIGRATE): {_reason(exc)}"
     return None
@@ -101,8 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     import orchestrator.migrations  # noqa: F401
 
     configure_logging(level=settings.log_level, json_format=settings.log_json)
+    sock: socket.socket | None = None
+    if settings.db_startup_timeout_s > 0:
+        # Bound before the wait: probes answer on it meanwhile, the API serves on it after.
+        from orchestrator.startup import bind
+
+        try:
+            sock = bind(settings.host, settings.port)
+        except OSError as exc:
+            print(
+                f"{PROG}: cannot serve on {settings.host}:{settings.port}: {exc}", file=sys.stderr
+            )
+            return 1
     try:
-        problem = prepare_database(settings)
+        problem = prepare_database(settings, sock)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if problem is not None:
@@ -123,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_server(
             app,
+            sockets=[sock] if sock is not None else None,
             host=settings.host,
             port=settings.port,
             log_config=None,

@@ -97,11 +97,30 @@ PLANNED_GRANT = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Share:
+    """One worker's place against its fair share, before a pass and once it settles."""
+
+    worker_id: str
+    capacity: int
+    held: int  # streams it will keep as things stand (revoked ones not counted)
+    target: int
+    after: int  # what it holds once the pass's grants and moves have settled
+
+    @property
+    def off_by(self) -> int:
+        return abs(self.held - self.target)
+
+
 @dataclass
 class BalanceReport:
     assigned: list[tuple[int, str, int]] = field(default_factory=list)  # stream, worker, token
     moves: list[Move] = field(default_factory=list)
     reassigned: list[tuple[int, str | None, str, int]] = field(default_factory=list)
+    # Unowned streams handed out (a preview: that it would hand out).
+    grants: int = 0
+    # Every live or draining worker's share (``explain=True`` only).
+    shares: list[Share] = field(default_factory=list)
 
 
 async def balance(
@@ -110,14 +129,19 @@ async def balance(
     *,
     max_moves: int,
     previous_owner: dict[int, str] | None = None,
+    dry_run: bool = False,
+    explain: bool = False,
 ) -> BalanceReport:
     """One pass: unowned streams to workers under target, then bounded moves to even out.
 
     ``previous_owner`` names who held a stream before it was freed (a lost worker), so its
-    new grant is reported as a reassignment.
+    new grant is reported as a reassignment. ``dry_run`` plans the same pass and writes
+    nothing (no lock either: a read session will do); ``explain`` adds every worker's
+    share before and after to the report.
     """
     report = BalanceReport()
-    members = await _members(session)
+    members = await _members(session, lock=not dry_run)
+    before = {wid: m.settled_load for wid, m in members.items()}
     total = int(
         (
             await session.execute(
@@ -136,16 +160,52 @@ async def balance(
         if m.eligible
         and (room := min(goal[wid] - m.settled_load, m.capacity - m.load - m.arriving)) > 0
     }
-    plan = _plan_grants(deficits, await unowned_ids(session, sum(deficits.values())))
-    for row in await _take_planned(session, plan, now):
-        wid = row.owner_id
+    unowned = await unowned_ids(session, sum(deficits.values()), lock=not dry_run)
+    plan = _plan_grants(deficits, unowned)
+    if dry_run:
+        taken = sorted(plan.items())
+    else:
+        rows = await _take_planned(session, plan, now)
+        taken = [(row.id, row.owner_id) for row in rows]
+        report.assigned = [(row.id, row.owner_id, row.token) for row in rows]
+    for _sid, wid in taken:
         deficits[wid] -= 1
         members[wid].load += 1
-        report.assigned.append((row.id, wid, row.token))
-    await _record_grants(session, report.assigned, now, previous_owner or {})
-    report.moves = await _plan_moves(session, members, goal, deficits, max_moves)
-    await _revoke(session, report.moves, now)
+    report.grants = len(taken)
+    if not dry_run:
+        await _record_grants(session, report.assigned, now, previous_owner or {})
+    report.moves = await _plan_moves(session, members, goal, deficits, max_moves, lock=not dry_run)
+    if not dry_run:
+        await _revoke(session, report.moves, now)
+    if explain:
+        report.shares = _shares(members, goal, before, report.moves)
     return report
+
+
+def _shares(
+    members: Mapping[str, Member],
+    goal: Mapping[str, int],
+    before: Mapping[str, int],
+    moves: Sequence[Move],
+) -> list[Share]:
+    """Each member's load against its target before the pass, and once its grants (already
+    counted in ``members``) and moves have settled. A draining worker's target is 0."""
+    after = {wid: m.settled_load for wid, m in members.items()}
+    for mv in moves:
+        if mv.from_ in after:
+            after[mv.from_] -= 1
+        if mv.to is not None and mv.to in after:
+            after[mv.to] += 1
+    return [
+        Share(
+            worker_id=wid,
+            capacity=m.capacity,
+            held=before[wid],
+            target=0 if m.state == WorkerState.DRAINING else goal[wid],
+            after=after[wid],
+        )
+        for wid, m in members.items()
+    ]
 
 
 def _neediest(deficits: Mapping[str, int]) -> list[str]:
@@ -221,6 +281,8 @@ async def _plan_moves(
     goal: Mapping[str, int],
     deficits: dict[str, int],
     max_moves: int,
+    *,
+    lock: bool = True,
 ) -> list[Move]:
     """Moves from draining workers, over-capacity workers and workers above target, to
     workers still below target (``deficits``, updated as moves are planned).
@@ -239,17 +301,17 @@ async def _plan_moves(
         forced = max(0, m.load - m.leaving - (0 if draining else m.capacity))
         if surplus <= 0:
             continue
-        movable = (
-            await session.execute(
-                select(StreamRow.id)
-                .where(StreamRow.owner_id == wid, StreamRow.revoke_at.is_(None))
-                .order_by(StreamRow.assigned_at.desc(), StreamRow.id.desc())
-                .limit(min(surplus, budget))
-                # Locked until the revoke below is written: a concurrent change (a release,
-                # an admin disable) cannot make a reported move one that did not happen.
-                .with_for_update(skip_locked=True)
-            )
-        ).scalars()
+        stmt = (
+            select(StreamRow.id)
+            .where(StreamRow.owner_id == wid, StreamRow.revoke_at.is_(None))
+            .order_by(StreamRow.assigned_at.desc(), StreamRow.id.desc())
+            .limit(min(surplus, budget))
+        )
+        if lock:
+            # Locked until the revoke below is written: a concurrent change (a release,
+            # an admin disable) cannot make a reported move one that did not happen.
+            stmt = stmt.with_for_update(skip_locked=True)
+        movable = (await session.execute(stmt)).scalars()
         for sid in list(movable):
             dest = next((d for d in _neediest(deficits) if deficits[d] > 0), None)
             if dest is None and forced <= 0:
@@ -293,15 +355,13 @@ async def _revoke(session: AsyncSession, moves: Sequence[Move], now: float) -> N
     )
 
 
-async def _members(session: AsyncSession) -> dict[str, Member]:
-    workers = (
-        await session.execute(
-            select(WorkerRow.worker_id, WorkerRow.capacity, WorkerRow.state)
-            .where(WorkerRow.state.in_((WorkerState.ACTIVE, WorkerState.DRAINING)))
-            .order_by(WorkerRow.worker_id)
-            .with_for_update()
-        )
-    ).all()
+async def _members(session: AsyncSession, *, lock: bool = True) -> dict[str, Member]:
+    stmt = (
+        select(WorkerRow.worker_id, WorkerRow.capacity, WorkerRow.state)
+        .where(WorkerRow.state.in_((WorkerState.ACTIVE, WorkerState.DRAINING)))
+        .order_by(WorkerRow.worker_id)
+    )
+    workers = (await session.execute(stmt.with_for_update() if lock else stmt)).all()
     members = {w.worker_id: Member(w.worker_id, w.capacity, w.state) for w in workers}
     # Two queries, each answered from an index: every stream's owner, and the few revoked.
     loads = await session.execute(

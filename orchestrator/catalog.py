@@ -1,5 +1,6 @@
 """The admin catalogue: streams (create, page, patch, delete), workers as shown to an
-operator (with the derived "suspect" state), drain, rebalance, cluster counts, events.
+operator (with the derived "suspect" state), drain, declare failed, rebalance (and its
+preview), cluster counts, events.
 
 Reads here have no side effects: ``/metrics`` hands ``cluster()``'s answer to
 ``OrchestratorMetrics.observe_cluster`` itself.
@@ -7,20 +8,25 @@ Reads here have no side effects: ``/metrics`` hands ``cluster()``'s answer to
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator import balancing, ownership
+from orchestrator import balancing, ownership, view_sync
 from orchestrator import events as ev
 from orchestrator.context import Context
 from orchestrator.errors import Conflict, NotFound, ValidationFailed, stream_id_conflicts
 from orchestrator.heartbeats import LeaseBook
 from orchestrator.models import LEASED_STATES, StreamFailureRow, StreamRow, WorkerRow
+from orchestrator.reaper import LOST_DECLARED_FAILED, mark_lost
+from orchestrator.write_context import write_context
 from shared import models as m
 from shared.limits import MAX_STREAM_ID
 from shared.models import StreamStatus, WorkerState, from_timestamp
+
+log = logging.getLogger(__name__)
 
 
 def stream_out(row: StreamRow) -> m.Stream:
@@ -33,6 +39,32 @@ def stream_out(row: StreamRow) -> m.Stream:
         owner=row.owner_id,
         token=row.token,
         failures=row.failures,
+    )
+
+
+def _rebalance_answer(
+    report: balancing.BalanceReport, unassigned: int, *, dry_run: bool
+) -> m.RebalanceAnswer:
+    shares = sorted(report.shares, key=lambda sh: (-sh.off_by, sh.worker_id))
+    off = [sh for sh in shares if sh.off_by]
+    imbalance = m.Imbalance(
+        before=max((sh.off_by for sh in shares), default=0),
+        after=max((abs(sh.after - sh.target) for sh in shares), default=0),
+        unassigned=unassigned,
+        off_target=len(off),
+        workers=[
+            m.WorkerShare(
+                worker_id=sh.worker_id,
+                capacity=sh.capacity,
+                held=sh.held,
+                target=sh.target,
+                after=sh.after,
+            )
+            for sh in off[: m.MAX_SHARES_SHOWN]
+        ],
+    )
+    return m.RebalanceAnswer(
+        moves=report.moves, dry_run=dry_run, grants=report.grants, imbalance=imbalance
     )
 
 
@@ -79,6 +111,7 @@ class Catalog:
             stats=row.stats or {},
             lease_expires_at=from_timestamp(lease),
             local_mode_since=from_timestamp(row.local_mode_since),
+            health_url=row.health_url,
         )
 
     async def _held_counts(self, session: AsyncSession) -> dict[str, int]:
@@ -127,6 +160,61 @@ class Catalog:
         row, held = await self.ctx.db.write(work)
         self.ctx.signal.changed()
         return self._worker_out(row, held, self.ctx.clock.wall())
+
+    async def declare_failed(self, worker_id: str) -> m.Worker:
+        """Declare a worker lost now, as its lease running out would: the same
+        ``mark_lost`` step of the reaper (events, freed streams, the session ended, so
+        any later call with it gets ``409 STALE_EPOCH``), and its streams handed to live
+        workers in the same transaction (``stream_reassigned``, new tokens).
+
+        A worker already lost or gone (``left``) is answered as it is: nothing changes
+        and nothing is recorded, so a retried call is harmless.
+        """
+        settings = self.ctx.settings
+
+        async def work(session: AsyncSession) -> tuple[list[str], balancing.BalanceReport]:
+            now = self.ctx.clock.wall()
+            row = await ownership.lock_worker(session, worker_id)
+            if row is None:
+                raise NotFound(f"no worker {worker_id!r}")
+            if row.state not in LEASED_STATES:
+                write_context(session).quiet = True
+                return [], balancing.BalanceReport()
+            await ev.record_one(
+                session,
+                ev.WORKER_DECLARED_FAILED,
+                now,
+                worker_id=worker_id,
+                epoch=row.epoch,
+                previous_state=row.state,
+            )
+            lost, freed = await mark_lost(
+                session, now, worker_ids=[worker_id], reason=LOST_DECLARED_FAILED
+            )
+            report = await balancing.balance(
+                session, now, max_moves=settings.max_moves_per_pass, previous_owner=freed
+            )
+            report.reassigned = [
+                (sid, freed[sid], wid, token) for sid, wid, token in report.assigned if sid in freed
+            ]
+            # mark_lost and the balancer touched every worker they changed.
+            view_sync.scoped(session)
+            return lost, report
+
+        lost, report = await self.ctx.db.write(work)
+        if lost:
+            self.book.forget(worker_id)  # its buffered renewal is for a session that ended
+            metrics = self.ctx.metrics
+            metrics.lease_expiries.inc(len(lost))
+            metrics.assignments.inc(len(report.assigned))
+            metrics.reassignments.inc(len(report.reassigned))
+            metrics.rebalance_moves.inc(len(report.moves))
+            log.warning(
+                "orchestrator.worker_declared_failed",
+                extra={"worker_id": worker_id, "reassigned": len(report.reassigned)},
+            )
+            self.ctx.signal.changed()
+        return await self.get_worker(worker_id)
 
     # --- streams ---------------------------------------------------------------------------
 
@@ -272,19 +360,33 @@ class Catalog:
 
     # --- cluster and events ----------------------------------------------------------------
 
-    async def rebalance(self) -> m.RebalanceAnswer:
-        async def work(session: AsyncSession) -> balancing.BalanceReport:
-            return await balancing.balance(
-                session, self.ctx.clock.wall(), max_moves=self.ctx.settings.max_moves_per_pass * 10
+    async def rebalance(self, *, dry_run: bool = False) -> m.RebalanceAnswer:
+        """A balancing pass now (up to ten passes' worth of moves); with ``dry_run`` the
+        same pass planned in a read session: the moves it would make, nothing written, no
+        event. Either way the answer says how far workers are from their share."""
+        max_moves = self.ctx.settings.max_moves_per_pass * 10
+        if dry_run:
+            async with self.ctx.db.read() as session:
+                report = await balancing.balance(
+                    session, self.ctx.clock.wall(), max_moves=max_moves, dry_run=True, explain=True
+                )
+                unassigned = await ownership.unowned_count(session)
+            return _rebalance_answer(report, unassigned, dry_run=True)
+
+        async def work(session: AsyncSession) -> tuple[balancing.BalanceReport, int]:
+            unassigned = await ownership.unowned_count(session)
+            report = await balancing.balance(
+                session, self.ctx.clock.wall(), max_moves=max_moves, explain=True
             )
+            return report, unassigned
 
         await self.book.flush(self.ctx.db)
-        report = await self.ctx.db.write(work)
+        report, unassigned = await self.ctx.db.write(work)
         self.ctx.metrics.assignments.inc(len(report.assigned))
         self.ctx.metrics.rebalance_moves.inc(len(report.moves))
         if report.moves or report.assigned:
             self.ctx.signal.changed()
-        return m.RebalanceAnswer(moves=report.moves)
+        return _rebalance_answer(report, unassigned, dry_run=False)
 
     async def cluster(self) -> m.ClusterAnswer:
         now = self.ctx.clock.wall()

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     events_retention: int = Field(default=100_000, ge=1000)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
+    # How long start-up waits for a database that does not answer yet (0: not at all).
+    db_startup_timeout_s: float = Field(default=0.0, ge=0)
     log_level: str = "INFO"
     log_json: bool = False
     replica_id: str | None = None

@@ -39,6 +39,8 @@ class WorkerRow(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     local_mode_since: Mapped[float | None] = mapped_column(Float)
+    # Where the worker's health endpoint answers, as it advertised at register (or None).
+    health_url: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_workers_state_lease", "state", "lease_expires_at"),)
 

@@ -73,6 +73,16 @@ async def owned_count(session: AsyncSession, worker_id: str) -> int:
     return int((await session.execute(stmt)).scalar_one())
 
 
+async def unowned_count(session: AsyncSession) -> int:
+    """Active streams nobody owns."""
+    stmt = (
+        select(func.count())
+        .select_from(StreamRow)
+        .where(StreamRow.owner_id.is_(None), StreamRow.status == StreamStatus.ACTIVE)
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
 async def owned_streams(session: AsyncSession, worker_id: str) -> Sequence[Row[Any]]:
     stmt = (
         select(*ASSIGNMENT_COLUMNS, StreamRow.revoke_at)
@@ -141,7 +151,9 @@ async def _take(
     return taken
 
 
-async def unowned_ids(session: AsyncSession, limit: int) -> list[int]:
+async def unowned_ids(session: AsyncSession, limit: int, *, lock: bool = True) -> list[int]:
+    """Up to ``limit`` active unowned streams in id order, locked unless ``lock=False``
+    (a preview in a read session, which takes nothing)."""
     if limit <= 0:
         return []
     stmt = (
@@ -149,8 +161,9 @@ async def unowned_ids(session: AsyncSession, limit: int) -> list[int]:
         .where(StreamRow.owner_id.is_(None), StreamRow.status == StreamStatus.ACTIVE)
         .order_by(StreamRow.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
     )
+    if lock:
+        stmt = stmt.with_for_update(skip_locked=True)
     return list((await session.execute(stmt)).scalars())
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from typing import Any, Final
 
 import uvicorn
@@ -38,11 +39,12 @@ class LiveServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-def run_server(app: FastAPI, **options: Any) -> None:
-    """``uvicorn.run(app, **options)`` for one process, with ``LiveServer``."""
+def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
+    """``uvicorn.run(app, **options)`` for one process, with ``LiveServer``; on ``sockets``
+    already bound (start-up's probe server had them) instead of binding host and port."""
     config = uvicorn.Config(app, **options)
     server = LiveServer(config, app.state.live)
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.run(sockets=sockets)
     if not server.started:
         raise SystemExit(STARTUP_FAILURE)

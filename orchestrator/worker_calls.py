@@ -87,6 +87,7 @@ class WorkerCalls:
             row.state = WorkerState.ACTIVE
             row.capacity = req.capacity
             row.labels = dict(req.labels)
+            row.health_url = req.health_url
             row.session_hash = token_hash
             row.lease_expires_at = now + ttl
             row.last_heartbeat_at = now

@@ -1,6 +1,10 @@
 """``make run``: a whole cluster on this machine: an orchestrator on a SQLite file, a dozen
 demo streams, three demo workers, their logs interleaved; Ctrl-C stops it all cleanly.
 
+The dashboard's URL comes first (with the admin token to type in); then the processes'
+own lines, which are few once the fleet settles (the demo processors' progress is DEBUG),
+and every ``SUMMARY_EVERY_S`` one summary line of the fleet.
+
 Everything lives under ``./.demo/`` (the database, worker state, nothing else), so a re-run
 picks up where the last one stopped: streams that exist are not created again. Knobs, all
 optional: ``DEMO_DIR`` (./.demo), ``DEMO_PORT`` (8000), ``DEMO_WORKER_BASE_PORT`` (8081:
@@ -22,6 +26,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -35,6 +40,8 @@ READY_TIMEOUT_S = 60.0
 WORKER_STOP_TIMEOUT_S = 30.0
 ORCHESTRATOR_STOP_TIMEOUT_S = 15.0
 LINE_LIMIT = 1 << 20
+# How often the fleet is summed up in one line while the demo runs.
+SUMMARY_EVERY_S = 30.0
 
 DEMO_STREAMS: tuple[tuple[str, str], ...] = (
     ("Radio Aurora", "https://streams.example.invalid/aurora.mp3"),
@@ -207,6 +214,12 @@ async def ensure_streams(config: DemoConfig) -> int:
         return len(missing)
 
 
+def dashboard_line(config: DemoConfig) -> str:
+    """The first line the demo prints: where to look, and the token the page asks for."""
+    hint = f" (admin token: {config.admin_token})" if config.admin_token else ""
+    return f"dashboard: {config.url}/ui/{hint}"
+
+
 def banner(config: DemoConfig) -> str:
     auth = f"-H 'Authorization: Bearer {config.admin_token}'"
     health = ", ".join(
@@ -215,6 +228,7 @@ def banner(config: DemoConfig) -> str:
     return "\n".join(
         [
             "streamherd demo is running; Ctrl-C stops it",
+            f"  dashboard      {config.url}/ui/",
             f"  API docs       {config.url}/docs",
             f"  cluster        curl {auth} {config.url}/api/v1/cluster",
             f"  streams        curl {auth} {config.url}/api/v1/streams",
@@ -228,7 +242,41 @@ def banner(config: DemoConfig) -> str:
     )
 
 
+def summary_line(cluster: Mapping[str, Any], workers: Sequence[Mapping[str, Any]]) -> str:
+    """The fleet in one line: streams by status, assigned, and each live worker's load."""
+    streams = cluster.get("streams", {})
+    loads = " ".join(
+        f"{w['worker_id']}={w['held']}/{w['capacity']}"
+        for w in workers
+        if w.get("state") in ("active", "suspect", "draining")
+    )
+    return (
+        f"fleet: {streams.get('active', 0)} active streams, {cluster.get('assigned', 0)} "
+        f"assigned, {cluster.get('unassigned', 0)} waiting; workers {loads or 'none'}"
+    )
+
+
+async def summarise(config: DemoConfig, stop: asyncio.Event) -> None:
+    """One summary line every ``SUMMARY_EVERY_S`` until ``stop``; a failed read is skipped."""
+    async with httpx.AsyncClient(
+        base_url=config.url, headers=config.admin_headers, timeout=5.0
+    ) as http:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SUMMARY_EVERY_S):
+                    await stop.wait()
+            if stop.is_set():
+                return
+            try:
+                cluster = (await http.get("/api/v1/cluster")).raise_for_status().json()
+                workers = (await http.get("/api/v1/workers")).raise_for_status().json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            say(summary_line(cluster, workers.get("items", [])))
+
+
 async def run(config: DemoConfig) -> int:
+    say(dashboard_line(config))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     force = asyncio.Event()
@@ -288,11 +336,13 @@ async def run(config: DemoConfig) -> int:
                 await Child.start(worker_id, [sys.executable, "-m", "worker"], env, width)
             )
         say(banner(config))
+        summaries = asyncio.create_task(summarise(config, stop), name="demo.summary")
         everyone = [orchestrator, *workers]
         exits = {asyncio.create_task(c.process.wait()): c for c in everyone}
         stopping = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stopping, *exits}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
+        summaries.cancel()
         for task in exits:
             task.cancel()
         if not stop.is_set():

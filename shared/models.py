@@ -10,8 +10,17 @@ import json
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+)
 
 from shared import limits
 
@@ -69,8 +78,22 @@ def _wire_time(value: datetime) -> datetime:
     return value
 
 
+def web_url(value: str) -> str:
+    """An absolute ``http://`` or ``https://`` URL (one a dashboard may link to)."""
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise ValueError("must be an http:// or https:// URL") from exc
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
 Text = Annotated[str, AfterValidator(storable_text)]
 WireTime = Annotated[datetime, AfterValidator(_wire_time)]
+WebUrl = Annotated[
+    Text, StringConstraints(min_length=1, max_length=limits.MAX_URL_LEN), AfterValidator(web_url)
+]
 
 
 Metadata = Annotated[
@@ -176,6 +199,17 @@ class RegisterRequest(Request):
     held: HeldList = Field(default_factory=list)
     local_mode_since: WireTime | None = None
     history: HistoryList = Field(default_factory=list)
+    # Extra to the contract: where this worker's health endpoint answers, for operators
+    # (the dashboard links to it). Sent only when set, so an orchestrator that does not
+    # know the field still takes a registration without it.
+    health_url: WebUrl | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("health_url") is None:
+            data.pop("health_url", None)
+        return data
 
 
 class RegisterAnswer(Answer):
@@ -304,6 +338,7 @@ class Worker(Answer):
     stats: dict[str, Any] = Field(default_factory=dict)
     lease_expires_at: datetime | None = None
     local_mode_since: datetime | None = None
+    health_url: str | None = None  # extra: where its health endpoint answers, if it said
 
 
 class WorkerList(Answer):
@@ -316,8 +351,37 @@ class Move(Answer):
     to: str | None = None
 
 
+MAX_SHARES_SHOWN = 100
+
+
+class WorkerShare(Answer):
+    """A worker against its capacity-weighted fair share (extra to the contract)."""
+
+    worker_id: str
+    capacity: int
+    held: int  # what it keeps as things stand (streams already being revoked not counted)
+    target: int  # its fair share (0 while draining)
+    after: int  # what it holds once this rebalance's grants and moves have settled
+
+
+class Imbalance(Answer):
+    """How far the fleet is from its fair shares, in streams (extra to the contract)."""
+
+    before: int  # the largest distance of one worker from its share, now
+    after: int  # the same once the rebalance has settled
+    unassigned: int  # active streams nobody owns, before the rebalance
+    off_target: int = 0  # workers whose share differs from what they hold now
+    # Those workers, furthest first (at most ``MAX_SHARES_SHOWN``).
+    workers: list[WorkerShare] = Field(default_factory=list)
+
+
 class RebalanceAnswer(Answer):
     moves: list[Move] = Field(default_factory=list)
+    # Extra to the contract: whether this was a preview (``dry_run=true``: nothing
+    # changed), how many unowned streams it hands out (or would), and the imbalance.
+    dry_run: bool = False
+    grants: int = 0
+    imbalance: Imbalance | None = None
 
 
 class ClusterAnswer(Answer):

@@ -139,6 +139,31 @@ def moves(answer: dict[str, Any], *, dry_run: bool) -> None:
         ("stream", "from", "to"),
         ((mv.get("stream_id"), mv.get("from"), mv.get("to")) for mv in items),
     )
+    imbalance = answer.get("imbalance")
+    if not isinstance(imbalance, dict):
+        return  # an orchestrator that does not say (the contract does not ask it to)
+    grants = answer.get("grants") or 0
+    say(
+        f"imbalance: the furthest worker is {imbalance.get('before')} streams off its share, "
+        f"{imbalance.get('after')} once this settles; {imbalance.get('unassigned')} unassigned, "
+        f"{grants} {'would be' if dry_run else 'were'} handed out"
+    )
+    shares = imbalance.get("workers") or []
+    if shares:
+        table(
+            f"{imbalance.get('off_target', len(shares))} workers off their share",
+            ("worker", "capacity", "holds", "share", "after"),
+            (
+                (
+                    w.get("worker_id"),
+                    w.get("capacity"),
+                    w.get("held"),
+                    w.get("target"),
+                    w.get("after"),
+                )
+                for w in shares
+            ),
+        )
 
 
 def events(items: Sequence[dict[str, Any]]) -> None:

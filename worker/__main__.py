@@ -16,8 +16,10 @@ import sys
 from collections.abc import Sequence
 
 from shared.logs import configure_logging
+from worker.advertise import advertised_health_url, configured_url
 from worker.config import PROG, ConfigError, WorkerSettings, load_settings
 from worker.health import HealthServer
+from worker.host import HostFigures
 from worker.processors import build_processor
 from worker.runtime import RegistrationRefused, Runtime, describe
 
@@ -38,6 +40,10 @@ async def serve(settings: WorkerSettings) -> int:
     from worker.client import ResilientWorkerClient
 
     processor = build_processor(settings.processor)
+    try:
+        advertise = configured_url()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     client = ResilientWorkerClient(settings.client_config())
     runtime = Runtime(
         client,
@@ -47,6 +53,7 @@ async def serve(settings: WorkerSettings) -> int:
         shutdown_timeout=settings.shutdown_timeout_s,
         restart_base=settings.processor_restart_base_s,
         restart_max=settings.processor_restart_max_s,
+        host=HostFigures(disk_path=settings.effective_state_dir),
     )
     health = HealthServer(runtime, host=settings.health_host, port=settings.health_port)
     try:
@@ -57,6 +64,10 @@ async def serve(settings: WorkerSettings) -> int:
             f"cannot serve health on {settings.health_host}:{settings.health_port} "
             f"(WORKER_HEALTH_HOST/WORKER_HEALTH_PORT): {exc.strerror or exc}"
         ) from None
+    # Known once the health server listens (WORKER_HEALTH_PORT=0 picks its port).
+    client.health_url = advertised_health_url(
+        advertise, host=settings.health_host, port=health.port
+    )
     logger.info(
         "worker.starting",
         extra={
@@ -66,6 +77,7 @@ async def serve(settings: WorkerSettings) -> int:
             "processor": processor.kind,
             "state_dir": str(settings.effective_state_dir),
             "health_port": health.port,
+            "health_url": client.health_url,
         },
     )
     stop = asyncio.Event()

@@ -130,6 +130,7 @@ class ResilientWorkerClient:
         self._calls = CallLog(config.worker_id, clock)
         self._register_lock = asyncio.Lock()
         self._reconnect_lock = asyncio.Lock()
+        self.health_url: str | None = None  # sent at register (worker/advertise.py)
         # Held for every heartbeat (and the reconcile sent in its place): never two in flight.
         self._beat_lock = asyncio.Lock()
         # The loop the locks and tasks above belong to (set by the first call).
@@ -543,6 +544,7 @@ class ResilientWorkerClient:
             held=self._holdings.held_list(),
             local_mode_since=self._state.local_mode_since,
             history=list(self._holdings.history.values()),
+            health_url=self.health_url,
         )
         try:
             answer = await self._call(
@@ -614,7 +616,7 @@ class ResilientWorkerClient:
         body = HeartbeatRequest(epoch=self.epoch, held=self._holdings.held_list())
         # Set after validation: the stats are our own flat counters, and the check meant
         # for any stats (a JSON dump and a tree walk) cost more than all the rest of the body.
-        body.stats = {"held": len(self._holdings.held), **self.metrics.summary()}
+        body.stats = self.metrics.heartbeat_stats(len(self._holdings.held))
         return body
 
     async def _reconnect(self) -> bool:

@@ -35,6 +35,8 @@ OUTCOME_INVALID: Final = "invalid"
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # The host's figures as last measured (``worker.host``), sent in heartbeat stats.
+        self.host: dict[str, float] = {}
         r = self.registry
         # The runtime's figures.
         self.streams_running = Gauge(
@@ -128,6 +130,11 @@ class WorkerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def heartbeat_stats(self, held: int) -> dict[str, Any]:
+        """A heartbeat's ``stats``: streams held, the client's counters (``summary``) and
+        the host's figures as last measured (``host``)."""
+        return {"held": held, **self.summary(), **self.host}
 
     def summary(self) -> dict[str, int]:
         """The seed's ``metrics`` block of ``health_check()``: what the ``count_*`` methods

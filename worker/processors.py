@@ -212,7 +212,9 @@ class DemoProcessor:
             ctx.record_progress()
             ticks += 1
             if ticks % self.log_every == 1 or self.log_every == 1:
-                ctx.logger.info("worker.demo_progress", extra={"units": ticks, "url": ctx.url})
+                # DEBUG: one line per stream per log_every ticks is a wall of text at INFO
+                # (``make run`` prints a one-line fleet summary instead).
+                ctx.logger.debug("worker.demo_progress", extra={"units": ticks, "url": ctx.url})
             if await wait_stopping(ctx, self.interval_s):
                 return
 

@@ -21,6 +21,7 @@ from shared.clock import SYSTEM_CLOCK, Clock
 from shared.limits import MAX_ERROR_LEN
 from shared.models import Assignment, FailureAnswer
 from worker.errors import RequestRejected
+from worker.host import HostFigures
 from worker.metrics import WorkerMetrics
 from worker.processors import Processor, StreamContext, stream_logger
 from worker.retry import backoff_delay
@@ -137,6 +138,7 @@ class Runtime:
         restart_max: float = DEFAULT_RESTART_MAX_S,
         cancel_grace: float = CANCEL_GRACE_S,
         clock: Clock = SYSTEM_CLOCK,
+        host: HostFigures | None = None,
     ) -> None:
         self.client = client
         self.processor = processor
@@ -146,6 +148,8 @@ class Runtime:
         self.restart_base = restart_base
         self.restart_max = max(restart_max, restart_base)
         self.cancel_grace = cancel_grace
+        # Measures the host for the heartbeat's stats while ``run`` runs (None: nothing).
+        self.host = host
         # Beats, uptimes and run lengths are durations: the monotonic clock.
         self._clock = clock.monotonic
         self._sleep = clock.sleep
@@ -204,6 +208,7 @@ class Runtime:
         """Start, converge every beat until ``stop`` is set, then shut down gracefully."""
         self._started_at = self._clock()
         self._phase = "starting"
+        sampler = self._start_host_figures(stop)
         try:
             await self._unless_stopped(stop, self.start())
             next_beat = self._clock() + self.client.heartbeat_interval_s
@@ -232,8 +237,27 @@ class Runtime:
                 until = min(next_beat, extra_beat, self._next_stop_deadline())
                 await self._idle(stop, until=until)
         finally:
+            if sampler is not None:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
             await self.shutdown()
         return self.counts
+
+    def _start_host_figures(self, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """Measure the host beside the loop, once per heartbeat interval: the client puts
+        the latest figures into each heartbeat's stats (``WorkerMetrics.host``)."""
+        if self.host is None:
+            return None
+        metrics = self.client.metrics
+
+        def publish(figures: dict[str, float]) -> None:
+            metrics.host = figures
+
+        return asyncio.create_task(
+            self.host.run(stop, interval=lambda: self.client.heartbeat_interval_s, publish=publish),
+            name="worker.host-figures",
+        )
 
     async def start(self) -> None:
         """Resume what the state file holds, register presenting it, fill capacity.

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from orchestrator.ui.docs import add_docs_routes
 from orchestrator.ui.headers import SecurityHeadersMiddleware
 from orchestrator.ui.pages import add_ui_routes
-from orchestrator.ui.ws_token import EVENTS_WS_PATH, BearerSubprotocolMiddleware
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -24,13 +23,12 @@ if TYPE_CHECKING:
 __all__ = ["mount_ui"]
 
 
-def mount_ui(app: FastAPI, settings: Settings, *, events_ws_path: str = EVENTS_WS_PATH) -> None:
+def mount_ui(app: FastAPI, settings: Settings) -> None:
     """Serve the dashboard at ``/ui/`` and Swagger UI at ``/docs`` (create the app with
-    ``docs_url=None``), and let browsers give the event WebSocket its token as a
-    subprotocol. ``settings`` is taken for symmetry with the routers; the page learns
-    whether a token is needed from the API itself."""
+    ``docs_url=None``). ``settings`` is taken for symmetry with the routers; the page
+    learns whether a token is needed from the API itself. (The event WebSocket reads the
+    token the page offers as a subprotocol itself: ``api/routes/events.py``.)"""
     del settings
     add_ui_routes(app)
     docs_csp = add_docs_routes(app)
-    app.add_middleware(BearerSubprotocolMiddleware, path=events_ws_path)
     app.add_middleware(SecurityHeadersMiddleware, docs_csp=docs_csp)

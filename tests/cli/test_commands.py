@@ -117,14 +117,67 @@ def test_events_page_and_follow(cli: Cli) -> None:
     assert [m["event"]["id"] for m in messages if m["type"] == "event"] == [1, 2, 3]
 
 
-def test_v11_commands_say_the_orchestrator_is_too_old(cli: Cli) -> None:
-    """workers fail and rebalance --dry-run need what this orchestrator lacks: exit 4."""
+def test_rebalance_preview_changes_nothing_and_declare_failed_moves_a_worker_out(
+    cli: Cli,
+) -> None:
+    """rebalance --dry-run: the moves and the imbalance, nothing changed; workers fail: the
+    worker is lost at once (its later calls get STALE_EPOCH), twice is fine, unknown is 1."""
+    answer = httpx.post(
+        f"{cli.url}/api/v1/workers/register",
+        json={"worker_id": "w3", "capacity": 10},
+        headers={"Authorization": f"Bearer {WORKER_TOKEN}"},
+    )
+    answer.raise_for_status()
+    session = answer.json()
+    before = {s["id"]: (s["owner"], s["token"]) for s in cli.api("GET", "/streams")["items"]}
+    table = cli("rebalance", "--dry-run")
+    assert table.exit_code == 0, table.output
+    assert "would move" in table.stdout and "imbalance:" in table.stdout
+    preview = json.loads(cli("rebalance", "--dry-run", "--json").stdout)
+    assert preview["dry_run"] is True and "moves" in preview and "imbalance" in preview
+    after = {s["id"]: (s["owner"], s["token"]) for s in cli.api("GET", "/streams")["items"]}
+    assert after == before
+
+    failed = cli("workers", "fail", "w3")
+    assert failed.exit_code == 0, failed.output
+    assert "w3 is lost" in failed.stdout
+    again = json.loads(cli("workers", "fail", "w3", "--json").stdout)
+    assert again["state"] == "lost" and again["held"] == 0
+    beat = httpx.post(
+        f"{cli.url}/api/v1/workers/w3/heartbeat",
+        json={"epoch": session["epoch"], "held": []},
+        headers={"Authorization": f"Bearer {session['session_token']}"},
+    )
+    assert beat.status_code == 409 and beat.json()["error"]["code"] == "STALE_EPOCH"
+    missing = cli("workers", "fail", "nobody")
+    assert missing.exit_code == errors.REFUSED
+    assert one_line_error(missing).startswith("streamherd: NOT_FOUND:")
+
+
+def test_v11_commands_say_an_older_orchestrator_is_too_old() -> None:
+    """Against an orchestrator whose schema lacks them (a v1.0 one, faked): exit 4, and the
+    preview is never sent, since such an orchestrator would ignore dry_run and rebalance."""
+    sent: list[str] = []
+    v10_schema = {
+        "paths": {
+            "/api/v1/rebalance": {"post": {"parameters": []}},
+            "/api/v1/workers/{worker_id}/drain": {"post": {"parameters": []}},
+        }
+    }
+
+    def v10(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path == "/openapi.json":
+            return httpx.Response(200, json=v10_schema)
+        sent.append(f"{request.method} {request.url.path}")
+        return httpx.Response(200, json={"moves": [], "worker_id": "w1", "state": "lost"})
+
+    seams = Seams(transport=httpx.MockTransport(v10), open_browser=lambda url: False)
+    old = Cli("http://old-orchestrator.example:8000")
     for args in (("workers", "fail", "w1"), ("rebalance", "--dry-run")):
-        result = cli(*args)
+        result = old(*args, seams=seams)
         assert result.exit_code == errors.TOO_OLD, (args, result.output)
         assert "too old" in one_line_error(result)
-    # Nothing moved: the preview was never sent as a real rebalance, w1 was not failed.
-    assert cli.api("GET", "/workers/w1")["state"] == "active"
+    assert sent == []
 
 
 def test_ui_prints_the_dashboard_url(cli: Cli) -> None:

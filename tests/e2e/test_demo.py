@@ -142,6 +142,23 @@ def test_demo_assigns_every_stream_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
     text = log.read_text()
     assert "/docs" in text and "/api/v1/cluster" in text and "/health" in text
     assert "demo-worker-1 | " in text and "orchestrator" in text
+    # Where to look comes first; the processors' progress is not a wall of lines.
+    assert text.splitlines()[0] == f"demo | dashboard: {url}/ui/ (admin token: demo-admin-token)"
+    assert "demo_progress" not in text
+
+
+def test_the_fleet_summary_is_one_line() -> None:
+    """The periodic summary: streams and each live worker's load, in one line."""
+    from scripts.demo import summary_line
+
+    cluster = {"streams": {"active": 12}, "assigned": 11, "unassigned": 1}
+    workers = [
+        {"worker_id": "w1", "state": "active", "held": 6, "capacity": 6},
+        {"worker_id": "w2", "state": "lost", "held": 0, "capacity": 6},
+    ]
+    line = summary_line(cluster, workers)
+    assert "\n" not in line
+    assert line == "fleet: 12 active streams, 11 assigned, 1 waiting; workers w1=6/6"
 
 
 def test_demo_rerun_reuses_its_streams(tmp_path: Path) -> None:

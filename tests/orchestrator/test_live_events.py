@@ -22,6 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from devkit.harness import ADMIN, ADMIN_TOKEN, settings_for
+from orchestrator.api.routes.events import PROTOCOL, encode_token
 from orchestrator.app import create_app
 from orchestrator.server import LiveServer
 from shared.logs import TokenRedaction, redact_tokens
@@ -204,6 +205,21 @@ async def test_bearer_header_is_accepted(sqlite_url: str) -> None:
     async with serving(sqlite_url) as run:
         async with ws_connect(run.ws_url(token=None), additional_headers=ADMIN) as ws:
             assert (await receive_until(ws, is_type("subscribed")))["type"] == "subscribed"
+
+
+async def test_the_token_as_a_subprotocol_is_accepted_and_never_echoed(sqlite_url: str) -> None:
+    """A browser's way: the token as ``streamherd.bearer.<b64url>`` beside
+    ``streamherd.v1``; the handshake picks streamherd.v1; a wrong one is refused with 401."""
+    async with serving(sqlite_url) as run:
+        offered = [PROTOCOL, encode_token(ADMIN_TOKEN)]
+        async with ws_connect(run.ws_url(token=None), subprotocols=offered) as ws:
+            assert ws.subprotocol == PROTOCOL
+            assert (await receive_until(ws, is_type("subscribed")))["type"] == "subscribed"
+        with pytest.raises(InvalidStatus) as refused:
+            wrong = [PROTOCOL, encode_token("wrong-token-123")]
+            async with ws_connect(run.ws_url(token=None), subprotocols=wrong):
+                pass
+        assert refused.value.response.status_code == 401
 
 
 def _tiny_receive_buffer_socket(port: int) -> socket.socket:

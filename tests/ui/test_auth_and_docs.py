@@ -13,7 +13,7 @@ import pytest
 from playwright.async_api import Browser, Request, expect
 
 from devkit.procs import OrchestratorProcess, astart_orchestrator
-from orchestrator.ui.ws_token import decode_token, encode_token
+from orchestrator.api.routes.events import decode_token, encode_token
 from tests.ui.conftest import VIEWPORT, artifacts_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]

@@ -38,9 +38,10 @@ def fast_orchestrator_env(tmp_path: Path) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def fleet(
-    tmp_path: Path, workers: int
+    tmp_path: Path, workers: int, **settings: str
 ) -> AsyncIterator[tuple[OrchestratorProcess, dict[str, Process]]]:
-    orch = await astart_orchestrator(fast_orchestrator_env(tmp_path), log_dir=tmp_path)
+    env = {**fast_orchestrator_env(tmp_path), **settings}
+    orch = await astart_orchestrator(env, log_dir=tmp_path)
     procs: dict[str, Process] = {}
     try:
         async with httpx.AsyncClient(base_url=orch.url) as client:
@@ -59,6 +60,7 @@ async def fleet(
                 orchestrator_url=orch.url,
                 WORKER_ID=worker_id,
                 WORKER_MAX_STREAMS="12",
+                WORKER_HEALTH_ADVERTISE_URL=f"http://{worker_id}.example:8081/health",
             )
             procs[worker_id] = await Process.start("worker", env)
         yield orch, procs
@@ -194,4 +196,42 @@ async def test_dashboard_survives_an_orchestrator_restart(browser: Browser, tmp_
         await expect(page.locator('#streams tr[data-stream="999"]')).to_have_count(
             1, timeout=LIVE_S * 1000
         )
+        await page.close()
+
+
+async def test_preview_then_declare_a_dead_worker_failed(browser: Browser, tmp_path: Path) -> None:
+    """Rebalance previews first (cancelled: nothing happens); a killed worker declared
+    failed from the page turns lost and its streams move, long before its lease (60 s)
+    would have run out; host figures and the health link are shown."""
+    async with fleet(tmp_path, workers=2, ORCH_LEASE_TTL_S="60") as (orch, procs):
+        page = await open_dashboard(browser, orch.url)
+        for worker_id in procs:
+            await expect(worker_row(page, worker_id).locator(".badge")).to_have_text(
+                "active", timeout=LIVE_S * 1000
+            )
+        link = worker_row(page, "w1").locator("a.health-link")
+        await expect(link).to_have_attribute("href", "http://w1.example:8081/health")
+        await expect(worker_row(page, "w2").locator(".stat-label").first).to_have_text(
+            "cpu", timeout=LIVE_S * 1000
+        )
+
+        await page.locator("#rebalance").click()
+        dialog = page.locator("#confirm")
+        await expect(dialog).to_be_visible()
+        await expect(page.locator("#confirm-body")).to_contain_text("Preview:")
+        await dialog.locator("#confirm-cancel").click()
+        await expect(dialog).to_be_hidden()
+
+        await procs["w1"].kill()
+        await worker_row(page, "w1").locator('button[data-action="fail"]').click()
+        await confirm(page)
+        await expect(page.locator(".toast-ok")).to_contain_text("w1 is lost")
+        await expect(worker_row(page, "w1")).to_have_attribute(
+            "data-state", "lost", timeout=LIVE_S * 1000
+        )
+        await expect(page.locator('#streams td.owner:has-text("w1")')).to_have_count(
+            0, timeout=LIVE_S * 1000
+        )
+        await expect(page.locator('#feed li[data-type="worker_declared_failed"]')).to_have_count(1)
+        assert page.errors == []  # type: ignore[attr-defined]
         await page.close()

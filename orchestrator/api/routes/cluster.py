@@ -1,10 +1,11 @@
-"""``/rebalance`` and ``/cluster`` (admin): a balancing pass on demand, and the counts."""
+"""``/rebalance`` and ``/cluster`` (admin): a balancing pass on demand (or its preview,
+``?dry_run=true``), and the counts."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from orchestrator.api.deps import CatalogDep
 from orchestrator.auth import AdminDep
@@ -13,9 +14,14 @@ from shared import models as m
 router = APIRouter(tags=["admin"])
 
 
+DryRun = Annotated[
+    bool, Query(description="Plan the moves and answer them; change nothing (v1.1).")
+]
+
+
 @router.post("/rebalance", response_model=m.RebalanceAnswer)
-async def rebalance(_: AdminDep, catalog: CatalogDep) -> Any:
-    return await catalog.rebalance()
+async def rebalance(_: AdminDep, catalog: CatalogDep, dry_run: DryRun = False) -> Any:
+    return await catalog.rebalance(dry_run=dry_run)
 
 
 @router.get("/cluster", response_model=m.ClusterAnswer)

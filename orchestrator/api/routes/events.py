@@ -1,7 +1,11 @@
 """``/events`` (admin): the event log as pages (``GET /events``) and live (the WebSocket).
 
-``WebSocket /events/ws`` is served by ``LiveHub``. The token comes as ``?token=`` (browsers
-cannot set headers on a WebSocket) or as ``Authorization: Bearer``. A missing or wrong
+``WebSocket /events/ws`` is served by ``LiveHub``. The token comes as ``?token=``, as
+``Authorization: Bearer``, or, from a browser (which can set no header on a WebSocket and
+should not put a secret in a URL), as a subprotocol, as the Kubernetes API server takes
+it: ``Sec-WebSocket-Protocol: streamherd.v1, streamherd.bearer.<base64url token, unpadded>``;
+the handshake then picks ``streamherd.v1`` (a browser that offered protocols refuses one
+that picks none), and the token's protocol is never echoed. A missing or wrong
 token is refused before the handshake completes with HTTP 401 and the usual error body; a
 server without the ASGI denial-response extension accepts and closes at once with code
 4401 instead. A bad ``?after=`` is refused the same way with 422 (close code 1008 as the
@@ -10,7 +14,9 @@ fallback).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import base64
+import binascii
+from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Query, WebSocket
 from fastapi.responses import JSONResponse
@@ -25,6 +31,9 @@ from shared.errors import ErrorCode
 
 router = APIRouter(tags=["admin"])
 
+PROTOCOL: Final = "streamherd.v1"
+BEARER_PREFIX: Final = "streamherd.bearer."
+
 
 @router.get("/events", response_model=m.EventPage)
 async def list_events(
@@ -36,6 +45,28 @@ async def list_events(
     return await catalog.list_events(after=after, limit=limit)
 
 
+def encode_token(token: str) -> str:
+    """The subprotocol carrying ``token`` (what the dashboard's ``app.js`` builds)."""
+    raw = base64.urlsafe_b64encode(token.encode("utf-8")).decode("ascii").rstrip("=")
+    return BEARER_PREFIX + raw
+
+
+def decode_token(protocol: str) -> str | None:
+    """The token a ``streamherd.bearer.`` subprotocol carries; None if it carries none."""
+    if not protocol.startswith(BEARER_PREFIX):
+        return None
+    raw = protocol[len(BEARER_PREFIX) :]
+    try:
+        padded = raw + "=" * (-len(raw) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _offered(websocket: WebSocket) -> list[str]:
+    return [str(p) for p in websocket.scope.get("subprotocols") or []]
+
+
 def _presented_token(websocket: WebSocket) -> str | None:
     token = websocket.query_params.get("token")
     if token:
@@ -43,7 +74,16 @@ def _presented_token(websocket: WebSocket) -> str | None:
     scheme, _, value = websocket.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
+    for protocol in _offered(websocket):
+        carried = decode_token(protocol)
+        if carried is not None and carried.strip():
+            return carried.strip()
     return None
+
+
+def _chosen_protocol(websocket: WebSocket) -> str | None:
+    """``streamherd.v1`` when the client offered it: never the protocol with the token."""
+    return PROTOCOL if PROTOCOL in _offered(websocket) else None
 
 
 def _parse_after(raw: str | None) -> int | None:
@@ -74,7 +114,7 @@ async def _refuse(
             )
         )
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=_chosen_protocol(websocket))
     await websocket.close(close_code, message[:120])
 
 
@@ -88,7 +128,8 @@ async def events_ws(websocket: WebSocket) -> None:
         await _refuse(
             websocket,
             ErrorCode.UNAUTHORIZED,
-            "an admin token is required (?token= or Authorization: Bearer)",
+            "an admin token is required (Authorization: Bearer, the streamherd.bearer. "
+            "subprotocol, or ?token=)",
             close_code=CLOSE_UNAUTHORIZED,
         )
         return
@@ -111,5 +152,5 @@ async def events_ws(websocket: WebSocket) -> None:
             close_code=CLOSE_GOING_AWAY,
         )
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=_chosen_protocol(websocket))
     await hub.serve(websocket, after=after)

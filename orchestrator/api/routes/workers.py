@@ -1,5 +1,6 @@
 """``/workers``: a worker's own calls (register, request, release, reconcile, failures,
-leave; the heartbeat is ``api/fast_heartbeat``), and the admin's (list, read, drain)."""
+leave; the heartbeat is ``api/fast_heartbeat``), and the admin's (list, read, drain,
+declare failed)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,9 @@ async def get_worker(worker_id: WorkerIdPath, _: AdminDep, catalog: CatalogDep) 
 @admin_router.post("/workers/{worker_id}/drain", response_model=m.Worker)
 async def drain(worker_id: WorkerIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
     return await catalog.drain(worker_id)
+
+
+@admin_router.post("/workers/{worker_id}/fail", response_model=m.Worker)
+async def declare_failed(worker_id: WorkerIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
+    """Declare the worker lost now, as if its lease had run out (v1.1)."""
+    return await catalog.declare_failed(worker_id)

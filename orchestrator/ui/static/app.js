@@ -470,7 +470,7 @@ function workerRow(w) {
       `local ${formatAge(age(w.local_mode_since))}`)
     : h("span", { class: "muted" }, "—");
   return h("tr", { class: `state-${w.state}`, dataset: { worker: w.worker_id, state: w.state } },
-    h("td", { class: "mono strong" }, w.worker_id),
+    h("td", { class: "mono strong" }, w.worker_id, healthLink(w)),
     h("td", {}, badge(w.state)),
     h("td", { class: "w-load" },
       h("span", { class: "load" },
@@ -487,7 +487,26 @@ function workerRow(w) {
       live && w.state !== "draining"
         ? h("button", { class: "btn btn-small", type: "button", dataset: { action: "drain" },
           onclick: () => drainWorker(w) }, "Drain")
+        : null,
+      live
+        ? h("button", { class: "btn btn-small btn-danger", type: "button", dataset: { action: "fail" },
+          title: "declare it lost now: its streams move at once", onclick: () => failWorker(w) },
+          "Declare failed")
         : null));
+}
+
+// Where the worker said its health endpoint answers (register's health_url): a link, and
+// only an http(s) one (the orchestrator checks too), opened without this page as opener.
+function healthLink(w) {
+  let url;
+  try {
+    url = new URL(w.health_url);
+  } catch {
+    return null;
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") return null;
+  return h("a", { class: "chip health-link", href: url.href, target: "_blank",
+    rel: "noopener noreferrer", title: `its health endpoint: ${url.href}` }, "health");
 }
 
 function tickAges() {
@@ -649,6 +668,17 @@ async function drainWorker(w) {
     (worker) => `${worker.worker_id} is ${worker.state}; its streams are being moved.`);
 }
 
+async function failWorker(w) {
+  const ok = await confirmDialog(`Declare ${w.worker_id} failed?`,
+    `Only when you know its host is gone: it is declared lost now, as if its lease had run out. ` +
+    `The ${w.held} stream(s) it holds move to other workers at once (new fencing tokens), ` +
+    "and its session ends: if the process still runs, it must register again.", "Declare failed");
+  if (!ok) return;
+  await act(`Declare ${w.worker_id} failed`,
+    () => load(`workers/${encodeURIComponent(w.worker_id)}/fail`, { method: "POST" }),
+    (worker) => `${worker.worker_id} is ${worker.state}; its streams have moved.`);
+}
+
 async function setStreamStatus(st, status) {
   const verb = status === "disabled" ? "Disable" : st.status === "quarantined" ? "Re-enable" : "Enable";
   const body = status === "disabled"
@@ -662,15 +692,42 @@ async function setStreamStatus(st, status) {
     (stream) => `Stream ${stream.id} is ${stream.status}${stream.owner ? `, owned by ${stream.owner}` : ""}.`);
 }
 
+// Rebalance previews first (dry_run=true: nothing changes), shows what it would do, and
+// only then, confirmed, rebalances.
 async function rebalance() {
-  if (!(await confirmDialog("Rebalance now?",
-    "Moves streams so that every live worker holds its capacity-weighted share. " +
-    "Moves are make-before-break; a balanced fleet moves nothing.", "Rebalance"))) return;
+  let preview;
+  try {
+    preview = await load("rebalance?dry_run=true", { method: "POST" });
+  } catch (err) {
+    toast(`Rebalance preview failed: ${err.message}`, "error");
+    return;
+  }
+  if (!(await confirmDialog("Rebalance now?", describePreview(preview), "Rebalance"))) return;
   await act("Rebalance", () => load("rebalance", { method: "POST" }),
     (answer) => {
       const moves = (answer && answer.moves) || [];
       return moves.length ? `Rebalance: ${moves.length} stream(s) moving.` : "Rebalance: already balanced, nothing moved.";
     });
+}
+
+function describePreview(preview) {
+  const moves = (preview && preview.moves) || [];
+  const pairs = new Map();
+  for (const mv of moves) {
+    const key = `${mv.from} → ${mv.to || "nobody"}`;
+    pairs.set(key, (pairs.get(key) || 0) + 1);
+  }
+  const parts = [];
+  parts.push(moves.length
+    ? `Preview: ${moves.length} stream(s) would move (${[...pairs].map(([k, n]) => `${k} ×${n}`).join(", ")}).`
+    : "Preview: nothing would move.");
+  if (preview && preview.grants) parts.push(`${preview.grants} unassigned stream(s) would be handed out.`);
+  const imb = preview && preview.imbalance;
+  if (imb) {
+    parts.push(`The furthest worker is ${imb.before} stream(s) off its fair share now, ${imb.after} once this settles.`);
+  }
+  parts.push("Moves are make-before-break.");
+  return parts.join(" ");
 }
 
 function toast(message, kind) {
@@ -685,6 +742,7 @@ const REFRESH_ON = {
   worker_lost: ["cluster", "workers", "streams"],
   worker_left: ["cluster", "workers", "streams"],
   worker_draining: ["cluster", "workers", "streams"],
+  worker_declared_failed: ["cluster", "workers", "streams"],
   stream_assigned: ["cluster", "workers", "streams"],
   stream_released: ["cluster", "workers", "streams"],
   stream_reassigned: ["cluster", "workers", "streams"],
@@ -877,7 +935,8 @@ function summary(event) {
 }
 
 function feedKind(type) {
-  if (type === "worker_lost" || type === "stream_quarantined" || type === "error") return "bad";
+  if (type === "worker_lost" || type === "worker_declared_failed" || type === "stream_quarantined" ||
+    type === "error") return "bad";
   if (type === "stream_reassigned" || type === "rebalance" || type === "lease_grace") return "warn";
   if (type === "worker_registered" || type === "stream_assigned") return "ok";
   return "";
