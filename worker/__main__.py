@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from shared.logs import configure_logging
-from worker.advertise import advertised_health_url, configured_url
+from worker.advertise import advertised_health_url
 from worker.config import PROG, ConfigError, WorkerSettings, load_settings
 from worker.health import HealthServer
 from worker.host import HostFigures
@@ -40,10 +40,6 @@ async def serve(settings: WorkerSettings) -> int:
     from worker.client import ResilientWorkerClient
 
     processor = build_processor(settings.processor)
-    try:
-        advertise = configured_url()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     client = ResilientWorkerClient(settings.client_config())
     runtime = Runtime(
         client,
@@ -66,7 +62,7 @@ async def serve(settings: WorkerSettings) -> int:
         ) from None
     # Known once the health server listens (WORKER_HEALTH_PORT=0 picks its port).
     client.health_url = advertised_health_url(
-        advertise, host=settings.health_host, port=health.port
+        settings.health_advertise_url, host=settings.health_host, port=health.port
     )
     logger.info(
         "worker.starting",

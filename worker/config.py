@@ -44,7 +44,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shared import cli
 from shared.cli import CommandLineError, settings_parser
 from shared.limits import MAX_CAPACITY, WORKER_ID_PATTERN, WORKER_ID_RE
-from shared.models import Labels
+from shared.models import Labels, web_url
 from worker import breaker, retry
 from worker.breaker import BreakerConfig
 from worker.processors import ProcessorSpecError, parse_processor_spec, resolve_callable
@@ -158,6 +158,9 @@ class WorkerSettings(BaseSettings):
     state_dir: Path | None = None
     health_host: str = DEFAULT_HEALTH_HOST
     health_port: int = Field(default=DEFAULT_HEALTH_PORT, ge=0, le=65535)
+    # Where others reach the health endpoint (sent at register, linked by the dashboard);
+    # unset: derived from health_host/health_port, nothing on loopback (worker.advertise).
+    health_advertise_url: str | None = None
     processor: str = "demo"
     labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     log_level: str = "INFO"
@@ -186,6 +189,12 @@ class WorkerSettings(BaseSettings):
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("expected an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("health_advertise_url")
+    @classmethod
+    def _web_url(cls, value: str | None) -> str | None:
+        value = (value or "").strip()
+        return web_url(value) if value else None
 
     @field_validator("processor")
     @classmethod

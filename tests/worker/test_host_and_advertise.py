@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from shared import models as m
-from worker.advertise import ADVERTISE_ENV, advertised_health_url, configured_url
+from worker.advertise import advertised_health_url
+from worker.config import ConfigError, load_settings
 from worker.host import HOST_KEYS, HostFigures, disk_of, measure
 from worker.metrics import WorkerMetrics
 
@@ -92,11 +93,15 @@ def test_the_advertised_health_url(configured: str | None, host: str, expected: 
     assert advertised_health_url(configured, host=host, port=8081, hostname="box-7") == expected
 
 
-def test_the_setting_is_checked() -> None:
-    assert configured_url({}) is None
-    assert configured_url({ADVERTISE_ENV: " http://w:1/health "}) == "http://w:1/health"
-    with pytest.raises(ValueError, match=ADVERTISE_ENV):
-        configured_url({ADVERTISE_ENV: "javascript:alert(1)"})
+def test_the_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WORKER_HEALTH_ADVERTISE_URL: unset is None, spaces trimmed, a non-web URL refused."""
+    monkeypatch.delenv("WORKER_HEALTH_ADVERTISE_URL", raising=False)
+    assert load_settings([]).health_advertise_url is None
+    monkeypatch.setenv("WORKER_HEALTH_ADVERTISE_URL", " http://w:1/health ")
+    assert load_settings([]).health_advertise_url == "http://w:1/health"
+    monkeypatch.setenv("WORKER_HEALTH_ADVERTISE_URL", "javascript:alert(1)")
+    with pytest.raises(ConfigError, match="WORKER_HEALTH_ADVERTISE_URL"):
+        load_settings([])
 
 
 def test_register_sends_health_url_only_when_set() -> None:
