@@ -2,8 +2,9 @@
 at register, so the orchestrator's dashboard can link to it.
 
 ``WORKER_HEALTH_ADVERTISE_URL`` (``--health-advertise-url``) says it outright (behind a
-proxy, a NAT, another name); without it, a health server listening beyond loopback is advertised at this host's name
-and its port, and one on loopback is not advertised at all (nobody else could reach it).
+proxy, a NAT, another name); without it, a health server listening beyond loopback is
+advertised at this host's name and its port, and one on loopback is not advertised at all
+(nobody else could reach it).
 """
 
 from __future__ import annotations
