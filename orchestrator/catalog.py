@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import ColumnElement, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import balancing, ownership, view_sync
@@ -27,6 +27,26 @@ from shared.limits import MAX_STREAM_ID
 from shared.models import StreamStatus, WorkerState, from_timestamp
 
 log = logging.getLogger(__name__)
+
+
+def _matches(q: str) -> ColumnElement[bool]:
+    """Streams whose name or url contains ``q``, ignoring case, ``%`` and ``_`` literal.
+
+    ``icontains`` is SQLAlchemy's ``ilike`` with ``autoescape``: ILIKE on PostgreSQL,
+    ``lower() LIKE lower()`` on SQLite (which folds ASCII letters only). No index serves
+    it: the page stays a keyset walk of the primary key (``id > cursor ORDER BY id
+    LIMIT n``) testing each row until ``limit`` match, so a common text costs little and
+    a rare one scans the rest of the table. Measured once on 100,000 streams (2 cores,
+    a page of 100): a text matching nothing, the worst case, 40 ms on SQLite and 70 ms on
+    PostgreSQL; one in 90 rows 5 ms and 9 ms; every row 1 ms (as without ``q``). With
+    ``status=`` too, SQLite walks ``ix_streams_status_owner`` and sorts: about 45 ms
+    whatever ``q`` matches. Cheap enough per debounced keystroke; a trigram index is the
+    next step if the catalogue grows tenfold.
+    """
+    return or_(
+        StreamRow.name.icontains(q, autoescape=True),
+        StreamRow.url.icontains(q, autoescape=True),
+    )
 
 
 def stream_out(row: StreamRow) -> m.Stream:
@@ -278,7 +298,13 @@ class Catalog:
         return m.CreateStreamsAnswer(created=[stream_out(r) for r in rows])
 
     async def list_streams(
-        self, *, status: str | None, owner: str | None, limit: int, cursor: str | None
+        self,
+        *,
+        status: str | None,
+        owner: str | None,
+        limit: int,
+        cursor: str | None,
+        q: str | None = None,
     ) -> m.StreamPage:
         after = 0
         if cursor:
@@ -294,6 +320,8 @@ class Catalog:
                 stmt = stmt.where(StreamRow.status == status)
             if owner is not None:
                 stmt = stmt.where(StreamRow.owner_id == owner)
+            if q:
+                stmt = stmt.where(_matches(q))
             rows = (await session.execute(stmt)).scalars().all()
         next_cursor = str(rows[-1].id) if len(rows) == limit else None
         return m.StreamPage(items=[stream_out(r) for r in rows], next_cursor=next_cursor)

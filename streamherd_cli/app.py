@@ -285,6 +285,14 @@ def streams_ls(
         typer.Option("--status", help="active, disabled or quarantined."),
     ] = None,
     owner: Annotated[str | None, typer.Option("--owner", help="Only this worker's.")] = None,
+    search: Annotated[
+        str | None,
+        typer.Option(
+            "--search",
+            metavar="TEXT",
+            help="Only those whose name or url contains TEXT (any case).",
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most streams shown.")] = 100,
     all_: Annotated[bool, typer.Option("--all", help="Every stream (pages through).")] = False,
     json_: JsonFlag = False,
@@ -296,7 +304,9 @@ def streams_ls(
         cursor: str | None = None
         while True:
             want = limits.MAX_PAGE_LIMIT if all_ else min(limits.MAX_PAGE_LIMIT, limit - len(items))
-            page = client.streams_page(status=status_, owner=owner, limit=want, cursor=cursor)
+            page = client.streams_page(
+                status=status_, owner=owner, limit=want, cursor=cursor, q=search or None
+            )
             items.extend(page["items"])
             cursor = page.get("next_cursor")
             if not cursor or (not all_ and len(items) >= limit):

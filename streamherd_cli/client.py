@@ -167,9 +167,10 @@ class Client:
         owner: str | None = None,
         limit: int = limits.MAX_PAGE_LIMIT,
         cursor: str | None = None,
+        q: str | None = None,
     ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
-        for key, value in (("status", status), ("owner", owner), ("cursor", cursor)):
+        for key, value in (("status", status), ("owner", owner), ("cursor", cursor), ("q", q)):
             if value is not None:
                 params[key] = value
         return dict(self.request("GET", "/streams", params=params))

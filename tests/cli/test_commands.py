@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from devkit.procs import REPO_ROOT, free_port, orchestrator_running
+from shared import limits
 from streamherd_cli import errors
 from streamherd_cli.app import Seams
 from tests.cli.conftest import ADMIN_TOKEN, WORKER_TOKEN, Cli, one_line_error, orchestrator_env
@@ -91,6 +92,22 @@ def test_streams_ls_show_enable_disable(cli: Cli) -> None:
     missing = cli("streams", "show", "999")
     assert missing.exit_code == errors.REFUSED
     assert "NOT_FOUND" in one_line_error(missing)
+
+
+def test_streams_ls_search(cli: Cli) -> None:
+    """streams ls --search: the server's name/url match, any case, with the other filters."""
+    found = json.loads(cli("streams", "ls", "--search", "RADIO-3", "--json").stdout)
+    assert [s["id"] for s in found["items"]] == [3]
+    by_url = json.loads(cli("streams", "ls", "--search", "radio/5", "--json").stdout)
+    assert [s["id"] for s in by_url["items"]] == [5]
+    table = cli("streams", "ls", "--search", "radio-", "--limit", "2")
+    assert table.exit_code == 0, table.output
+    assert "radio-1" in table.stdout and "radio-3" not in table.stdout and "(more" in table.stdout
+    none = json.loads(cli("streams", "ls", "--search", "radio-%", "--json").stdout)
+    assert none["items"] == []
+    too_long = cli("streams", "ls", "--search", "x" * (limits.MAX_STREAM_SEARCH_LEN + 1))
+    assert too_long.exit_code == errors.REFUSED
+    assert "VALIDATION_ERROR" in one_line_error(too_long)
 
 
 def test_rebalance_table_and_json(cli: Cli) -> None:

@@ -21,6 +21,7 @@ from devkit.harness import (
     parse_ts,
     running,
 )
+from shared import limits
 
 
 async def converge(h: Harness, s: Session) -> dict[str, Any]:
@@ -186,10 +187,98 @@ async def test_list_filters_by_status_and_owner(db_url: str, clock: FakeClock) -
         assert await list_streams(h, status="quarantined") == []
 
 
+async def create_named(h: Harness, specs: list[dict[str, Any]]) -> list[int]:
+    r = await h.client.post(f"{API}/streams", json={"streams": specs}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    return [c["id"] for c in r.json()["created"]]
+
+
+async def test_search_matches_name_or_url_ignoring_case(db_url: str, clock: FakeClock) -> None:
+    """q= matches a substring of the name or of the url, in any case; absent q lists all."""
+    async with running(db_url, clock) as h:
+        jazz, rock, plain, other = await create_named(
+            h,
+            [
+                {"name": "Jazz FM", "url": "http://one.example/live"},
+                {"name": "rock-1", "url": "http://JAZZ.example/rock"},
+                {"name": "plain"},
+                {"name": "news", "url": "http://news.example/"},
+            ],
+        )
+        assert [s["id"] for s in await list_streams(h, q="jazz")] == [jazz, rock]
+        assert [s["id"] for s in await list_streams(h, q="JAZZ fm")] == [jazz]
+        assert [s["id"] for s in await list_streams(h, q="ONE.example")] == [jazz]
+        assert [s["id"] for s in await list_streams(h, q="plai")] == [plain]
+        assert await list_streams(h, q="nowhere") == []
+        assert [s["id"] for s in await list_streams(h)] == [jazz, rock, plain, other]
+        assert [s["id"] for s in await list_streams(h, q="")] == [jazz, rock, plain, other]
+
+
+async def test_search_takes_percent_and_underscore_literally(db_url: str, clock: FakeClock) -> None:
+    """% and _ in q are characters to find, not LIKE wildcards; so is the escape char."""
+    async with running(db_url, clock) as h:
+        percent, underscore, slash, _plain = await create_named(
+            h,
+            [
+                {"name": "100% jazz"},
+                {"name": "a_b"},
+                {"name": "x/y"},
+                {"name": "a-b 100 jazz"},
+            ],
+        )
+        assert [s["id"] for s in await list_streams(h, q="%")] == [percent]
+        assert [s["id"] for s in await list_streams(h, q="100% J")] == [percent]
+        assert [s["id"] for s in await list_streams(h, q="_")] == [underscore]
+        assert [s["id"] for s in await list_streams(h, q="a_b")] == [underscore]
+        assert [s["id"] for s in await list_streams(h, q="/")] == [slash]
+
+
+async def test_search_combines_with_status_and_pages(db_url: str, clock: FakeClock) -> None:
+    """q= with status= pages by cursor across pages: every match once, in id order."""
+    async with running(db_url, clock) as h:
+        ids = await create_named(
+            h, [{"name": f"{'radio' if i % 2 else 'tv'}-{i}"} for i in range(1, 31)]
+        )
+        radios = [sid for i, sid in enumerate(ids, start=1) if i % 2]
+        disabled = set(radios[::4])
+        for sid in disabled:
+            r = await h.client.patch(
+                f"{API}/streams/{sid}", json={"status": "disabled"}, headers=ADMIN
+            )
+            assert r.status_code == 200, r.text
+        want = [sid for sid in radios if sid not in disabled]
+        seen: list[int] = []
+        cursor: str | None = None
+        for _ in range(10):  # bounded: 3 pages expected
+            params: dict[str, Any] = {"q": "RADIO", "status": "active", "limit": 4}
+            if cursor is not None:
+                params["cursor"] = cursor
+            r = await h.client.get(f"{API}/streams", params=params, headers=ADMIN)
+            assert r.status_code == 200, r.text
+            page = r.json()
+            assert len(page["items"]) <= 4
+            seen.extend(s["id"] for s in page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert cursor is None
+        assert seen == want
+        assert [s["id"] for s in await list_streams(h, q="radio", status="disabled")] == sorted(
+            disabled
+        )
+
+
 @pytest.mark.parametrize(
     "params",
-    [{"status": "bogus"}, {"limit": 0}, {"limit": 1001}, {"limit": "ten"}, {"cursor": "abc"}],
-    ids=["bad-status", "limit-0", "limit-1001", "limit-text", "cursor-text"],
+    [
+        {"status": "bogus"},
+        {"limit": 0},
+        {"limit": 1001},
+        {"limit": "ten"},
+        {"cursor": "abc"},
+        {"q": "x" * (limits.MAX_STREAM_SEARCH_LEN + 1)},
+    ],
+    ids=["bad-status", "limit-0", "limit-1001", "limit-text", "cursor-text", "q-too-long"],
 )
 async def test_list_refuses_invalid_query(
     db_url: str, clock: FakeClock, params: dict[str, Any]

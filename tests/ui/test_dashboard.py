@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 # others run until they are taken away.
 PROCESSOR = "command:[ {id} -eq 5 ] && exit 4; exec sleep 600"
 STREAMS = 12
+README_VIEWPORT = {"width": 1680, "height": 900}
 LIVE_S = 15.0  # how long the page may take to show a change (events, then one refresh)
 
 
@@ -120,8 +121,13 @@ async def test_dashboard_follows_the_fleet(browser: Browser, tmp_path: Path) -> 
         unowned = page.locator('#streams tr[data-status="active"] td.owner .muted')
         await expect(unowned).to_have_count(0, timeout=LIVE_S * 1000)
         await expect(page.locator("#live")).to_contain_text("live")
-        shot = artifacts_dir() / "dashboard.png"
-        await page.screenshot(path=str(shot))
+        # The README's picture (docs/img/dashboard.png): wide enough that the workers'
+        # table shows every column, actions included, without scrolling.
+        await page.set_viewport_size(README_VIEWPORT)  # type: ignore[arg-type]
+        await expect(page.locator('button[data-action="fail"]')).to_have_count(3)
+        await expect(page.locator('button[data-action="fail"]').first).to_be_in_viewport()
+        await page.screenshot(path=str(artifacts_dir() / "dashboard.png"))
+        await page.set_viewport_size(VIEWPORT)  # type: ignore[arg-type]
 
         # A worker dies: the page shows it lost and none of the streams it had.
         await procs["w1"].kill()
@@ -161,6 +167,34 @@ async def test_dashboard_follows_the_fleet(browser: Browser, tmp_path: Path) -> 
         await page.locator('#streams tr[data-stream="5"] button[data-action="reenable"]').click()
         await confirm(page)
         await expect(page.locator(".toast-ok").last).to_contain_text("Stream 5 is active")
+        assert page.errors == []  # type: ignore[attr-defined]
+        await page.close()
+
+
+async def test_search_box_narrows_the_streams(browser: Browser, tmp_path: Path) -> None:
+    """Typing in the search box asks the server (q=) and the table narrows to the
+    streams whose name or url matches, within the status filter; clearing it widens it."""
+    async with fleet(tmp_path, workers=0) as (orch, _procs):
+        page = await open_dashboard(browser, orch.url)
+        rows = page.locator("#streams tbody tr")
+        await expect(rows).to_have_count(STREAMS, timeout=LIVE_S * 1000)
+        searches: list[str] = []
+        page.on("request", lambda req: searches.append(req.url) if "q=" in req.url else None)
+
+        box = page.locator("#stream-search")
+        await box.press_sequentially("RADIO-1")
+        await expect(rows).to_have_count(4, timeout=LIVE_S * 1000)  # 1, 10, 11, 12
+        await expect(rows.first).to_have_attribute("data-stream", "1")
+        await box.fill("invalid/7")  # the url
+        await expect(rows).to_have_count(1, timeout=LIVE_S * 1000)
+        await expect(rows.first).to_have_attribute("data-stream", "7")
+        await page.locator("#stream-status").select_option("disabled")
+        await expect(page.locator("#streams-empty")).to_be_visible(timeout=LIVE_S * 1000)
+        await page.locator("#stream-status").select_option("")
+        await expect(rows).to_have_count(1, timeout=LIVE_S * 1000)
+        await box.fill("")
+        await expect(rows).to_have_count(STREAMS, timeout=LIVE_S * 1000)
+        assert any("q=invalid%2F7" in url for url in searches), searches
         assert page.errors == []  # type: ignore[attr-defined]
         await page.close()
 

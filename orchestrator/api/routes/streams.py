@@ -30,9 +30,10 @@ async def list_streams(
     owner: Annotated[str | None, Query(pattern=limits.WORKER_ID_PATTERN)] = None,
     limit: Limit = limits.DEFAULT_PAGE_LIMIT,
     cursor: Annotated[str | None, Query(max_length=32)] = None,
+    q: Annotated[str | None, Query(max_length=limits.MAX_STREAM_SEARCH_LEN)] = None,
 ) -> Any:
     return await catalog.list_streams(
-        status=status.value if status else None, owner=owner, limit=limit, cursor=cursor
+        status=status.value if status else None, owner=owner, limit=limit, cursor=cursor, q=q
     )
 
 

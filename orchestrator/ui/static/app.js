@@ -7,6 +7,7 @@ const WS_PROTOCOL = "streamherd.v1";
 const WS_BEARER_PREFIX = "streamherd.bearer.";
 
 const DEBOUNCE_MS = 400;          // a burst of events costs one refresh
+const TYPING_MS = 300;            // a search or owner is sent once typing pauses
 const MIN_REFRESH_GAP_MS = 1000;  // and a view is refreshed at most once a second
 const FALLBACK_POLL_MS = { cluster: 15000, workers: 15000, streams: 30000 };
 const BACKOFF_BASE_MS = 500;
@@ -333,8 +334,10 @@ const LOADERS = {
     const params = new URLSearchParams({ limit: $("stream-limit").value });
     const status = $("stream-status").value;
     const owner = $("stream-owner").value.trim();
+    const search = $("stream-search").value.trim();
     if (status) params.set("status", status);
     if (owner) params.set("owner", owner);
+    if (search) params.set("q", search);
     const cursor = s.cursors[s.page];
     if (cursor) params.set("cursor", cursor);
     const page = await load(`streams?${params}`);
@@ -525,6 +528,7 @@ function tickAges() {
 function showWorkerStreams(workerId) {
   $("stream-owner").value = workerId;
   $("stream-status").value = "";
+  $("stream-search").value = "";
   $("stream-id").value = "";
   resetStreamPaging();
   $("streams-title").scrollIntoView({ behavior: "smooth", block: "start" });
@@ -541,10 +545,7 @@ function resetStreamPaging() {
 
 function renderStreams() {
   const s = state.streams;
-  const text = $("stream-filter").value.trim().toLowerCase();
-  const items = text
-    ? s.items.filter((st) => `${st.id} ${st.name} ${st.url || ""} ${st.owner || ""}`.toLowerCase().includes(text))
-    : s.items;
+  const items = s.items;
   $("streams").tBodies[0].replaceChildren(...items.map(streamRow));
   $("streams-empty").hidden = items.length !== 0;
   const limit = Number($("stream-limit").value);
@@ -585,12 +586,15 @@ function streamRow(st) {
 
 function wireStreamControls() {
   for (const id of ["stream-status", "stream-limit"]) $(id).addEventListener("change", resetStreamPaging);
-  let ownerTimer = null;
-  $("stream-owner").addEventListener("input", () => {
-    clearTimeout(ownerTimer);
-    ownerTimer = setTimeout(resetStreamPaging, 350);
-  });
-  $("stream-filter").addEventListener("input", renderStreams);
+  // The server searches and filters (a keyset page of the whole catalogue, never the
+  // catalogue in the browser); a pause in typing sends one request, from page one.
+  let typingTimer = null;
+  for (const id of ["stream-owner", "stream-search"]) {
+    $(id).addEventListener("input", () => {
+      clearTimeout(typingTimer);
+      typingTimer = setTimeout(resetStreamPaging, TYPING_MS);
+    });
+  }
   $("stream-find").addEventListener("submit", (event) => {
     event.preventDefault();
     const raw = $("stream-id").value.trim();
