@@ -1,28 +1,27 @@
-"""The session with the orchestrator, and local mode: what every worker calls.
+"""The session with the orchestrator: what every worker calls.
 
 No public method raises, whatever the orchestrator does and whichever event loop calls
 it: it answers False, [] or None and the worker keeps running what it holds (local mode),
-persisted under ``state_dir``. Used from a new loop (a second ``asyncio.run``), the client
-rebuilds what was bound to the old one (its locks, the httpx client, its tasks). Once
-registered, ``worker.keepalive`` renews the lease while a loop runs, however rarely the
-application beats. Layers, top down (as httpx's client over its transport):
-- this module: register, re-register when a session is over, the session calls, and the
-  local-mode state machine, entered where a call's outcome is seen (``_call``) and left
-  by a registration or a reconcile;
+persisted under ``state_dir``. Once registered, ``worker.keepalive`` renews the lease
+while a loop runs, however rarely the application beats. Layers, top down (as httpx's
+client over its transport):
+- this module: register, re-register when a session is over, the session calls, and
+  ``_call``, where a call's outcome moves the session out of contact (local mode) or
+  back in;
+- ``worker.local_mode``: entering, probing and leaving local mode;
+  ``worker.loop_binding``: the guard every public call goes through, and what is bound
+  to the caller's event loop (locks, tasks), rebuilt on a new one;
+  ``worker.persistence``: when the state file is written (now, within a delay, never);
 - ``worker.holdings``: the held set and the rules of which answer wins;
 - ``worker.transport``: one HTTP call through breaker, retries and budget, the one place
   httpx errors become ours; ``worker.status``: the status dicts and call logs.
-
-Over 500 lines, and one concept: the session's life (join, beat, call, lose contact,
-come back, leave), whose transitions read best in one place.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,12 +34,10 @@ from shared.clock import SYSTEM_CLOCK, Clock
 from shared.models import (
     Answer,
     Assignment,
-    Drop,
     FailureAnswer,
     FailureReport,
     HeartbeatAnswer,
     HeartbeatRequest,
-    Held,
     LeaveAnswer,
     ReconcileAnswer,
     ReconcileRequest,
@@ -61,7 +58,10 @@ from worker.errors import (
 )
 from worker.holdings import Holdings
 from worker.keepalive import KeepAlive
+from worker.local_mode import LocalMode
+from worker.loop_binding import LoopBinding
 from worker.metrics import WorkerMetrics
+from worker.persistence import StatePersistence
 from worker.retry import Operation
 from worker.state import LocalState, StateStore
 from worker.status import CallLog, detailed_status, seed_health
@@ -74,16 +74,8 @@ log = logging.getLogger(__name__)
 # What the client assumes until a registration answer gives the orchestrator's timing.
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_LEASE_TTL_S = 15.0
-# In local mode a heartbeat probes when the last probing one began at least this share of
-# an interval ago: beats one interval apart (a little jitter allowed) all probe, and a
-# caller beating faster still probes only about once per interval.
-BEAT_PROBE_SHARE = 0.9
-# ``record_stream_processing()`` marks the state dirty; it is on disk this long after
-# (at once when no event loop runs), so a crash loses at most this much of the history.
-RECORD_PERSIST_DELAY_S = 1.0
 
 A = TypeVar("A", bound=Answer)
-R = TypeVar("R")
 Sent = TypeVar("Sent", bound=BaseModel)
 
 
@@ -107,52 +99,66 @@ class ResilientWorkerClient:
             metrics=self.metrics,
         )
         self._holdings = Holdings(clock=clock, on_change=self.metrics.assigned_streams.set)
-        self._store = (
+        self._saved = StatePersistence(
             StateStore(config.state_dir, config.worker_id, clock=clock)
             if config.state_dir is not None
-            else None
+            else None,
+            self._holdings,
+            worker_id=config.worker_id,
         )
-        # The session's part of the state file; the held set is in ``_holdings``.
-        self._state = LocalState(worker_id=config.worker_id)
-        self._loaded = False
-        self._dirty = False
         self._session_token: str | None = None
         self.is_registered = False
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self.lease_ttl_s = DEFAULT_LEASE_TTL_S
         self._beat_hint: float | None = None
-        self._last_probe_beat: float | None = None
         # False from a registration until a heartbeat (or reconcile) answer: what the
         # orchestrator assigned us since registering is not known here yet.
         self._beat_since_register = True
         # The last registration's refusal of our credentials (401/403), None otherwise.
         self.registration_refused: RequestRejected | None = None
         self._calls = CallLog(config.worker_id, clock)
-        self._register_lock = asyncio.Lock()
-        self._reconnect_lock = asyncio.Lock()
         self.health_url: str | None = None  # sent at register (worker/advertise.py)
-        # Held for every heartbeat (and the reconcile sent in its place): never two in flight.
-        self._beat_lock = asyncio.Lock()
-        # The loop the locks and tasks above belong to (set by the first call).
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
-        self._persist_task: asyncio.Task[None] | None = None
-        self.persist_delay_s = RECORD_PERSIST_DELAY_S
-        # Set by the first register(): from then on the keep-alive runs on every loop the
-        # client is used from, until shutdown().
-        self._keepalive_wanted = False
+        self._local = LocalMode(
+            persistence=self._saved,
+            holdings=self._holdings,
+            breaker=self._link.breaker,
+            calls=self._calls,
+            metrics=self.metrics,
+            heartbeat_interval=lambda: self.heartbeat_interval_s,
+            clock=clock,
+            worker_id=config.worker_id,
+        )
+        # The locks, the loop-bound tasks and the guard every public call goes through.
+        self._loops = LoopBinding(
+            persistence=self._saved, link=self._link, worker_id=config.worker_id
+        )
         self.keepalive = (
             KeepAlive(
                 self._keepalive_beat,
                 interval=lambda: self.heartbeat_interval_s,
                 hint=self.take_beat_hint,
-                on_loop_end=self._loop_ending,
+                on_loop_end=self._loops.loop_ending,
                 clock=clock,
                 worker_id=config.worker_id,
             )
             if config.keepalive
             else None
         )
+        self._loops.keepalive = self.keepalive
+
+    @property
+    def persist_delay_s(self) -> float:
+        """How long after ``record_stream_processing()`` the state is on disk."""
+        return self._saved.delay_s
+
+    @persist_delay_s.setter
+    def persist_delay_s(self, seconds: float) -> None:
+        self._saved.delay_s = seconds
+
+    @property
+    def _state(self) -> LocalState:
+        """The session's part of the state file (the held set is in ``_holdings``)."""
+        return self._saved.state
 
     # --- what seed 001's application and tests read --------------------------------
 
@@ -181,7 +187,7 @@ class ResilientWorkerClient:
 
     @property
     def local_mode_active(self) -> bool:
-        return self._state.local_mode_since is not None
+        return self._local.active
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -190,7 +196,7 @@ class ResilientWorkerClient:
 
     @property
     def state_path(self) -> Path | None:
-        return self._store.path if self._store is not None else None
+        return self._saved.path
 
     def assignments(self) -> dict[int, Assignment]:
         """Every stream we hold, with its grant; those in ``revoked()`` are still ours until
@@ -212,7 +218,7 @@ class ResilientWorkerClient:
         try:
             return self._holdings.can_process(stream_id)
         except Exception:
-            log.exception("worker.client_call_failed", extra=self._call_fields("can_process"))
+            log.exception("worker.client_call_failed", extra=self._loops.call_fields("can_process"))
             return False
 
     def record_stream_processing(self, stream_id: int) -> None:
@@ -220,25 +226,18 @@ class ResilientWorkerClient:
         ``RECORD_PERSIST_DELAY_S`` while a loop runs, at once when none does."""
         try:
             if self._holdings.record_processing(stream_id):
-                self._dirty = True
-                self._persist_soon()
+                self._saved.dirty = True
+                self._saved.persist_soon()
         except Exception:
-            log.exception("worker.client_call_failed", extra=self._call_fields("record"))
+            log.exception("worker.client_call_failed", extra=self._loops.call_fields("record"))
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def load_state(self) -> None:
         """Read the state file once, so a restart resumes the streams it held."""
-        if self._loaded:
-            return
-        self._loaded = True
-        if self._store is None:
-            return
-        loaded = await self._store.load()
+        loaded = await self._saved.load()
         if loaded is None:
             return
-        self._holdings.restore(loaded)
-        self._state = loaded
         interval, ttl = loaded.heartbeat_interval_s, loaded.lease_ttl_s
         if interval is not None and ttl is not None and not self.is_registered:
             # Until the orchestrator answers, probe at the pace it last gave us.
@@ -264,19 +263,19 @@ class ResilientWorkerClient:
         our credentials were refused) the keep-alive starts: it keeps the lease, or keeps
         trying to join, in the background.
         """
-        ok = await self._guarded("register", self._register_public, lambda: False)
-        if self.registration_refused is None and not self._closed:
-            self._keepalive_wanted = True
-            self._start_keepalive()
+        ok = await self._loops.guarded("register", self._register_public, lambda: False)
+        if self.registration_refused is None and not self._loops.closed:
+            self._loops.keepalive_wanted = True
+            self._loops.start_keepalive()
         return ok
 
     async def _register_public(self) -> bool:
-        async with self._register_lock:
+        async with self._loops.register_lock:
             ok = await self._register()
         # Outside the lock: a release answered STALE_EPOCH registers again through it.
         if ok and self._holdings.pending_release:
             await self._flush_pending_release()
-            await self._persist()
+            await self._saved.persist()
         return ok
 
     async def send_heartbeat(self) -> bool:
@@ -286,20 +285,24 @@ class ResilientWorkerClient:
         in flight (the keep-alive's) is waited for, then this one is sent: it answers for
         itself.
         """
-        return await self._guarded("send_heartbeat", self._send_heartbeat, lambda: False)
+        return await self._loops.guarded("send_heartbeat", self._send_heartbeat, lambda: False)
 
     async def _send_heartbeat(self) -> bool:
-        async with self._beat_lock:
+        async with self._loops.beat_lock:
             return await self._beat()
 
     async def _keepalive_beat(self) -> bool:
         """The keep-alive's beat, unless another began within the interval meanwhile (the
         application's, waited for here): True when it sent one."""
-        if self._closed or self._beat_lock.locked():
+        if self._loops.closed or self._loops.beat_lock.locked():
             return False  # the one in flight renews the lease
-        async with self._beat_lock:
+        async with self._loops.beat_lock:
             keepalive = self.keepalive
-            if self._closed or keepalive is None or keepalive.due_at() > self._clock.monotonic():
+            if (
+                self._loops.closed
+                or keepalive is None
+                or keepalive.due_at() > self._clock.monotonic()
+            ):
                 return False
             await self._beat()
             return True
@@ -308,15 +311,15 @@ class ResilientWorkerClient:
         if self.keepalive is not None:
             self.keepalive.beat_started()
         if self.local_mode_active:
-            self._probe_on_beat()
+            self._local.probe_on_beat()
         if not self.is_registered:
             ok = await self.register()
         elif self.local_mode_active:
             ok = await self._reconnect()
         else:
             ok = await self._heartbeat()
-        if not ok and self._dirty:
-            await self._persist()
+        if not ok and self._saved.dirty:
+            await self._saved.persist()
         return ok
 
     def take_beat_hint(self) -> float | None:
@@ -335,7 +338,7 @@ class ResilientWorkerClient:
 
         While the orchestrator is unreachable: the ids already held, as in seed 001.
         """
-        return await self._guarded(
+        return await self._loops.guarded(
             "request_streams", lambda: self._request_streams(count), self._fallback_ids
         )
 
@@ -357,7 +360,7 @@ class ResilientWorkerClient:
             return self._fallback_ids()
         answer, _ = result
         if self._holdings.add(answer.assigned):
-            await self._persist()
+            await self._saved.persist()
         got = [a.stream_id for a in answer.assigned]
         if len(got) < wanted and not self._beat_since_register:
             # Just registered: the orchestrator's balancer may already have given us our
@@ -365,7 +368,7 @@ class ResilientWorkerClient:
             # Only a heartbeat answer tells us; the caller asked for streams, so ask now
             # rather than an interval later. Once per registration.
             before = set(self._holdings.held)
-            async with self._beat_lock:
+            async with self._loops.beat_lock:
                 if self.keepalive is not None:
                     self.keepalive.beat_started()
                 beat = await self._heartbeat()
@@ -379,7 +382,7 @@ class ResilientWorkerClient:
         True when the orchestrator confirmed; False when the release is queued until it
         can be heard (or it refused the ids).
         """
-        return await self._guarded(
+        return await self._loops.guarded(
             "release_streams", lambda: self._release(stream_ids), lambda: False
         )
 
@@ -390,7 +393,7 @@ class ResilientWorkerClient:
         self._holdings.forget(ids)
         self._holdings.queue_release(ids)
         ok = await self._ensure_connected() and await self._flush_pending_release()
-        await self._persist()
+        await self._saved.persist()
         return ok
 
     async def report_failure(self, stream_id: int, error: str) -> FailureAnswer | None:
@@ -425,7 +428,7 @@ class ResilientWorkerClient:
                 "worker.stream_quarantined",
                 extra={"worker_id": self.config.worker_id, "stream_id": stream_id},
             )
-            await self._persist()
+            await self._saved.persist()
         return answer
 
     async def leave(self) -> list[int]:
@@ -447,7 +450,7 @@ class ResilientWorkerClient:
         self._holdings.pending_release = []
         self.is_registered = False
         self._session_token = None
-        await self._persist()  # a restart must not resume what we just gave back
+        await self._saved.persist()  # a restart must not resume what we just gave back
         log.info(
             "worker.left",
             extra={"worker_id": self.config.worker_id, "released": len(answer.released)},
@@ -461,19 +464,19 @@ class ResilientWorkerClient:
         ``leave=False``: the caller has already tried to leave (the runtime does, to log
         what was released); a second try would wait out an unreachable orchestrator twice.
         """
-        self._keepalive_wanted = False
+        self._loops.keepalive_wanted = False
         try:
-            self._bind_loop()
+            self._loops.bind()
             if self.keepalive is not None:
                 await self.keepalive.stop()
-            self._cancel_persist_task()
+            self._saved.cancel_task()
             if leave:
                 await self.leave()
-            await self._persist()
+            await self._saved.persist()
         except Exception:
             log.exception("worker.shutdown_failed", extra={"worker_id": self.config.worker_id})
         finally:
-            self._closed = True
+            self._loops.close()
             try:
                 await self.aclose()
             except Exception:
@@ -482,7 +485,7 @@ class ResilientWorkerClient:
     async def aclose(self) -> None:
         if self.keepalive is not None:
             await self.keepalive.stop()
-        self._cancel_persist_task()
+        self._saved.cancel_task()
         await self._link.aclose()
 
     # --- status ----------------------------------------------------------------------
@@ -493,7 +496,7 @@ class ResilientWorkerClient:
 
     async def health_check(self) -> dict[str, Any]:
         """The seed's health shape; reads local state only, never calls the orchestrator."""
-        return await self._guarded("health_check", self._health_async, dict)
+        return await self._loops.guarded("health_check", self._health_async, dict)
 
     async def _health_async(self) -> dict[str, Any]:
         return self._health()
@@ -528,7 +531,7 @@ class ResilientWorkerClient:
                 keepalive=self.keepalive,
             )
         except Exception:
-            log.exception("worker.client_call_failed", extra=self._call_fields("status"))
+            log.exception("worker.client_call_failed", extra=self._loops.call_fields("status"))
             return {}
 
     # --- the calls behind the public methods -----------------------------------------
@@ -570,7 +573,7 @@ class ResilientWorkerClient:
         self._use_timing(answer.heartbeat_interval_s, answer.lease_ttl_s)
         self.is_registered = True
         self._beat_since_register = False
-        self._back_in_contact(answer.assignments, body.held, answer.dropped)
+        self._local.back_in_contact(answer.assignments, body.held, answer.dropped)
         log.info(
             "worker.registered",
             extra={
@@ -580,7 +583,7 @@ class ResilientWorkerClient:
                 "dropped": len(answer.dropped),
             },
         )
-        await self._persist()
+        await self._saved.persist()
         return True
 
     async def _heartbeat(self) -> bool:
@@ -608,7 +611,7 @@ class ResilientWorkerClient:
         # Connected: what we did since the last contact is of no interest to anyone.
         self._holdings.history.clear()
         if changed or new_revokes:
-            await self._persist()
+            await self._saved.persist()
         return True
 
     def _heartbeat_body(self) -> HeartbeatRequest:
@@ -621,7 +624,7 @@ class ResilientWorkerClient:
 
     async def _reconnect(self) -> bool:
         """Leave local mode: the first call that gets through is a reconcile."""
-        async with self._reconnect_lock:
+        async with self._loops.reconnect_lock:
             if not self.local_mode_active:
                 return True
             if not self.is_registered:
@@ -638,7 +641,7 @@ class ResilientWorkerClient:
             answer, sent = result
             self._beat_since_register = True
             # The orchestrator's owner wins: drops are gone, keep and assign are ours.
-            self._back_in_contact([*answer.keep, *answer.assign], sent.held, answer.drop)
+            self._local.back_in_contact([*answer.keep, *answer.assign], sent.held, answer.drop)
             log.info(
                 "worker.reconciled",
                 extra={
@@ -649,7 +652,7 @@ class ResilientWorkerClient:
                 },
             )
             await self._flush_pending_release()
-            await self._persist()
+            await self._saved.persist()
             return True
 
     def _reconcile_body(self) -> ReconcileRequest:
@@ -718,7 +721,7 @@ class ResilientWorkerClient:
         return None
 
     async def _reregister(self, seen_epoch: int | None) -> bool:
-        async with self._register_lock:
+        async with self._loops.register_lock:
             if self.is_registered and self.epoch != seen_epoch:
                 return True  # someone else registered again meanwhile
             log.warning(
@@ -745,44 +748,12 @@ class ResilientWorkerClient:
             answer = await self._link.call(op, method, path, answer_type, body=body, bearer=bearer)
         except OrchestratorUnavailable as exc:
             if op is not Operation.LEAVE:
-                await self._enter_local_mode(op, exc)
+                await self._local.enter(op, exc)
             raise
-        self._state.last_contact = self._now()
+        self._state.last_contact = datetime.fromtimestamp(self._clock.wall(), UTC)
         return answer
 
-    # --- local mode ------------------------------------------------------------------
-
-    async def _enter_local_mode(self, op: Operation, exc: OrchestratorError) -> None:
-        if self.local_mode_active:
-            return
-        self._state.local_mode_since = self._now()
-        self.metrics.count_local_mode_activation()
-        self.metrics.local_mode_active.set(1)
-        log.warning(
-            "worker.local_mode_entered",
-            extra={
-                "worker_id": self.config.worker_id,
-                "operation": op.value,
-                "error": type(exc).__name__,
-                "held": len(self._holdings.held),
-            },
-        )
-        await self._persist()
-
-    def _probe_on_beat(self) -> None:
-        """Let this beat through to the orchestrator, whatever is left of the open period.
-
-        The breaker opens when a beat's call fails, partway through that beat, so its open
-        period (capped at the interval) ends just after the next beat is due: on its own it
-        lets every other beat through, and a worker would come back up to two intervals
-        after the orchestrator did, a large part of the grace lease it is given.
-        """
-        now = self._clock.monotonic()
-        last = self._last_probe_beat
-        if last is not None and now - last < BEAT_PROBE_SHARE * self.heartbeat_interval_s:
-            return
-        self._last_probe_beat = now
-        self._link.breaker.allow_probe()
+    # --- small things ----------------------------------------------------------------
 
     def _use_timing(self, heartbeat_interval_s: float, lease_ttl_s: float) -> None:
         """Adopt the orchestrator's heartbeat interval and lease, and remember them."""
@@ -792,133 +763,11 @@ class ResilientWorkerClient:
         self._state.lease_ttl_s = lease_ttl_s
         self._link.pace(heartbeat_interval_s)
 
-    def _back_in_contact(
-        self, assignments: Iterable[Assignment], sent: Iterable[Held], dropped: Iterable[Drop]
-    ) -> None:
-        """A registration or reconcile answered: adopt it, and leave local mode; the history
-        it was told is of no use any more."""
-        self._holdings.replace(assignments, sent)
-        self._calls.dropped(dropped)
-        self._holdings.history.clear()
-        self._leave_local_mode()
-
-    def _leave_local_mode(self) -> None:
-        since = self._state.local_mode_since
-        if since is None:
-            return
-        self._state.local_mode_since = None
-        self._last_probe_beat = None
-        self.metrics.local_mode_active.set(0)
-        log.info(
-            "worker.local_mode_left",
-            extra={
-                "worker_id": self.config.worker_id,
-                "duration_s": round((self._now() - since).total_seconds(), 3),
-                "held": len(self._holdings.held),
-            },
-        )
-
-    # --- the event loop we are called from --------------------------------------------
-
-    async def _guarded(
-        self, name: str, work: Callable[[], Awaitable[R]], fallback: Callable[[], R]
-    ) -> R:
-        """``work()`` on the caller's loop; whatever it raises (a bug; the orchestrator's
-        trouble is answered, not raised) is logged and ``fallback()`` answered."""
-        try:
-            self._bind_loop()
-            result = await work()
-        except Exception:
-            log.exception("worker.client_call_failed", extra=self._call_fields(name))
-            return fallback()
-        self._start_keepalive()
-        if self._dirty and self._persist_task is None:
-            self._persist_soon()
-        return result
-
-    def _bind_loop(self) -> None:
-        """Called from a loop other than the last one (a second ``asyncio.run``): what
-        belonged to that loop is dropped and made anew; the link rebuilds its httpx client
-        on its next call."""
-        loop = asyncio.get_running_loop()
-        if self._loop is loop:
-            return
-        first = self._loop is None
-        self._loop = loop
-        if first:
-            return
-        log.info("worker.event_loop_changed", extra={"worker_id": self.config.worker_id})
-        self._register_lock = asyncio.Lock()
-        self._reconnect_lock = asyncio.Lock()
-        self._beat_lock = asyncio.Lock()
-        self._persist_task = None
-        if self._store is not None:
-            self._store.rebind()
-
-    def _start_keepalive(self) -> None:
-        if self.keepalive is not None and self._keepalive_wanted and not self._closed:
-            self.keepalive.start()
-
-    async def _loop_ending(self) -> None:
-        """The keep-alive's loop is ending: write what is dirty and close its connections."""
-        self._cancel_persist_task()
-        if self._dirty:
-            await self._persist()
-        await self._link.release_loop()
-
-    def _persist_soon(self) -> None:
-        """Write the state within ``RECORD_PERSIST_DELAY_S`` (coalescing the records made
-        meanwhile); with no loop running, now and synchronously (a small file)."""
-        if self._store is None or self._closed:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._dirty = not self._store.save_now(self._holdings.save_into(self._state))
-            return
-        task = self._persist_task
-        if task is not None and not task.done() and task.get_loop() is loop:
-            return
-        self._persist_task = loop.create_task(self._persist_later())
-
-    async def _persist_later(self) -> None:
-        # Real time, not the injected clock: a bound on data loss, not a protocol timer.
-        await asyncio.sleep(self.persist_delay_s)
-        self._persist_task = None
-        if self._dirty:
-            await self._persist()
-
-    def _cancel_persist_task(self) -> None:
-        task, self._persist_task = self._persist_task, None
-        if task is None or task.done():
-            return
-        try:
-            same_loop = task.get_loop() is asyncio.get_running_loop()
-        except RuntimeError:
-            same_loop = False
-        if same_loop:
-            task.cancel()
-
-    def _call_fields(self, call: str) -> dict[str, Any]:
-        return {"worker_id": self.config.worker_id, "call": call}
-
-    # --- small things ----------------------------------------------------------------
-
     def _fallback_ids(self) -> list[int]:
         return self.assigned_streams if self.local_mode_active else []
 
-    async def _persist(self) -> None:
-        self._dirty = False
-        if self._store is not None and not await self._store.save(
-            self._holdings.save_into(self._state)
-        ):
-            self._dirty = True
-
     def _worker_path(self, suffix: str) -> str:
         return f"{API_PREFIX}/workers/{self.config.worker_id}{suffix}"
-
-    def _now(self) -> datetime:
-        return datetime.fromtimestamp(self._clock.wall(), UTC)
 
 
 def _session_over(op: Operation, exc: OrchestratorError) -> bool:
