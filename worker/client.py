@@ -15,6 +15,9 @@ client over its transport):
 - ``worker.holdings``: the held set and the rules of which answer wins;
 - ``worker.transport``: one HTTP call through breaker, retries and budget, the one place
   httpx errors become ours; ``worker.status``: the status dicts and call logs.
+
+Over 500 lines, and one concept: the session's life (join, beat, call, come back, leave)
+behind the seed's and the runtime's API; what is not the session lives in the modules above.
 """
 
 from __future__ import annotations
@@ -281,7 +284,7 @@ class ResilientWorkerClient:
     async def send_heartbeat(self) -> bool:
         """Renew the lease and converge to the answer; False (quickly) while unreachable.
 
-        In local mode each beat probes the orchestrator (see ``_probe_on_beat``). A beat
+        In local mode each beat probes the orchestrator (see ``LocalMode.probe_on_beat``). A beat
         in flight (the keep-alive's) is waited for, then this one is sent: it answers for
         itself.
         """
