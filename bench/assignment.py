@@ -21,7 +21,7 @@ import httpx
 
 from bench import pg
 from bench.context import Context
-from bench.report import Section, Table, fmt
+from bench.report import Section, Table, fmt, fmt_duration
 from bench.sim import Beater, Cluster, SimWorker, balanced, wait_until
 from devkit.procs import OrchestratorProcess
 
@@ -516,7 +516,7 @@ in the same 1000-row transactions, measured in the same run.
             section.notes.append(
                 f"{database}: sized down from the issue's {ISSUE_STREAMS:,} streams: with "
                 f"{f.workers:,} beating workers streams were created at {rate:,.0f}/s here, so "
-                f"{ISSUE_STREAMS:,} would take at least {ISSUE_STREAMS / rate / 60:.0f} min "
+                f"{ISSUE_STREAMS:,} would take at least {fmt_duration(ISSUE_STREAMS / rate)} "
                 "for this database alone (more: each balancing pass grows with the "
                 "catalogue). `python -m bench --size issue` runs the issue's sizes."
             )

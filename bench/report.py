@@ -40,6 +40,28 @@ def fmt(value: float | int | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def fmt_duration(seconds: float) -> str:
+    """A duration in a unit that reads well (s, min, h), rounded down: the estimates it
+    prints are lower bounds ("at least ..."), and 0.4 min must not read "0 min"."""
+    if math.isnan(seconds):
+        return "–"
+
+    def down(value: float, digits: int) -> str:
+        scale = 10**digits
+        return f"{math.floor(value * scale) / scale:,.{digits}f}"
+
+    if seconds < 10:
+        return f"{down(seconds, 1)} s"
+    if seconds < 60:
+        return f"{down(seconds, 0)} s"
+    minutes = seconds / 60
+    if minutes < 10:
+        return f"{down(minutes, 1)} min"
+    if minutes < 120:
+        return f"{down(minutes, 0)} min"
+    return f"{down(minutes / 60, 1)} h"
+
+
 def verdict(ok: bool | None) -> str:
     if ok is None:
         return INFORMATIONAL

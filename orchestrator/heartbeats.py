@@ -24,11 +24,12 @@ from orchestrator import ownership
 from orchestrator.auth import Caller, same_hash
 from orchestrator.context import Context
 from orchestrator.db import Database
-from orchestrator.errors import StaleEpoch
+from orchestrator.errors import StaleEpoch, ValidationFailed
 from orchestrator.models import LEASED_STATES, StreamRow, WorkerRow
 from orchestrator.sessions import SessionGuard
 from orchestrator.view_sync import scoped
 from orchestrator.views import ViewCache, WorkerView
+from shared import limits
 from shared import models as m
 from shared.models import WorkerState, rfc3339
 
@@ -172,6 +173,7 @@ WORKER_COLUMNS = (
     WorkerRow.worker_id,
     WorkerRow.epoch,
     WorkerRow.state,
+    WorkerRow.capacity,
     WorkerRow.session_hash,
     WorkerRow.lease_expires_at,
 )
@@ -220,6 +222,7 @@ def build_view(worker: Any, streams: Sequence[Any], now: float) -> WorkerView:
         worker_id=worker.worker_id,
         epoch=worker.epoch,
         state=WorkerState(worker.state),
+        capacity=worker.capacity,
         session_hash=worker.session_hash,
         lease_expires_at=worker.lease_expires_at,
         owned=frozenset(r.id for r in streams),
@@ -252,6 +255,34 @@ def encode_answer(
 
 # --- the heartbeat --------------------------------------------------------------------------
 
+
+def check_held_length(held: int, capacity: int) -> None:
+    """Refuse a ``held`` list longer than a worker of ``capacity`` can honestly send.
+
+    Called with the list's length (O(1)) as soon as the session's capacity is known and
+    before anything walks the list: every entry costs a set insert and, if not owned, a
+    database lookup, and ``MAX_HELD`` alone let one session hold the loop for seconds.
+    """
+    bound = limits.max_held_for(capacity)
+    if held > bound:
+        raise ValidationFailed(
+            f"held lists {held} streams; a worker of capacity {capacity} may list at most"
+            f" {bound} (twice its capacity plus {limits.HELD_SLACK})",
+            details={
+                "errors": [
+                    {
+                        "loc": ["body", "held"],
+                        "msg": f"List should have at most {bound} items for capacity {capacity}",
+                        "type": "too_long",
+                    }
+                ],
+                "held": held,
+                "capacity": capacity,
+                "max_held": bound,
+            },
+        )
+
+
 # A beat hint allows the judging pass this long to commit (small passes take ~10-50 ms),
 # and is repeated at most this many times while the pass is late.
 HINT_PASS_ALLOWANCE_S = 0.1
@@ -278,6 +309,8 @@ class Heartbeats:
         view = self.views.get(worker_id)
         if view is None or not self._view_accepts(view, caller, req.epoch, now):
             view = await self._load_view(caller, worker_id, req.epoch, now)
+        # Only now is the capacity known; the body's parse is bounded by MAX_HELD.
+        check_held_length(len(req.held), view.capacity)
         held = {h.stream_id for h in req.held}
         dropped: list[m.Drop] = []
         missing = held - view.owned

@@ -182,6 +182,16 @@ class Reaper:
         return await _prune_oldest(session, EventRow, EventRow.id, retention) or more
 
     async def run_once(self) -> PassReport:
+        try:
+            return await self._run_once()
+        except Exception:
+            # A replica that cannot reach the database does not lead, whatever the claim
+            # row still says: reporting 1 would trip StreamherdReaperLeaderConflict while
+            # another replica takes over.
+            self.ctx.metrics.reaper_leader.set(0)
+            raise
+
+    async def _run_once(self) -> PassReport:
         await self.book.flush(self.ctx.db)
         claimed = await self.ctx.db.write(self._claim, changes=False)
         # Taken here, leader or not: a standstill while another replica led is no silence

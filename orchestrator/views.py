@@ -24,6 +24,7 @@ class WorkerView:
     worker_id: str
     epoch: int
     state: WorkerState
+    capacity: int
     session_hash: str
     lease_expires_at: float
     owned: frozenset[int]

@@ -21,7 +21,7 @@ from orchestrator import idempotency, ownership, view_sync
 from orchestrator.auth import Caller, hash_token, new_session_token
 from orchestrator.context import Context
 from orchestrator.errors import Conflict, NotFound, StaleEpoch
-from orchestrator.heartbeats import LeaseBook
+from orchestrator.heartbeats import LeaseBook, check_held_length
 from orchestrator.models import (
     LocalHistoryRow,
     StreamFailureRow,
@@ -239,6 +239,9 @@ class WorkerCalls:
         self, caller: Caller, worker_id: str, req: m.ReconcileRequest
     ) -> m.ReconcileAnswer:
         async def work(session: AsyncSession, row: WorkerRow, now: float) -> BaseModel:
+            # First thing once the session (and its capacity) is checked: nothing before
+            # this walks the list (the call's fingerprint is a constant).
+            check_held_length(len(req.held), row.capacity)
             settled = await ownership.settle_held(session, row, req.held, now)
             held = {h.stream_id for h in req.held}
             owned = await ownership.owned_streams(session, worker_id)

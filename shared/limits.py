@@ -10,6 +10,8 @@ WORKER_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 WORKER_ID_RE: Final = re.compile(WORKER_ID_PATTERN)
 MAX_CAPACITY: Final = 100_000
 MAX_HELD: Final = MAX_CAPACITY
+# Per session the orchestrator takes a tighter bound than MAX_HELD: see ``max_held_for``.
+HELD_SLACK: Final = 16
 MAX_HISTORY: Final = MAX_CAPACITY
 MAX_STREAM_IDS_PER_CALL: Final = 10_000
 MAX_STREAMS_PER_CREATE: Final = 1_000
@@ -33,3 +35,17 @@ MAX_PAGE_LIMIT: Final = 1_000
 DEFAULT_PAGE_LIMIT: Final = 100
 MAX_IDEMPOTENCY_KEY_LEN: Final = 200
 DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+
+
+def max_held_for(capacity: int) -> int:
+    """The longest ``held`` a session of a worker with ``capacity`` may send (heartbeat,
+    reconcile).
+
+    A worker lists what it runs: what it owns (at most ``capacity``, semantic 2) and
+    streams moved away that it still runs until their new owner holds them (planned moves
+    are make-before-break, semantic 9: at most what it owned before, another
+    ``capacity``). Twice the capacity is therefore the most an honest worker can list;
+    the slack absorbs small capacities (0 or 1) mid-move. Anything longer is abuse or a bug,
+    and would cost the orchestrator per entry.
+    """
+    return min(MAX_HELD, 2 * capacity + HELD_SLACK)

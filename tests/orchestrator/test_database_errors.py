@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url, text
 
@@ -25,7 +26,7 @@ from devkit.harness import ADMIN, CLUSTER, Harness, assert_error, running
 from devkit.pg import PgDatabases, admin_url, dsn, with_database
 from orchestrator.config import Settings
 from orchestrator.db import Database
-from orchestrator.errors import as_api_error, is_database_trouble
+from orchestrator.errors import Unavailable, as_api_error, is_database_trouble
 
 pytestmark = pytest.mark.postgres
 
@@ -96,6 +97,35 @@ async def test_a_database_not_accepting_connections_is_503_then_recovers(
         assert (await client.get(f"{API}/streams", headers=ADMIN)).status_code == 200
         assert (await register(client, "after")).status_code == 200
         assert (await client.get("/ready")).status_code == 200
+
+
+async def reaper_leader(client: httpx.AsyncClient) -> float:
+    """``streamherd_reaper_leader`` as /metrics shows it."""
+    text = (await client.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "streamherd_reaper_leader":
+            return float(family.samples[0].value)
+    raise AssertionError("streamherd_reaper_leader is not exported")
+
+
+async def test_a_leader_that_loses_its_database_stops_reporting_leader(
+    pg_databases: PgDatabases, clock: FakeClock
+) -> None:
+    """A reaper pass failing for the database resets streamherd_reaper_leader to 0."""
+    url = await asyncio.to_thread(pg_databases.new)
+    name = url.rpartition("/")[2]
+    async with running(url, clock) as h, lenient(h) as client:
+        assert (await h.reap()).leader
+        assert await reaper_leader(client) == 1
+        try:
+            await allow_connections(name, False)
+            with pytest.raises(Unavailable):
+                await h.reap()
+            assert await reaper_leader(client) == 0
+        finally:
+            await allow_connections(name, True)
+        assert (await h.reap()).leader
+        assert await reaper_leader(client) == 1
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ def view(worker_id: str, built_at: float = 0.0) -> WorkerView:
         worker_id=worker_id,
         epoch=1,
         state=WorkerState.ACTIVE,
+        capacity=10,
         session_hash="h",
         lease_expires_at=10.0,
         owned=frozenset(),
