@@ -11,6 +11,7 @@ import pytest
 
 from devkit.clock import FakeClock
 from devkit.fake_orchestrator import CLUSTER_TOKEN, ORCH_URL, FakeOrchestrator
+from worker import create_resilient_worker_client
 from worker.client import ResilientWorkerClient
 from worker.config import ClientConfig
 
@@ -70,3 +71,25 @@ async def registered_client(make_client: MakeClient) -> ResilientWorkerClient:
     client = make_client()
     assert await client.register()
     return client
+
+
+def seed_client(
+    orchestrator: FakeOrchestrator, fake_time: FakeClock, **extra: Any
+) -> ResilientWorkerClient:
+    """The factory call of seed 001's fingerv7.py, plus the test seams. No state_dir and
+    no token unless given: the client then finds them itself (environment, default dir)."""
+    return create_resilient_worker_client(
+        orchestrator_url=ORCH_URL,
+        server_id="worker-01",
+        max_streams=3,
+        circuit_failure_threshold=5,
+        circuit_recovery_timeout=60,
+        retry_max_attempts=3,
+        retry_base_delay=1.0,
+        transport=httpx.MockTransport(orchestrator),
+        clock=fake_time,
+        # The tests drive every beat on a clock whose sleep returns at once; the
+        # keep-alive has its own tests (test_keepalive.py).
+        keepalive=False,
+        **extra,
+    )

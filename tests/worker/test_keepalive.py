@@ -5,19 +5,16 @@ most, and nothing after shutdown()."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from devkit.clock import SteppingClock
-from devkit.fake_orchestrator import CLUSTER_TOKEN, ORCH_URL, FakeOrchestrator
+from devkit.fake_orchestrator import FakeOrchestrator
 from devkit.poll import eventually
-from tests.worker.conftest import START, WALL_OFFSET
+from tests.worker.conftest import START, WALL_OFFSET, MakeClient
 from worker.client import ResilientWorkerClient
-from worker.config import ClientConfig
 from worker.retry import RetryPolicy
 
 INTERVAL = 5.0  # the fake orchestrator's heartbeat interval
@@ -44,8 +41,14 @@ class CountingTransport(httpx.AsyncBaseTransport):
 
 
 @pytest.fixture
-def clock() -> SteppingClock:
+def fake_time() -> SteppingClock:
+    """conftest's clients run on this clock: its sleep waits until the test moves time."""
     return SteppingClock(START, wall_offset=WALL_OFFSET, seed=3)
+
+
+@pytest.fixture
+def clock(fake_time: SteppingClock) -> SteppingClock:
+    return fake_time
 
 
 @pytest.fixture
@@ -53,33 +56,20 @@ def transport(orchestrator: FakeOrchestrator) -> CountingTransport:
     return CountingTransport(orchestrator)
 
 
-MakeClient = Callable[..., ResilientWorkerClient]
-
-
 @pytest.fixture
-async def make_client(
-    tmp_path: Path, clock: SteppingClock, transport: CountingTransport
-) -> AsyncIterator[MakeClient]:
-    made: list[ResilientWorkerClient] = []
+def make_client(make_client: MakeClient, transport: CountingTransport) -> MakeClient:
+    """conftest's clients with the keep-alive on, over the counting transport."""
 
     def make(**overrides: Any) -> ResilientWorkerClient:
+        # One attempt: a retry's backoff would wait on the stepping clock.
         settings: dict[str, Any] = {
-            "orchestrator_url": ORCH_URL,
-            "worker_id": "w1",
-            "capacity": 3,
-            "token": CLUSTER_TOKEN,
-            "state_dir": tmp_path / "state",
-            # One attempt: a retry's backoff would wait on the stepping clock.
+            "transport": transport,
+            "keepalive": True,
             "retry": RetryPolicy(max_attempts=1),
-            **overrides,
         }
-        client = ResilientWorkerClient(ClientConfig(**settings), transport=transport, clock=clock)
-        made.append(client)
-        return client
+        return make_client(**{**settings, **overrides})
 
-    yield make
-    for client in made:
-        await client.aclose()
+    return make
 
 
 def beats(orchestrator: FakeOrchestrator) -> int:

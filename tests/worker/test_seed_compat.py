@@ -10,10 +10,9 @@ import pytest
 
 from devkit.clock import FakeClock
 from devkit.fake_orchestrator import CLUSTER_TOKEN, ORCH_URL, FakeOrchestrator
-from tests.worker.conftest import START, WALL_OFFSET
+from tests.worker.conftest import START, WALL_OFFSET, seed_client
 from worker import create_resilient_worker_client
 from worker.breaker import BreakerConfig
-from worker.client import ResilientWorkerClient
 from worker.retry import RetryPolicy
 
 SEED_METRICS = {
@@ -30,28 +29,6 @@ SEED_METRICS = {
 def fake_time() -> FakeClock:
     """The worker tests' clock, drawing jitter from Random(1)."""
     return FakeClock(START, wall_offset=WALL_OFFSET, seed=1)
-
-
-def seed_client(
-    orchestrator: FakeOrchestrator, fake_time: FakeClock, state_dir: Path
-) -> ResilientWorkerClient:
-    """The factory call of seed 001's fingerv7.py, plus the test seams and our token/state_dir."""
-    return create_resilient_worker_client(
-        orchestrator_url=ORCH_URL,
-        server_id="worker-01",
-        max_streams=3,
-        circuit_failure_threshold=5,
-        circuit_recovery_timeout=60,
-        retry_max_attempts=3,
-        retry_base_delay=1.0,
-        token=CLUSTER_TOKEN,
-        state_dir=state_dir,
-        transport=httpx.MockTransport(orchestrator),
-        clock=fake_time,
-        # The test drives every beat on a clock whose sleep returns at once; the
-        # keep-alive has its own tests (test_keepalive.py).
-        keepalive=False,
-    )
 
 
 def assert_seed_health_shape(health: dict[str, Any]) -> None:
@@ -128,7 +105,7 @@ async def test_the_seed_flow_against_a_live_orchestrator(
     orchestrator: FakeOrchestrator, fake_time: FakeClock, tmp_path: Path
 ) -> None:
     """register → request → process → heartbeat → health → release → shutdown, all succeed."""
-    client = seed_client(orchestrator, fake_time, tmp_path)
+    client = seed_client(orchestrator, fake_time, token=CLUSTER_TOKEN, state_dir=tmp_path)
     assert await client.register() is True
     assert client.is_registered
     streams = await client.request_streams()
@@ -154,7 +131,7 @@ async def test_the_seed_flow_with_the_orchestrator_unreachable(
 ) -> None:
     """The same calls with nobody answering: no exception, honest answers, local mode."""
     orchestrator.down = True
-    client = seed_client(orchestrator, fake_time, tmp_path)
+    client = seed_client(orchestrator, fake_time, token=CLUSTER_TOKEN, state_dir=tmp_path)
     assert await client.register() is False
     assert client.is_registered is False
     assert await client.request_streams() == []

@@ -13,8 +13,8 @@ import pytest
 
 from devkit.clock import FakeClock
 from devkit.fake_orchestrator import CLUSTER_TOKEN, ORCH_URL, FakeOrchestrator
+from tests.worker.conftest import seed_client
 from worker import create_resilient_worker_client
-from worker.client import ResilientWorkerClient
 
 SEED_BREAKER_STATS = {
     "state",
@@ -26,25 +26,6 @@ SEED_BREAKER_STATS = {
     "last_success_time",
     "recent_state_changes",
 }
-
-
-def seed_client(
-    orchestrator: FakeOrchestrator, fake_time: FakeClock, **extra: object
-) -> ResilientWorkerClient:
-    """fingerv7.py's call, no state_dir and no token (they come from the environment)."""
-    return create_resilient_worker_client(
-        orchestrator_url=ORCH_URL,
-        server_id="worker-01",
-        max_streams=3,
-        circuit_failure_threshold=5,
-        circuit_recovery_timeout=60,
-        retry_max_attempts=3,
-        retry_base_delay=1.0,
-        transport=httpx.MockTransport(orchestrator),
-        clock=fake_time,
-        keepalive=False,  # the test drives every beat (test_keepalive.py has its own)
-        **extra,
-    )
 
 
 @pytest.fixture
