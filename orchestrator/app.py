@@ -127,7 +127,7 @@ def create_app(
     app.include_router(workers.admin_router, prefix=API_PREFIX)
     app.include_router(cluster.router, prefix=API_PREFIX)
     app.include_router(events.router, prefix=API_PREFIX)
-    mount_ui(app, settings)
+    mount_ui(app)
     # The last added is the outermost: metrics see every answer, the body limit's too.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
