@@ -130,10 +130,22 @@ class CertificateRefresher:
         self._stamps = stamps
         config = self._config
         try:
+            # Tried on a scratch context first: a failed load_cert_chain leaves the context
+            # it ran on with no usable certificate at all, not with the old one.
+            scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if config.ca_file:
+                scratch.load_verify_locations(cafile=config.ca_file)
+            if config.client_cert:
+                scratch.load_cert_chain(config.client_cert, config.client_key)
             if config.ca_file:
                 self._context.load_verify_locations(cafile=config.ca_file)
             if config.client_cert:
-                self._context.load_cert_chain(config.client_cert, config.client_key)
+                try:
+                    self._context.load_cert_chain(config.client_cert, config.client_key)
+                except (ssl.SSLError, OSError):
+                    # Changed again between the two loads: look again at the next check.
+                    self._stamps = []
+                    raise
         except (ssl.SSLError, OSError) as exc:
             self.failures += 1
             log.warning(

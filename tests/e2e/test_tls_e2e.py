@@ -251,9 +251,7 @@ async def test_server_certificate_rotation_while_a_worker_beats(tmp_path: Path, 
             await worker.terminate()
 
 
-async def test_sighup_reloads_and_a_bad_certificate_keeps_the_old(
-    tmp_path: Path, pki: Pki
-) -> None:
+async def test_sighup_reloads_and_a_bad_certificate_keeps_the_old(tmp_path: Path, pki: Pki) -> None:
     """With polling off, SIGHUP reloads; a broken file on SIGHUP leaves the served one."""
     async with tls_orchestrator(tmp_path, pki, ORCH_TLS_RELOAD_INTERVAL_S="0") as (orch, _):
         probe = pki.client_context(pki.client_files("probe"))
@@ -274,3 +272,32 @@ async def test_sighup_reloads_and_a_bad_certificate_keeps_the_old(
 
         await eventually(new_serial, timeout=DEADLINE_S, what="the new certificate on SIGHUP")
         assert orch.alive()
+
+
+async def test_the_cli_talks_to_a_mutual_tls_orchestrator(tmp_path: Path, pki: Pki) -> None:
+    """``streamherd`` with STREAMHERD_CA_FILE and a client certificate gets in; without
+    the certificate it is one line and the unreachable exit status."""
+    from typer.testing import CliRunner
+
+    from streamherd_cli.app import app
+
+    operator = pki.client_files("operator-cli")
+    async with tls_orchestrator(tmp_path, pki) as (orch, _):
+        env = {
+            "STREAMHERD_URL": orch.url,
+            "STREAMHERD_TOKEN": ADMIN_TOKEN,
+            "STREAMHERD_CA_FILE": str(pki.ca_file),
+        }
+        with_cert = {
+            **env,
+            "STREAMHERD_CLIENT_CERT": str(operator),
+            "STREAMHERD_CLIENT_KEY": str(operator.with_suffix(".key")),
+        }
+        ok = await asyncio.to_thread(
+            CliRunner().invoke, app, ["workers", "ls", "--json"], env=with_cert
+        )
+        assert ok.exit_code == 0, ok.output
+        refused = await asyncio.to_thread(
+            CliRunner().invoke, app, ["workers", "ls", "--json"], env=env
+        )
+        assert refused.exit_code != 0 and "Traceback" not in refused.output
