@@ -2,6 +2,7 @@
 the product packages, and importing nothing from ``tests`` or ``bench``.
 
 - ``clock``: ``FakeClock``, the one fake clock (a ``shared.clock.Clock`` moved by hand);
+- ``certs``: a throw-away CA issuing server and client certificates for the TLS tests;
 - ``procs``: the one launcher of real child processes (orchestrators, workers, any
   ``python -m``), process groups that never outlive the run, ``free_port``;
 - ``pg``: throw-away PostgreSQL databases (the tests' migrated clones, the benchmarks'

@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,8 @@ class ChildProcess:
     cwd: Path = REPO_ROOT
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
+    # How the readiness poll verifies an https:// ``ready_url`` (a test CA's context).
+    ready_verify: ssl.SSLContext | bool = field(default=True, repr=False)
 
     ready_on_any_answer: ClassVar[bool] = False
     # How many ports a start tries by default (see move_to_free_port).
@@ -278,7 +281,7 @@ class ChildProcess:
         passes. The time it took."""
         started = time.monotonic()
         deadline = started + timeout
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, verify=self.ready_verify) as client:
             while True:
                 if not self.alive():
                     raise self._exited_early()
@@ -293,7 +296,7 @@ class ChildProcess:
         """``wait_ready`` without blocking the event loop."""
         started = time.monotonic()
         deadline = started + timeout
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with httpx.AsyncClient(timeout=2.0, verify=self.ready_verify) as client:
             while True:
                 if not self.alive():
                     raise self._exited_early()
@@ -380,6 +383,8 @@ class OrchestratorProcess(ChildProcess):
     log_dir: Path
     host: str = "127.0.0.1"
     args: tuple[str, ...] = ()
+    # "https" for one serving TLS (ORCH_TLS_CERT); ``ready_verify`` then trusts its CA.
+    scheme: str = "http"
 
     @classmethod
     def create(
@@ -407,7 +412,7 @@ class OrchestratorProcess(ChildProcess):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def ready_url(self) -> str:
@@ -421,7 +426,12 @@ class OrchestratorProcess(ChildProcess):
 
 
 def _orchestrator(
-    env: Mapping[str, str], port: int | None, host: str, args: Sequence[str], log_dir: Path | None
+    env: Mapping[str, str],
+    port: int | None,
+    host: str,
+    args: Sequence[str],
+    log_dir: Path | None,
+    tls: ssl.SSLContext | None = None,
 ) -> OrchestratorProcess:
     port = free_port(host) if port is None else port
     directory = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="orch-"))
@@ -435,6 +445,8 @@ def _orchestrator(
         host=host,
         args=tuple(args),
         log_dir=directory,
+        scheme="https" if tls is not None else "http",
+        ready_verify=tls if tls is not None else True,
     )
 
 
@@ -478,9 +490,13 @@ async def astart_orchestrator(
     args: Sequence[str] = (),
     log_dir: Path | None = None,
     ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+    tls: ssl.SSLContext | None = None,
 ) -> OrchestratorProcess:
-    """``start_orchestrator`` for async tests: the wait does not block the event loop."""
-    proc = _orchestrator(env, port, host, args, log_dir)
+    """``start_orchestrator`` for async tests: the wait does not block the event loop.
+
+    ``tls``: it serves HTTPS (its env sets ORCH_TLS_*); the client context its readiness
+    poll uses (the test CA, and a client certificate if it asks for one)."""
+    proc = _orchestrator(env, port, host, args, log_dir, tls)
     return await proc.astart(ready_timeout, port_retries=PORT_RETRIES if port is None else 1)
 
 

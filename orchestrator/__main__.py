@@ -6,6 +6,8 @@ names it and exit status 2, never a traceback; so does a database that cannot be
 (or, with ``ORCH_AUTO_MIGRATE``, migrated) before the server starts. With
 ``ORCH_DB_STARTUP_TIMEOUT_S`` a database that does not answer yet is waited for that long
 (``orchestrator.startup``: one log line per attempt, ``/health`` answering meanwhile).
+With ``ORCH_TLS_CERT``/``ORCH_TLS_KEY`` it serves HTTPS (``orchestrator.tls``); certificate
+files that cannot make a context end the start the same way, naming the setting.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import argparse
 import asyncio
 import logging
 import socket
+import ssl
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from sqlalchemy import make_url
 
@@ -23,6 +27,9 @@ from orchestrator.config import Settings
 from shared import cli
 from shared.cli import CommandLineError, settings_parser
 from shared.logs import configure_logging
+
+if TYPE_CHECKING:
+    from orchestrator.tls import ServerTLS
 
 PROG = "streamherd-orchestrator"
 ENV_PREFIX = "ORCH_"
@@ -59,7 +66,9 @@ def _reason(exc: BaseException) -> str:
     return f"{message} ({type(root).__name__})" if message else type(root).__name__
 
 
-def prepare_database(settings: Settings, sock: socket.socket | None = None) -> str | None:
+def prepare_database(
+    settings: Settings, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None
+) -> str | None:
     """Open the database, and migrate it with ORCH_AUTO_MIGRATE, before serving.
 
     None when it is ready to serve from, else one line saying why not. Without
@@ -68,10 +77,12 @@ def prepare_database(settings: Settings, sock: socket.socket | None = None) -> s
     ``db_startup_timeout_s`` and the API's socket (``sock``), one that cannot be opened is
     waited for, with probes answered on ``sock`` meanwhile.
     """
-    return asyncio.run(_prepare(settings, sock))
+    return asyncio.run(_prepare(settings, sock, ssl_context))
 
 
-async def _prepare(settings: Settings, sock: socket.socket | None) -> str | None:
+async def _prepare(
+    settings: Settings, sock: socket.socket | None, ssl_context: ssl.SSLContext | None = None
+) -> str | None:
     from orchestrator.migrations import check_connection, upgrade_to_head
     from orchestrator.startup import wait_for_database
 
@@ -88,6 +99,7 @@ async def _prepare(settings: Settings, sock: socket.socket | None) -> str | None
             timeout_s=settings.db_startup_timeout_s,
             sock=sock,
             describe=lambda exc: _without_password(_reason(exc), url),
+            ssl_context=ssl_context,
         )
         if failure is not None:
             return (
@@ -119,6 +131,28 @@ def _without_password(line: str, url: str) -> str:
     return line
 
 
+def _log_transport(settings: Settings, tls: ServerTLS | None) -> None:
+    """One line on how clients reach this process: HTTPS (and whom it admits) or plain."""
+    if tls is None:
+        if not settings.is_loopback_host:
+            log.warning(
+                "orchestrator.plain_http: tokens cross the network in clear unless a TLS "
+                "proxy terminates in front; set ORCH_TLS_CERT and ORCH_TLS_KEY to serve HTTPS",
+                extra={"host": settings.host},
+            )
+        return
+    log.info(
+        "orchestrator.tls: serving HTTPS with certificate %s; client certificates %s",
+        tls.fingerprint,
+        "required" if settings.tls_client_ca else "not asked for",
+        extra={
+            "client_ca": settings.tls_client_ca,
+            "bind_worker_id": settings.tls_binds_worker_id,
+            "reload_interval_s": settings.tls_reload_interval_s,
+        },
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
@@ -129,6 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import orchestrator.migrations  # noqa: F401
 
     configure_logging(level=settings.log_level, json_format=settings.log_json)
+    tls = None
+    if settings.serves_tls:
+        from orchestrator.tls import ServerTLS, TLSFiles, TLSFilesError
+
+        files = TLSFiles.from_settings(settings)
+        assert files is not None
+        try:
+            tls = ServerTLS(files)
+        except TLSFilesError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
     sock: socket.socket | None = None
     if settings.db_startup_timeout_s > 0:
         # Bound before the wait: probes answer on it meanwhile, the API serves on it after.
@@ -142,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
     try:
-        problem = prepare_database(settings, sock)
+        problem = prepare_database(settings, sock, tls.context if tls is not None else None)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if problem is not None:
@@ -154,16 +199,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ORCH_WORKER_TOKEN to serve other hosts",
             extra={"host": settings.host},
         )
+    _log_transport(settings, tls)
 
     from orchestrator.app import create_app
     from orchestrator.server import run_server
 
     # Migrated above: the lifespan need not do it again (nor fail there, in a traceback).
     app = create_app(settings.model_copy(update={"auto_migrate": False}))
+    if tls is not None:
+        tls.metrics = app.state.metrics
     try:
         run_server(
             app,
             sockets=[sock] if sock is not None else None,
+            tls=tls,
+            tls_reload_interval_s=settings.tls_reload_interval_s,
             host=settings.host,
             port=settings.port,
             log_config=None,

@@ -19,6 +19,7 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./streamherd.db"
 SUPPORTED_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 # Tokens shorter than this are accepted but warned about at start (guessable).
 WEAK_TOKEN_LEN = 16
+DEFAULT_TLS_RELOAD_INTERVAL_S = 5.0
 
 
 class Settings(BaseSettings):
@@ -49,6 +50,16 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
     replica_id: str | None = None
+    # --- TLS served by the orchestrator itself (orchestrator/tls.py; docs/operations.md) --
+    # PEM certificate (chain) and its key; both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # PEM CA bundle: with it, every connection must present a client certificate it issued.
+    tls_client_ca: str | None = None
+    # A register must come with a certificate naming its worker_id; unset: on with a client CA.
+    tls_bind_worker_id: bool | None = None
+    # How often the files are checked for a new certificate (0: only on SIGHUP).
+    tls_reload_interval_s: float = Field(default=DEFAULT_TLS_RELOAD_INTERVAL_S, ge=0)
 
     @field_validator("database_url")
     @classmethod
@@ -85,6 +96,21 @@ class Settings(BaseSettings):
             raise ValueError("must not contain whitespace (it is sent as a Bearer token)")
         return value
 
+    @field_validator("tls_cert", "tls_key", "tls_client_ca")
+    @classmethod
+    def _readable_file(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"no such file: {value}")
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
+        return str(path)
+
     @property
     def weak_tokens(self) -> list[str]:
         """The token settings shorter than ``WEAK_TOKEN_LEN``: warned about at start.
@@ -105,12 +131,39 @@ class Settings(BaseSettings):
                 "ORCH_HEARTBEAT_INTERVAL_S must be below ORCH_LEASE_TTL_S "
                 f"({self.heartbeat_interval_s} >= {self.lease_ttl_s})"
             )
+        self._coherent_tls()
         if not self.is_loopback_host and not (self.admin_token and self.worker_token):
             raise ValueError(
                 f"ORCH_HOST={self.host} is not a loopback address: set ORCH_ADMIN_TOKEN and "
                 "ORCH_WORKER_TOKEN before serving beyond this machine"
             )
         return self
+
+    def _coherent_tls(self) -> None:
+        if self.tls_cert and not self.tls_key:
+            raise ValueError("ORCH_TLS_CERT needs ORCH_TLS_KEY (the certificate's private key)")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("ORCH_TLS_KEY needs ORCH_TLS_CERT")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(
+                "ORCH_TLS_CLIENT_CA needs ORCH_TLS_CERT and ORCH_TLS_KEY (mutual TLS is TLS)"
+            )
+        if self.tls_bind_worker_id and not self.tls_client_ca:
+            raise ValueError(
+                "ORCH_TLS_BIND_WORKER_ID needs ORCH_TLS_CLIENT_CA (no client certificates "
+                "to bind to)"
+            )
+
+    @property
+    def serves_tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def tls_binds_worker_id(self) -> bool:
+        """A register must come with a client certificate naming its worker_id."""
+        if self.tls_bind_worker_id is not None:
+            return self.tls_bind_worker_id
+        return self.tls_client_ca is not None
 
     @property
     def is_loopback_host(self) -> bool:

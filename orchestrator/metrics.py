@@ -96,6 +96,12 @@ class OrchestratorMetrics:
             "Event clients closed for being too slow.",
             registry=r,
         )
+        self.tls_reloads = Counter(
+            "streamherd_tls_reloads",
+            "Reloads of the served TLS certificate, by outcome (ok, failed: the old one stays).",
+            ["outcome"],
+            registry=r,
+        )
 
     def observe_cluster(self, answer: ClusterAnswer) -> None:
         """Set the gauges of cluster state from one reading of it."""

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -108,11 +109,18 @@ async def wait_for_database(
     timeout_s: float,
     sock: socket.socket,
     describe: Callable[[BaseException], str],
+    ssl_context: ssl.SSLContext | None = None,
 ) -> BaseException | None:
     """Call ``check`` until it succeeds or ``timeout_s`` has passed, serving probes on
-    ``sock`` meanwhile; None once it succeeded, else the last failure."""
+    ``sock`` meanwhile (over TLS with ``ssl_context``); None once it succeeded, else the
+    last failure."""
     waiting = Waiting()
-    config = uvicorn.Config(probe_app(waiting), log_config=None, access_log=False, lifespan="off")
+    tls: dict[str, Any] = {}
+    if ssl_context is not None:
+        tls["ssl_context_factory"] = lambda _config, _default: ssl_context
+    config = uvicorn.Config(
+        probe_app(waiting), log_config=None, access_log=False, lifespan="off", **tls
+    )
     server = _ProbeServer(config)
     # A duplicate: the probe server closes what it was given, the API needs the socket next.
     probes = asyncio.create_task(server.serve(sockets=[sock.dup()]), name="startup.probes")

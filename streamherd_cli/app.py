@@ -5,6 +5,7 @@ the answer as a table or as JSON. Errors are one line on stderr and an exit code
 
 from __future__ import annotations
 
+import ssl
 import sys
 import time
 import webbrowser
@@ -44,12 +45,15 @@ class State:
     json: bool
     timeout: float
     seams: Seams
+    # An HTTPS orchestrator with its own CA, or one asking for a client certificate.
+    verify: ssl.SSLContext | bool = True
 
     def client(self) -> Client:
         return Client(
             self.url,
             self.token,
             timeout=self.timeout,
+            verify=self.verify,
             transport=self.seams.transport,
             sleep=self.seams.sleep,
         )
@@ -146,11 +150,58 @@ def root(
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="Seconds to wait for one answer.")
     ] = DEFAULT_TIMEOUT_S,
+    ca_file: Annotated[
+        str | None,
+        typer.Option(
+            "--ca-file",
+            envvar="STREAMHERD_CA_FILE",
+            help="CA bundle (PEM) that issued an https:// orchestrator's certificate.",
+        ),
+    ] = None,
+    client_cert: Annotated[
+        str | None,
+        typer.Option(
+            "--client-cert",
+            envvar="STREAMHERD_CLIENT_CERT",
+            help="Client certificate (PEM) for an orchestrator with ORCH_TLS_CLIENT_CA.",
+        ),
+    ] = None,
+    client_key: Annotated[
+        str | None,
+        typer.Option("--client-key", envvar="STREAMHERD_CLIENT_KEY", help="Its private key."),
+    ] = None,
 ) -> None:
     seams = ctx.obj if isinstance(ctx.obj, Seams) else Seams()
     ctx.obj = State(
-        url=base_url(url), token=token or None, json=json_, timeout=timeout, seams=seams
+        url=base_url(url),
+        token=token or None,
+        json=json_,
+        timeout=timeout,
+        seams=seams,
+        verify=_tls_context(ca_file or None, client_cert or None, client_key or None),
     )
+
+
+def _tls_context(
+    ca_file: str | None, client_cert: str | None, client_key: str | None
+) -> ssl.SSLContext | bool:
+    """The system store unless told otherwise; a file that cannot be used is a usage error."""
+    if ca_file is None and client_cert is None:
+        if client_key is not None:
+            raise typer.BadParameter("needs --client-cert", param_hint="--client-key")
+        return True
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise typer.BadParameter(f"{ca_file}: {exc}", param_hint="--ca-file") from None
+    if client_cert is not None:
+        try:
+            context.load_cert_chain(client_cert, client_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise typer.BadParameter(
+                f"{client_cert}: {exc}", param_hint="--client-cert/--client-key"
+            ) from None
+    return context
 
 
 def _state(ctx: typer.Context) -> State:

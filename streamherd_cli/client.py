@@ -7,6 +7,7 @@ retried a few times, honouring ``Retry-After``.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -58,6 +59,7 @@ class Client:
         busy_retries: int = DEFAULT_BUSY_RETRIES,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.url = base_url(url)
         self._token = token
@@ -67,7 +69,7 @@ class Client:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
-            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport, verify=verify
         )
 
     def close(self) -> None:

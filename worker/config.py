@@ -26,6 +26,7 @@ import argparse
 import json
 import re
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,38 @@ class ClientConfig:
 def _existing_file(value: str | None) -> str | None:
     if value is not None and not Path(value).is_file():
         raise ValueError(f"no such file: {value}")
+    if value is not None:
+        try:
+            with open(value, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
     return value
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _usable_tls_files(ca_file: str | None, cert: str | None, key: str | None) -> None:
+    """Load the files as the client will, so a bad PEM is one line at start, not a
+    traceback on the first call."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"WORKER_CA_FILE={ca_file} is not a usable CA bundle: {_ssl_reason(exc)}"
+            ) from None
+    if cert:
+        try:
+            context.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            pair = f"WORKER_CLIENT_CERT={cert}" + (f" with WORKER_CLIENT_KEY={key}" if key else "")
+            raise ValueError(
+                f"{pair} is not a usable certificate and matching key: {_ssl_reason(exc)}"
+            ) from None
 
 
 class WorkerSettings(BaseSettings):
@@ -254,6 +286,7 @@ class WorkerSettings(BaseSettings):
             )
         if self.client_key and not self.client_cert:
             raise ValueError("WORKER_CLIENT_KEY needs WORKER_CLIENT_CERT")
+        _usable_tls_files(self.ca_file, self.client_cert, self.client_key)
         return self
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import uuid
 from collections.abc import Iterator
@@ -61,6 +62,8 @@ API_PREFIX = "/api/v1"
 USER_AGENT = "streamherd-worker/0.1"
 JSON_CONTENT_TYPE = "application/json"
 URLS_REMEMBERED = 64
+# How often the TLS files (WORKER_CA_FILE, WORKER_CLIENT_CERT/_KEY) are checked for a rotation.
+TLS_FILES_CHECK_S = 5.0
 
 A = TypeVar("A", bound=Answer)
 
@@ -71,6 +74,92 @@ def build_ssl_context(config: ClientConfig) -> ssl.SSLContext:
     if config.client_cert:
         context.load_cert_chain(config.client_cert, config.client_key)
     return context
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+class CertificateRefresher:
+    """Loads rotated TLS files into the client's one SSL context, so the next connection
+    presents the new client certificate (and trusts a new CA) without a restart.
+
+    The files are stat-ed at most every ``check_every_s``, before a call; a change loads
+    them into the same context (``load_cert_chain`` replaces the certificate,
+    ``load_verify_locations`` adds CAs: one that was removed stays trusted until a
+    restart). Connections already open keep the certificate they shook hands with. A load
+    that fails (a key written after its certificate) keeps the old one and is retried at
+    the next change.
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        context: ssl.SSLContext,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        check_every_s: float = TLS_FILES_CHECK_S,
+    ) -> None:
+        self._config = config
+        self._context = context
+        self._clock = clock
+        self._check_every_s = check_every_s
+        self._paths = [p for p in (config.ca_file, config.client_cert, config.client_key) if p]
+        self._stamps = self._read_stamps()
+        self._next_check = clock.monotonic() + check_every_s
+        self.reloads = 0
+        self.failures = 0
+
+    def _read_stamps(self) -> list[tuple[int, int, int] | None]:
+        return [_stamp(path) for path in self._paths]
+
+    def refresh(self) -> bool | None:
+        """True when new files were loaded, False when they failed to load, None when it
+        was not time to look yet or nothing changed."""
+        now = self._clock.monotonic()
+        if now < self._next_check:
+            return None
+        self._next_check = now + self._check_every_s
+        stamps = self._read_stamps()
+        if stamps == self._stamps:
+            return None
+        self._stamps = stamps
+        config = self._config
+        try:
+            # Tried on a scratch context first: a failed load_cert_chain leaves the context
+            # it ran on with no usable certificate at all, not with the old one.
+            scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if config.ca_file:
+                scratch.load_verify_locations(cafile=config.ca_file)
+            if config.client_cert:
+                scratch.load_cert_chain(config.client_cert, config.client_key)
+            if config.ca_file:
+                self._context.load_verify_locations(cafile=config.ca_file)
+            if config.client_cert:
+                try:
+                    self._context.load_cert_chain(config.client_cert, config.client_key)
+                except (ssl.SSLError, OSError):
+                    # Changed again between the two loads: look again at the next check.
+                    self._stamps = []
+                    raise
+        except (ssl.SSLError, OSError) as exc:
+            self.failures += 1
+            log.warning(
+                "worker.tls_reload_failed: keeping the certificate loaded before: %s",
+                " ".join(str(exc).split()) or type(exc).__name__,
+                extra={"worker_id": config.worker_id, "client_cert": config.client_cert},
+            )
+            return False
+        self.reloads += 1
+        log.info(
+            "worker.tls_reloaded",
+            extra={"worker_id": config.worker_id, "client_cert": config.client_cert},
+        )
+        return True
 
 
 @contextlib.contextmanager
@@ -111,9 +200,12 @@ class OrchestratorLink:
         self.pace(heartbeat_interval)
         self._transport = transport
         # With an injected transport (tests, ASGI) there is no TLS to set up.
-        self._verify: ssl.SSLContext | bool = (
-            build_ssl_context(config) if transport is None else True
-        )
+        self._verify: ssl.SSLContext | bool = True
+        self.certificates: CertificateRefresher | None = None
+        if transport is None:
+            self._verify = build_ssl_context(config)
+            if config.ca_file or config.client_cert:
+                self.certificates = CertificateRefresher(config, self._verify, clock=clock)
         self._http = self._build_http()
         # The loop the httpx client's connections belong to (set by its first call): a
         # connection pool cannot be used from another loop, or after its loop closed.
@@ -245,6 +337,8 @@ class OrchestratorLink:
         timeout: float,
     ) -> A:
         """One HTTP attempt; the only place httpx's errors and statuses become ours."""
+        if self.certificates is not None:
+            self.certificates.refresh()
         started = self._clock.monotonic()
         try:
             with map_httpx_errors(op):

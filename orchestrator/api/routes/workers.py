@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 
+from orchestrator import tls
 from orchestrator.api.deps import CatalogDep, IdempotencyKey, WorkerCallsDep
 from orchestrator.auth import AdminDep, ClusterDep, WorkerCallerDep
 from shared import limits
@@ -22,7 +23,10 @@ StreamIdPath = Annotated[int, Path(ge=1, le=limits.MAX_STREAM_ID)]
 
 
 @router.post("/register", response_model=m.RegisterAnswer)
-async def register(req: m.RegisterRequest, caller: ClusterDep, calls: WorkerCallsDep) -> Any:
+async def register(
+    req: m.RegisterRequest, caller: ClusterDep, calls: WorkerCallsDep, request: Request
+) -> Any:
+    tls.check_worker_binding(request, req.worker_id, is_admin=caller.is_admin)
     return await calls.register(caller, req)
 
 
