@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 
 from orchestrator.api.deps import CatalogDep, IdempotencyKey, WorkerCallsDep
 from orchestrator.auth import AdminDep, ClusterDep, WorkerCallerDep
@@ -22,8 +22,16 @@ StreamIdPath = Annotated[int, Path(ge=1, le=limits.MAX_STREAM_ID)]
 
 
 @router.post("/register", response_model=m.RegisterAnswer)
-async def register(req: m.RegisterRequest, caller: ClusterDep, calls: WorkerCallsDep) -> Any:
-    return await calls.register(caller, req)
+async def register(
+    req: m.RegisterRequest, caller: ClusterDep, calls: WorkerCallsDep, request: Request
+) -> Any:
+    return await calls.register(caller, req, address=client_address(request))
+
+
+def client_address(request: Request) -> str | None:
+    """The caller's host:port as this server sees it (no proxy header is trusted)."""
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else None
 
 
 @router.post("/{worker_id}/streams/request", response_model=m.StreamsRequestAnswer)
