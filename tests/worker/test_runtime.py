@@ -21,8 +21,8 @@ from tests.worker.doubles import (
     make_runtime,
     running,
 )
-from worker.processors import StreamContext
 from worker.errors import Superseded
+from worker.processors import StreamContext
 from worker.runtime import HINT_SPREAD_S, RegistrationRefused, Runtime, WorkerSuperseded
 from worker.state import LocalState, StateStore
 
