@@ -747,6 +747,7 @@ const REFRESH_ON = {
   worker_left: ["cluster", "workers", "streams"],
   worker_draining: ["cluster", "workers", "streams"],
   worker_declared_failed: ["cluster", "workers", "streams"],
+  worker_superseded: ["cluster", "workers"],
   stream_assigned: ["cluster", "workers", "streams"],
   stream_released: ["cluster", "workers", "streams"],
   stream_reassigned: ["cluster", "workers", "streams"],
@@ -930,6 +931,10 @@ function summary(event) {
   const parts = [];
   if (event.worker_id) parts.push(event.worker_id);
   if (event.stream_id !== null && event.stream_id !== undefined) parts.push(`stream ${event.stream_id}`);
+  if (event.type === "worker_superseded") {
+    // Two hosts share one WORKER_ID: say which two, the fenced one first.
+    parts.push(`two processes share this id: ${d.previous_address || "?"} fenced by ${d.address || "?"}`);
+  }
   for (const key of ["from", "to", "owner", "reason", "token", "count", "moves", "cause", "message"]) {
     if (d[key] === undefined || d[key] === null) continue;
     const value = Array.isArray(d[key]) ? d[key].length : typeof d[key] === "object" ? "…" : d[key];
@@ -940,7 +945,7 @@ function summary(event) {
 
 function feedKind(type) {
   if (type === "worker_lost" || type === "worker_declared_failed" || type === "stream_quarantined" ||
-    type === "error") return "bad";
+    type === "worker_superseded" || type === "error") return "bad";
   if (type === "stream_reassigned" || type === "rebalance" || type === "lease_grace") return "warn";
   if (type === "worker_registered" || type === "stream_assigned") return "ok";
   return "";
