@@ -344,6 +344,9 @@ class Worker(Answer):
     lease_expires_at: datetime | None = None
     local_mode_since: datetime | None = None
     health_url: str | None = None  # extra: where its health endpoint answers, if it said
+    # Extra: the process instance holding the worker id, and where it registered from.
+    instance_id: str | None = None
+    instance_address: str | None = None
 
 
 class WorkerList(Answer):

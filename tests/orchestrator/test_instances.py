@@ -154,6 +154,7 @@ async def test_a_superseded_instance_may_not_register_again(db_url: str, clock: 
         assert (await h.heartbeat(second)).status_code == 200
         worker = (await h.client.get(f"{API}/workers/w1", headers=ADMIN)).json()
         assert worker["epoch"] == second.epoch
+        assert worker["instance_id"] == "host-b" and worker["instance_address"]
         # A third instance (a restart of the survivor) still takes over.
         third = await h.register("w1", instance_id="host-b-restarted")
         assert third.epoch == second.epoch + 1
