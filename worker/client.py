@@ -278,7 +278,7 @@ class ResilientWorkerClient:
         if self.superseded is not None:
             return False  # fenced: never again
         ok = await self._loops.guarded("register", self._register_public, lambda: False)
-        if self.registration_refused is None and not self._loops.closed and not self.superseded:
+        if self.registration_refused is None and not self._loops.closed and self.superseded is None:
             self._loops.keepalive_wanted = True
             self._loops.start_keepalive()
         return ok
