@@ -145,6 +145,10 @@ async def note_refusal(ctx: Context, worker_id: str, error: ApiError) -> None:
     if details.get("reason") != StaleReason.SUPERSEDED or previous is None:
         return
 
+    def unreported(superseded: list[Any] | None) -> dict[str, Any] | None:
+        entry = _entry_for_instance(superseded, previous)
+        return None if entry is None or entry.get("reported") else entry
+
     async def work(session: AsyncSession) -> dict[str, Any] | None:
         row = await ownership.lock_worker(session, worker_id)
         if row is None:
@@ -169,6 +173,16 @@ async def note_refusal(ctx: Context, worker_id: str, error: ApiError) -> None:
         return data
 
     try:
+        # Reported already (the usual case for every refusal after the first): a read, no
+        # write transaction per refused call.
+        async with ctx.db.read() as session:
+            stored = (
+                await session.execute(
+                    select(WorkerRow.superseded).where(WorkerRow.worker_id == worker_id)
+                )
+            ).scalar_one_or_none()
+        if unreported(stored) is None:
+            return
         # Views carry no identity: nothing a heartbeat answers with changes.
         data = await ctx.db.write(work, changes=False)
     except Exception:

@@ -92,6 +92,8 @@ async def test_two_processes_with_one_worker_id(tmp_path: Path) -> None:
             )
             assert at(event) - at(takeover) <= 2 * INTERVAL_S
             assert data["instance"] in lines[0]
+            metrics = (await orch.http.get("/metrics")).text
+            assert "streamherd_workers_superseded_total 1.0" in metrics
 
             # The survivor runs all six under the same tokens, and the epoch stays put.
             assert await orch.owned_by("w1") == tokens
