@@ -32,6 +32,7 @@ const state = {
   lastEventId: null,
   lastBeatAt: null,
   feedPaused: false,
+  superseded: new Map(),      // worker id -> the last worker_superseded event's data
   pending: new Set(),
   debounceTimer: null,
   inFlight: new Set(),
@@ -473,7 +474,7 @@ function workerRow(w) {
       `local ${formatAge(age(w.local_mode_since))}`)
     : h("span", { class: "muted" }, "—");
   return h("tr", { class: `state-${w.state}`, dataset: { worker: w.worker_id, state: w.state } },
-    h("td", { class: "mono strong" }, w.worker_id, healthLink(w)),
+    h("td", { class: "mono strong" }, w.worker_id, healthLink(w), supersededBadge(w)),
     h("td", {}, badge(w.state)),
     h("td", { class: "w-load" },
       h("span", { class: "load" },
@@ -510,6 +511,16 @@ function healthLink(w) {
   if (url.protocol !== "http:" && url.protocol !== "https:") return null;
   return h("a", { class: "chip health-link", href: url.href, target: "_blank",
     rel: "noopener noreferrer", title: `its health endpoint: ${url.href}` }, "health");
+}
+
+// Two processes registered this worker id (worker_superseded seen in the feed): the
+// newcomer holds it, the other was fenced and exited.
+function supersededBadge(w) {
+  const d = state.superseded.get(w.worker_id);
+  if (!d) return null;
+  return h("span", { class: "badge badge-superseded",
+    title: `two processes share this WORKER_ID: ${d.previous_address || "?"} was fenced by ${d.address || "?"}` },
+  "2 processes");
 }
 
 function tickAges() {
@@ -966,6 +977,9 @@ function prependFeed(row) {
 }
 
 function addFeedEvent(event) {
+  if (event.type === "worker_superseded" && event.worker_id) {
+    state.superseded.set(event.worker_id, event.data || {});
+  }
   prependFeed(feedEventRow(event));
 }
 
