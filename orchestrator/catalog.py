@@ -132,6 +132,8 @@ class Catalog:
             lease_expires_at=from_timestamp(lease),
             local_mode_since=from_timestamp(row.local_mode_since),
             health_url=row.health_url,
+            instance_id=row.instance_id,
+            instance_address=row.instance_address,
         )
 
     async def _held_counts(self, session: AsyncSession) -> dict[str, int]:

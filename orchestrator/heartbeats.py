@@ -20,7 +20,7 @@ from typing import Any, cast
 from sqlalchemy import Row, Table, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator import ownership
+from orchestrator import identity, ownership
 from orchestrator.auth import Caller, same_hash
 from orchestrator.context import Context
 from orchestrator.db import Database
@@ -308,7 +308,7 @@ class Heartbeats:
         now = self.ctx.clock.wall()
         view = self.views.get(worker_id)
         if view is None or not self._view_accepts(view, caller, req.epoch, now):
-            view = await self._load_view(caller, worker_id, req.epoch, now)
+            view = await self._checked_view(caller, worker_id, req.epoch, now)
         # Only now is the capacity known; the body's parse is bounded by MAX_HELD.
         check_held_length(len(req.held), view.capacity)
         held = {h.stream_id for h in req.held}
@@ -325,8 +325,11 @@ class Heartbeats:
             if not await self.book.save_now(
                 self.ctx.db, worker_id, view.epoch, now, ttl, req.stats
             ):
-                await self._load_view(caller, worker_id, req.epoch, now)  # raises why
-                raise StaleEpoch("this session ended: register again")
+                await self._checked_view(caller, worker_id, req.epoch, now)  # raises why
+                raise StaleEpoch(
+                    "this session ended: register again",
+                    details=identity.lease_expired_details(view.epoch),
+                )
             expires = now + ttl
         else:
             expires = self.book.renew(worker_id, view.epoch, now, ttl, req.stats)
@@ -380,6 +383,16 @@ class Heartbeats:
         if epoch != view.epoch or view.state not in LEASED_STATES:
             return False
         return self.book.lease_end(view) >= now
+
+    async def _checked_view(
+        self, caller: Caller, worker_id: str, epoch: int, now: float
+    ) -> WorkerView:
+        """``_load_view``; a refusal that shows a superseded instance alive is recorded."""
+        try:
+            return await self._load_view(caller, worker_id, epoch, now)
+        except StaleEpoch as exc:
+            await identity.note_refusal(self.ctx, worker_id, exc)
+            raise
 
     async def _load_view(
         self, caller: Caller, worker_id: str, epoch: int, now: float

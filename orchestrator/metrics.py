@@ -53,6 +53,12 @@ class OrchestratorMetrics:
         self.quarantines = Counter(
             "streamherd_quarantines", "Streams quarantined after repeated failures.", registry=r
         )
+        self.workers_superseded = Counter(
+            "streamherd_workers_superseded",
+            "Worker processes fenced because another live process registered their worker id"
+            " (two hosts sharing a WORKER_ID).",
+            registry=r,
+        )
         self.heartbeats = Counter(
             "streamherd_heartbeats", "Heartbeats accepted by this replica.", registry=r
         )

@@ -41,6 +41,16 @@ class WorkerRow(Base):
     local_mode_since: Mapped[float | None] = mapped_column(Float)
     # Where the worker's health endpoint answers, as it advertised at register (or None).
     health_url: Mapped[str | None] = mapped_column(Text)
+    # The process instance holding the current epoch, and where it registered from (None:
+    # none yet, or only clients that send no instance id; ``identity.py``).
+    instance_id: Mapped[str | None] = mapped_column(String(64))
+    instance_address: Mapped[str | None] = mapped_column(String(255))
+    # The epoch at which another instance last took this worker id over: any session of an
+    # earlier epoch belongs to a superseded instance.
+    takeover_epoch: Mapped[int | None] = mapped_column(BigInteger)
+    # The last few instances taken over (``identity.MAX_SUPERSEDED``), newest last:
+    # {"instance", "address", "by", "by_address", "epoch", "at", "reported"}.
+    superseded: Mapped[list[Any] | None] = mapped_column(JSON)
 
     __table_args__ = (Index("ix_workers_state_lease", "state", "lease_expires_at"),)
 

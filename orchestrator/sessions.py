@@ -12,9 +12,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from orchestrator import identity
 from orchestrator.auth import Caller, same_hash
 from orchestrator.errors import Forbidden, NotFound, StaleEpoch, Unauthorized
 from orchestrator.models import LEASED_STATES, ClusterRow, WorkerSessionRow
+from shared.errors import StaleReason
 
 
 async def last_reaper_at(session: AsyncSession) -> float | None:
@@ -59,10 +61,16 @@ async def reject_session(
         raise Unauthorized("invalid session token")
     if old.worker_id != worker_id:
         raise Forbidden("this session belongs to another worker")
-    raise StaleEpoch(
-        "this session ended: register again",
-        details={"epoch": old.epoch, "current_epoch": row.epoch if row is not None else None},
+    details = await identity.stale_details(
+        session, worker_id, old.epoch, row.epoch if row is not None else None
     )
+    if details["reason"] == StaleReason.SUPERSEDED:
+        raise StaleEpoch(
+            "another process registered this worker id and superseded this one: stop, and"
+            " do not register again",
+            details=details,
+        )
+    raise StaleEpoch("this session ended: register again", details=details)
 
 
 class SessionGuard:
@@ -99,15 +107,17 @@ class SessionGuard:
         if epoch is not None and epoch != row.epoch:
             raise StaleEpoch(
                 "the epoch is not the worker's current one: register again",
-                details={"epoch": epoch, "current_epoch": row.epoch},
+                details=await identity.stale_details(session, worker_id, epoch, row.epoch),
             )
         if caller.is_admin:
             return
         if row.state not in LEASED_STATES:
             raise StaleEpoch(
-                f"the worker is {row.state}: register again", details={"current_epoch": row.epoch}
+                f"the worker is {row.state}: register again",
+                details=identity.lease_expired_details(row.epoch),
             )
         if await lease_expired(session, lease_end, now, self._outage_gap):
             raise StaleEpoch(
-                "the worker's lease expired: register again", details={"current_epoch": row.epoch}
+                "the worker's lease expired: register again",
+                details=identity.lease_expired_details(row.epoch),
             )

@@ -17,7 +17,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
-from orchestrator import idempotency, ownership, view_sync
+from orchestrator import idempotency, identity, ownership, view_sync
 from orchestrator.auth import Caller, hash_token, new_session_token
 from orchestrator.context import Context
 from orchestrator.errors import Conflict, NotFound, StaleEpoch
@@ -56,7 +56,10 @@ class WorkerCalls:
         self.book = book
         self.sessions = sessions
 
-    async def register(self, caller: Caller, req: m.RegisterRequest) -> m.RegisterAnswer:
+    async def register(
+        self, caller: Caller, req: m.RegisterRequest, *, address: str | None = None
+    ) -> m.RegisterAnswer:
+        """``address``: where the call came from (host:port), recorded with the instance."""
         token = new_session_token()
         token_hash = hash_token(token)
         wid = req.worker_id
@@ -82,7 +85,10 @@ class WorkerCalls:
                 )
                 row = await ownership.lock_worker(session, wid)
                 assert row is not None
+            if req.instance_id is not None:
+                identity.refuse_superseded(row, req.instance_id)
             previous = row.state
+            took_over = identity.adopt(row, req.instance_id, address, epoch=row.epoch + 1, now=now)
             row.epoch += 1
             row.state = WorkerState.ACTIVE
             row.capacity = req.capacity
@@ -129,6 +135,9 @@ class WorkerCalls:
                 handed_back=len(settled.assign),
                 dropped=len(settled.drop),
                 local_mode_since=req.local_mode_since.isoformat() if req.local_mode_since else None,
+                instance=req.instance_id,
+                address=address,
+                previous_instance=took_over,
             )
             self.ctx.metrics.assignments.inc(len(settled.assign))
             return m.RegisterAnswer(
@@ -142,9 +151,14 @@ class WorkerCalls:
             )
 
         try:
-            answer = await self.ctx.db.write(work)
-        except sa_exc.IntegrityError:
-            answer = await self.ctx.db.write(work)  # a twin registration created the row first
+            try:
+                answer = await self.ctx.db.write(work)
+            except sa_exc.IntegrityError:
+                # A twin registration created the row first.
+                answer = await self.ctx.db.write(work)
+        except Conflict as exc:
+            await identity.note_refusal(self.ctx, wid, exc)
+            raise
         self.book.forget(wid)
         log.info(
             "orchestrator.worker_registered",
@@ -198,6 +212,9 @@ class WorkerCalls:
 
         try:
             return await self.ctx.db.write(txn)
+        except StaleEpoch as exc:
+            await identity.note_refusal(self.ctx, worker_id, exc)
+            raise
         except sa_exc.IntegrityError:
             if key is None:
                 raise

@@ -33,3 +33,15 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
 }
+
+
+class StaleReason(StrEnum):
+    """Why a session is over: ``details.reason`` of every ``409 STALE_EPOCH`` (v1.1), and of
+    the ``409 CONFLICT`` that refuses a superseded instance's registration."""
+
+    # The caller's epoch is current, but its lease ran out or an admin declared it lost.
+    LEASE_EXPIRED = "lease_expired"
+    # The same instance (or a client that sends no instance id) registered again since.
+    RE_REGISTERED = "re_registered"
+    # Another live instance registered this worker id: stop, and never register again.
+    SUPERSEDED = "superseded"

@@ -8,6 +8,8 @@ from typing import Final
 
 WORKER_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 WORKER_ID_RE: Final = re.compile(WORKER_ID_PATTERN)
+# A worker process's instance id (register's ``instance_id``): random per process start.
+INSTANCE_ID_PATTERN: Final = r"^[A-Za-z0-9._-]{1,64}$"
 MAX_CAPACITY: Final = 100_000
 MAX_HELD: Final = MAX_CAPACITY
 # Per session the orchestrator takes a tighter bound than MAX_HELD: see ``max_held_for``.

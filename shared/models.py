@@ -25,6 +25,7 @@ from pydantic import (
 from shared import limits
 
 WorkerId = Annotated[str, StringConstraints(pattern=limits.WORKER_ID_PATTERN)]
+InstanceId = Annotated[str, StringConstraints(pattern=limits.INSTANCE_ID_PATTERN)]
 StreamId = Annotated[int, Field(ge=1, le=limits.MAX_STREAM_ID)]
 Token = Annotated[int, Field(ge=0, le=limits.MAX_STREAM_ID)]
 Epoch = Annotated[int, Field(ge=1, le=limits.MAX_STREAM_ID)]
@@ -203,12 +204,16 @@ class RegisterRequest(Request):
     # (the dashboard links to it). Sent only when set, so an orchestrator that does not
     # know the field still takes a registration without it.
     health_url: WebUrl | None = None
+    # v1.1: random per process start; a later registration by another instance supersedes
+    # this one (its calls get STALE_EPOCH reason "superseded"). None: a v1.0 client.
+    instance_id: InstanceId | None = None
 
     @model_serializer(mode="wrap")
     def _without_unset_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("health_url") is None:
-            data.pop("health_url", None)
+        for optional in ("health_url", "instance_id"):
+            if data.get(optional) is None:
+                data.pop(optional, None)
         return data
 
 
@@ -339,6 +344,9 @@ class Worker(Answer):
     lease_expires_at: datetime | None = None
     local_mode_since: datetime | None = None
     health_url: str | None = None  # extra: where its health endpoint answers, if it said
+    # Extra: the process instance holding the worker id, and where it registered from.
+    instance_id: str | None = None
+    instance_address: str | None = None
 
 
 class WorkerList(Answer):

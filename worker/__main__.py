@@ -2,8 +2,10 @@
 
 Exit status: 0 after a graceful stop, 2 for a setting that makes no sense (one line on
 stderr, no traceback), including a ``WORKER_TOKEN`` the orchestrator refuses at the first
-registration, 1 when start-up fails otherwise (port taken), 128+signal when a second signal
-cuts the graceful stop short.
+registration, 1 when start-up fails otherwise (port taken), 3 when another process registered
+the same ``WORKER_ID`` and the orchestrator fenced this one (one line on stderr naming the
+other; the streams were stopped first), 128+signal when a second signal cuts the graceful
+stop short.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from worker.config import PROG, ConfigError, WorkerSettings, load_settings
 from worker.health import HealthServer
 from worker.host import HostFigures
 from worker.processors import build_processor
-from worker.runtime import RegistrationRefused, Runtime, describe
+from worker.runtime import RegistrationRefused, Runtime, WorkerSuperseded, describe
 
 logger = logging.getLogger("worker")
 
 EXIT_OK = 0
 EXIT_STARTUP = 1
 EXIT_CONFIG = 2
+EXIT_SUPERSEDED = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -82,6 +85,9 @@ async def serve(settings: WorkerSettings) -> int:
         await runtime.run(stop)
     except RegistrationRefused as exc:
         raise ConfigError(_refused_token_message(settings, exc)) from None
+    except WorkerSuperseded as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_SUPERSEDED
     except Exception as exc:
         logger.error(
             "worker.failed", extra={"worker_id": settings.worker_id, "error": describe(exc)}

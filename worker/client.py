@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +59,7 @@ from worker.errors import (
     OrchestratorUnavailable,
     RequestRejected,
     StaleEpochError,
+    Superseded,
 )
 from worker.holdings import Holdings
 from worker.keepalive import KeepAlive
@@ -90,8 +92,15 @@ class ResilientWorkerClient:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Clock = SYSTEM_CLOCK,
         metrics: WorkerMetrics | None = None,
+        instance_id: str | None = None,
     ) -> None:
         self.config = config
+        # This process's instance of the worker id, new at every start (sent at register):
+        # a registration by another instance supersedes this one (``superseded``).
+        self.instance_id = instance_id or uuid.uuid4().hex
+        # Set when the orchestrator fenced us (another live process registered our worker
+        # id): nothing is held, processed, sent or written after it.
+        self.superseded: Superseded | None = None
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self._clock = clock
         self._link = OrchestratorLink(
@@ -266,8 +275,10 @@ class ResilientWorkerClient:
         our credentials were refused) the keep-alive starts: it keeps the lease, or keeps
         trying to join, in the background.
         """
+        if self.superseded is not None:
+            return False  # fenced: never again
         ok = await self._loops.guarded("register", self._register_public, lambda: False)
-        if self.registration_refused is None and not self._loops.closed:
+        if self.registration_refused is None and not self._loops.closed and self.superseded is None:
             self._loops.keepalive_wanted = True
             self._loops.start_keepalive()
         return ok
@@ -311,6 +322,8 @@ class ResilientWorkerClient:
             return True
 
     async def _beat(self) -> bool:
+        if self.superseded is not None:
+            return False
         if self.keepalive is not None:
             self.keepalive.beat_started()
         if self.local_mode_active:
@@ -521,7 +534,7 @@ class ResilientWorkerClient:
         """Seed 001's sections (``client_info``, ``local_state``, ``circuit_breaker``,
         ``orchestrator_status``, ``metrics``, ``configuration``) and ours."""
         try:
-            return detailed_status(
+            status = detailed_status(
                 self._health(),
                 config=self.config,
                 heartbeat_interval_s=self.heartbeat_interval_s,
@@ -533,6 +546,18 @@ class ResilientWorkerClient:
                 budget=self._link.budget,
                 keepalive=self.keepalive,
             )
+            status["instance_id"] = self.instance_id
+            fenced = self.superseded
+            status["superseded"] = (
+                None
+                if fenced is None
+                else {
+                    "by_instance": fenced.instance,
+                    "by_address": fenced.address,
+                    "message": fenced.line(self.config.worker_id),
+                }
+            )
+            return status
         except Exception:
             log.exception("worker.client_call_failed", extra=self._loops.call_fields("status"))
             return {}
@@ -540,6 +565,8 @@ class ResilientWorkerClient:
     # --- the calls behind the public methods -----------------------------------------
 
     async def _register(self) -> bool:
+        if self.superseded is not None:
+            return False
         await self.load_state()
         if self.keepalive is not None:
             self.keepalive.beat_started()  # a registration renews the lease like a beat
@@ -551,6 +578,7 @@ class ResilientWorkerClient:
             local_mode_since=self._state.local_mode_since,
             history=list(self._holdings.history.values()),
             health_url=self.health_url,
+            instance_id=self.instance_id,
         )
         try:
             answer = await self._call(
@@ -707,6 +735,8 @@ class ResilientWorkerClient:
         refused (logged).
         """
         for first_try in (True, False):
+            if self.superseded is not None:
+                return None
             seen_epoch = self.epoch
             sent = body()
             try:
@@ -753,8 +783,41 @@ class ResilientWorkerClient:
             if op is not Operation.LEAVE:
                 await self._local.enter(op, exc)
             raise
+        except Superseded as exc:
+            await self._fence(exc)
+            raise
         self._state.last_contact = datetime.fromtimestamp(self._clock.wall(), UTC)
         return answer
+
+    async def _fence(self, exc: Superseded) -> None:
+        """Another process registered our worker id: let go of everything, for good.
+
+        The streams are that process's now. Nothing is written to the state file any more
+        (a copied configuration may share its directory), no call goes out, and
+        ``register()`` answers False without calling. The runtime exits on it.
+        """
+        if self.superseded is not None:
+            return
+        self.superseded = exc
+        self.is_registered = False
+        self._session_token = None
+        self._loops.keepalive_wanted = False
+        self._saved.detach()
+        self._holdings.forget(list(self._holdings.held))
+        self._holdings.pending_release = []
+        self._local.leave()
+        log.error(
+            "worker.superseded",
+            extra={
+                "worker_id": self.config.worker_id,
+                "instance": self.instance_id,
+                "by_instance": exc.instance,
+                "by_address": exc.address,
+                "epoch": self.epoch,
+            },
+        )
+        if self.keepalive is not None:
+            await self.keepalive.stop()  # from its own task: it just ends after this beat
 
     # --- small things ----------------------------------------------------------------
 

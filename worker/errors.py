@@ -11,7 +11,9 @@
     │   └── CircuitOpenError           the breaker refuses calls: fail fast, never retried
     ├── RequestRejected                a 4xx for our own request: not retried, neutral for
     │   │                              the breaker (carries status, code, message, details)
-    │   └── StaleEpochError            409 STALE_EPOCH: register again, presenting what we hold
+    │   ├── StaleEpochError            409 STALE_EPOCH: register again, presenting what we hold
+    │   └── Superseded                 409 STALE_EPOCH or CONFLICT, reason "superseded":
+    │                                  another process registered our worker id; stop for good
     ├── InvalidAnswer                  a 2xx whose body does not match the contract
     └── ClientClosed                   the client was closed (shutdown) before the call
 
@@ -95,3 +97,28 @@ class InvalidAnswer(OrchestratorError):
 
 class ClientClosed(OrchestratorError):
     """The client was closed; no more calls go out."""
+
+
+class Superseded(RequestRejected):
+    """Another live process registered our worker id and the orchestrator fenced us
+    (``details.reason`` "superseded"): stop every stream and never register again."""
+
+    @property
+    def instance(self) -> str | None:
+        """The instance that took the worker id over, if the orchestrator said."""
+        value = self.details.get("instance")
+        return value if isinstance(value, str) else None
+
+    @property
+    def address(self) -> str | None:
+        """Where that instance registered from (host:port), if the orchestrator said."""
+        value = self.details.get("address")
+        return value if isinstance(value, str) else None
+
+    def line(self, worker_id: str) -> str:
+        """The one line a superseded worker process exits with."""
+        return (
+            f"worker {worker_id} superseded by another process"
+            f" (instance {self.instance or 'unknown'}) registered from"
+            f" {self.address or 'an unknown address'}; exiting: two hosts share WORKER_ID"
+        )

@@ -114,3 +114,10 @@ class StatePersistence:
     def close(self) -> None:
         """No write is scheduled any more (``persist()`` still writes)."""
         self._closed = True
+
+    def detach(self) -> None:
+        """Never write again: another process holds this worker id (and may share the
+        state directory); what is in memory stays there."""
+        self.cancel_task()
+        self._store = None
+        self._closed = True

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.limits import MAX_ERROR_LEN
 from shared.models import Assignment, FailureAnswer
-from worker.errors import RequestRejected
+from worker.errors import RequestRejected, Superseded
 from worker.host import HostFigures
 from worker.metrics import WorkerMetrics
 from worker.processors import Processor, StreamContext, stream_logger
@@ -53,6 +53,8 @@ class WorkerClient(Protocol):
     def metrics(self) -> WorkerMetrics: ...
     @property
     def registration_refused(self) -> RequestRejected | None: ...
+    @property
+    def superseded(self) -> Superseded | None: ...
 
     async def load_state(self) -> None: ...
     async def register(self) -> bool: ...
@@ -75,6 +77,15 @@ class RegistrationRefused(Exception):
 
     def __init__(self, refusal: RequestRejected) -> None:
         super().__init__(f"{refusal.status} {refusal.code}: {refusal}")
+        self.refusal = refusal
+
+
+class WorkerSuperseded(Exception):
+    """Another live process registered our worker id and the orchestrator fenced us: the
+    streams were stopped, and this process must end (two hosts share one WORKER_ID)."""
+
+    def __init__(self, worker_id: str, refusal: Superseded) -> None:
+        super().__init__(refusal.line(worker_id))
         self.refusal = refusal
 
 
@@ -211,6 +222,7 @@ class Runtime:
         sampler = self._start_host_figures(stop)
         try:
             await self._unless_stopped(stop, self.start())
+            self._check_superseded()
             next_beat = self._clock() + self.client.heartbeat_interval_s
             extra_beat = float("inf")  # one asked for by the orchestrator (a hint)
             if not stop.is_set():
@@ -223,6 +235,7 @@ class Runtime:
                     if now >= next_beat:
                         next_beat = now + self.client.heartbeat_interval_s
                 await self._unless_stopped(stop, self._pass(beat=beat))
+                self._check_superseded()
                 if beat:
                     # The pass may have (re-)registered and learned a shorter interval
                     # than the one the next beat was planned with: the lease it was just
@@ -243,6 +256,15 @@ class Runtime:
                     await sampler
             await self.shutdown()
         return self.counts
+
+    def _check_superseded(self) -> None:
+        """Fenced: stop asking for anything and end the run (its shutdown stops the
+        processors; the client, fenced, neither leaves nor writes its state)."""
+        refusal = self.client.superseded
+        if refusal is None:
+            return
+        self._accepting = False
+        raise WorkerSuperseded(self.worker_id, refusal)
 
     def _start_host_figures(self, stop: asyncio.Event) -> asyncio.Task[None] | None:
         """Measure the host beside the loop, once per heartbeat interval: the client puts

@@ -20,7 +20,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from shared.clock import SYSTEM_CLOCK, Clock
-from shared.errors import ErrorCode
+from shared.errors import ErrorCode, StaleReason
 from shared.models import Answer, ErrorBody
 from worker.breaker import BreakerState, CircuitBreaker, StateChange
 from worker.config import ClientConfig
@@ -37,6 +37,7 @@ from worker.errors import (
     RequestTimedOut,
     ServerError,
     StaleEpochError,
+    Superseded,
 )
 from worker.metrics import (
     OUTCOME_CIRCUIT_OPEN,
@@ -394,6 +395,8 @@ def _status_error(op: Operation, response: httpx.Response, *, now: float) -> Orc
         return RateLimited(f"{op.value}: {message}", status=status, retry_after=retry_after)
     if status >= 500:
         return ServerError(f"{op.value}: {message}", status=status, retry_after=retry_after)
+    if status == 409 and details.get("reason") == StaleReason.SUPERSEDED:
+        return Superseded(message, status=status, code=code, details=details)
     if status == 409 and code == ErrorCode.STALE_EPOCH:
         return StaleEpochError(message, status=status, code=code, details=details)
     return RequestRejected(message, status=status, code=code, details=details)

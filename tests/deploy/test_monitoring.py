@@ -563,3 +563,10 @@ async def test_dashboard_and_alerts_select_only_what_real_processes_export(
         for problem in exported.problems(f"alert {rule['alert']}", rule["expr"], PROMETHEUS_OWN)
     ]
     assert not problems, "\n".join(problems)
+
+
+def test_a_fenced_worker_is_not_restarted_by_systemd() -> None:
+    """Exit 3 (superseded by another host with the same id) is final, like exit 2."""
+    d = unit_directives(SYSTEMD / "streamherd-worker@.service")
+    (statuses,) = d["RestartPreventExitStatus"]
+    assert set(statuses.split()) >= {"2", "3"}

@@ -16,7 +16,7 @@ from typing import Any
 
 from devkit.poll import eventually as poll_until
 from shared.models import Assignment, FailureAnswer, utcnow
-from worker.errors import RequestRejected
+from worker.errors import RequestRejected, Superseded
 from worker.metrics import WorkerMetrics
 from worker.processors import ProcessorKind, StreamContext
 from worker.runtime import Runtime
@@ -52,6 +52,8 @@ class FakeClient:
         self.rejecting = rejecting  # reachable, but refuses to register us (not our token)
         self.bad_token = bad_token  # reachable, but refuses our cluster token (401)
         self.registration_refused: RequestRejected | None = None
+        # Set by a test: the orchestrator fenced us (another process has our worker id).
+        self.superseded: Superseded | None = None
         self.drop_on_quarantine = drop_on_quarantine
         self.capacity = capacity
         self.pool = list(pool or [])
@@ -87,6 +89,13 @@ class FakeClient:
     def drop(self, stream_id: int) -> None:
         self._assigned.pop(stream_id, None)
         self._revoked.discard(stream_id)
+
+    def fence(self, refusal: Superseded) -> None:
+        """As the real client on a ``superseded`` answer: nothing held, no session."""
+        self.superseded = refusal
+        self.is_registered = False
+        self._assigned.clear()
+        self._revoked.clear()
 
     # --- the client's interface ---------------------------------------------------------
 

@@ -21,8 +21,9 @@ from tests.worker.doubles import (
     make_runtime,
     running,
 )
+from worker.errors import Superseded
 from worker.processors import StreamContext
-from worker.runtime import HINT_SPREAD_S, RegistrationRefused, Runtime
+from worker.runtime import HINT_SPREAD_S, RegistrationRefused, Runtime, WorkerSuperseded
 from worker.state import LocalState, StateStore
 
 
@@ -501,3 +502,34 @@ async def test_a_beat_that_learns_a_shorter_interval_beats_again_by_it() -> None
         clock.now += 1.0  # the new interval, not the 5 s the beat was planned with
         runtime._wake.set()
         await eventually(lambda: client.beats == 2)
+
+
+async def test_a_superseded_client_stops_every_stream_and_ends_the_run() -> None:
+    """Fenced (another process registered our worker id): the processors stop, nothing is
+    asked for or released, and run() raises with the one line naming the other process."""
+    client = FakeClient(capacity=2, pool=[assignment(1), assignment(2)])
+    proc = Recorder()
+    runtime = make_runtime(client, proc)
+    stop = asyncio.Event()
+    run = asyncio.create_task(runtime.run(stop))
+    try:
+        await eventually(lambda: proc.running_ids() == {1, 2})
+        client.fence(
+            Superseded(
+                "superseded",
+                status=409,
+                code="STALE_EPOCH",
+                details={"reason": "superseded", "instance": "b1", "address": "10.0.0.2:4711"},
+            )
+        )
+        with pytest.raises(WorkerSuperseded) as raised:
+            await asyncio.wait_for(run, 10)
+    finally:
+        stop.set()
+    assert str(raised.value) == (
+        "worker w1 superseded by another process (instance b1) registered from 10.0.0.2:4711;"
+        " exiting: two hosts share WORKER_ID"
+    )
+    assert sorted(proc.stopped) == [1, 2]
+    assert runtime.phase == "stopped"
+    assert client.released == []

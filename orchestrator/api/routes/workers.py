@@ -27,7 +27,13 @@ async def register(
     req: m.RegisterRequest, caller: ClusterDep, calls: WorkerCallsDep, request: Request
 ) -> Any:
     tls.check_worker_binding(request, req.worker_id, is_admin=caller.is_admin)
-    return await calls.register(caller, req)
+    return await calls.register(caller, req, address=client_address(request))
+
+
+def client_address(request: Request) -> str | None:
+    """The caller's host:port as this server sees it (no proxy header is trusted)."""
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else None
 
 
 @router.post("/{worker_id}/streams/request", response_model=m.StreamsRequestAnswer)

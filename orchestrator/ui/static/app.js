@@ -32,6 +32,7 @@ const state = {
   lastEventId: null,
   lastBeatAt: null,
   feedPaused: false,
+  superseded: new Map(),      // worker id -> the last worker_superseded event's data
   pending: new Set(),
   debounceTimer: null,
   inFlight: new Set(),
@@ -473,7 +474,7 @@ function workerRow(w) {
       `local ${formatAge(age(w.local_mode_since))}`)
     : h("span", { class: "muted" }, "—");
   return h("tr", { class: `state-${w.state}`, dataset: { worker: w.worker_id, state: w.state } },
-    h("td", { class: "mono strong" }, w.worker_id, healthLink(w)),
+    h("td", { class: "mono strong" }, w.worker_id, healthLink(w), supersededBadge(w)),
     h("td", {}, badge(w.state)),
     h("td", { class: "w-load" },
       h("span", { class: "load" },
@@ -510,6 +511,16 @@ function healthLink(w) {
   if (url.protocol !== "http:" && url.protocol !== "https:") return null;
   return h("a", { class: "chip health-link", href: url.href, target: "_blank",
     rel: "noopener noreferrer", title: `its health endpoint: ${url.href}` }, "health");
+}
+
+// Two processes registered this worker id (worker_superseded seen in the feed): the
+// newcomer holds it, the other was fenced and exited.
+function supersededBadge(w) {
+  const d = state.superseded.get(w.worker_id);
+  if (!d) return null;
+  return h("span", { class: "badge badge-superseded",
+    title: `two processes share this WORKER_ID: ${d.previous_address || "?"} was fenced by ${d.address || "?"}` },
+  "2 processes");
 }
 
 function tickAges() {
@@ -747,6 +758,7 @@ const REFRESH_ON = {
   worker_left: ["cluster", "workers", "streams"],
   worker_draining: ["cluster", "workers", "streams"],
   worker_declared_failed: ["cluster", "workers", "streams"],
+  worker_superseded: ["cluster", "workers"],
   stream_assigned: ["cluster", "workers", "streams"],
   stream_released: ["cluster", "workers", "streams"],
   stream_reassigned: ["cluster", "workers", "streams"],
@@ -930,6 +942,10 @@ function summary(event) {
   const parts = [];
   if (event.worker_id) parts.push(event.worker_id);
   if (event.stream_id !== null && event.stream_id !== undefined) parts.push(`stream ${event.stream_id}`);
+  if (event.type === "worker_superseded") {
+    // Two hosts share one WORKER_ID: say which two, the fenced one first.
+    parts.push(`two processes share this id: ${d.previous_address || "?"} fenced by ${d.address || "?"}`);
+  }
   for (const key of ["from", "to", "owner", "reason", "token", "count", "moves", "cause", "message"]) {
     if (d[key] === undefined || d[key] === null) continue;
     const value = Array.isArray(d[key]) ? d[key].length : typeof d[key] === "object" ? "…" : d[key];
@@ -940,7 +956,7 @@ function summary(event) {
 
 function feedKind(type) {
   if (type === "worker_lost" || type === "worker_declared_failed" || type === "stream_quarantined" ||
-    type === "error") return "bad";
+    type === "worker_superseded" || type === "error") return "bad";
   if (type === "stream_reassigned" || type === "rebalance" || type === "lease_grace") return "warn";
   if (type === "worker_registered" || type === "stream_assigned") return "ok";
   return "";
@@ -961,6 +977,9 @@ function prependFeed(row) {
 }
 
 function addFeedEvent(event) {
+  if (event.type === "worker_superseded" && event.worker_id) {
+    state.superseded.set(event.worker_id, event.data || {});
+  }
   prependFeed(feedEventRow(event));
 }
 
