@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,6 +37,14 @@ def _rows(path: Path) -> list[tuple[int, int, str]]:
             )
         except sqlite3.OperationalError:  # not created yet
             return []
+
+
+def _saved(path: Path, key: str) -> Any:
+    """One field of a worker's state file; None until it is written."""
+    try:
+        return json.loads(path.read_text())[key]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 async def test_a_partitioned_owner_cannot_write_after_the_new_owner(
@@ -158,10 +167,7 @@ async def test_streams_given_up_during_an_outage_are_handed_back_not_resumed(
     state = w1.state_dir / "worker-w1.json"
 
     def pending() -> list[int] | None:
-        try:
-            return list(json.loads(state.read_text())["pending_release"])
-        except (OSError, ValueError, KeyError):
-            return None  # not written yet
+        return _saved(state, "pending_release")
 
     def intent_recorded() -> bool:
         return pending() == [given_up]
@@ -223,9 +229,11 @@ async def test_a_stream_failing_during_an_outage_is_given_up_and_released_on_ret
     await eventually(
         lambda: "reason=failing" in w1.log_text(), timeout=60, what="w1 giving the stream up"
     )
-    saved = json.loads((w1.state_dir / "worker-w1.json").read_text())
-    assert saved["pending_release"] == [failing]
-    assert str(failing) not in saved["held"]
+    state = w1.state_dir / "worker-w1.json"
+    await eventually(
+        lambda: _saved(state, "pending_release") == [failing], timeout=60, what="the intent"
+    )
+    assert str(failing) not in _saved(state, "held")
 
     await orch.start()
 
