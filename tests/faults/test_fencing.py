@@ -114,10 +114,20 @@ async def test_a_partitioned_owner_cannot_write_after_the_new_owner(
     assert f"stream_id={sid} reason=reassigned" in w1.log_text()
 
 
-async def test_tokens_keep_rising_across_delete_and_re_create(make_cluster: MakeCluster) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def cluster_database(request: pytest.FixtureRequest) -> str | None:
+    """None: the cluster's own SQLite file; else a migrated PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_databases").new()  # type: ignore[no-any-return]
+
+
+async def test_tokens_keep_rising_across_delete_and_re_create(
+    make_cluster: MakeCluster, cluster_database: str | None
+) -> None:
     """A stream deleted and created again under its id runs under a token above every one
     it had before, on the real worker as in the catalogue."""
-    cluster = await make_cluster()
+    cluster = await make_cluster(database_url=cluster_database)
     r = await cluster.admin("POST", "/streams", json={"streams": [{"id": 77, "name": "radio"}]})
     assert r.status_code == 201, r.text
     w1 = await cluster.add_worker("w1", 1)
