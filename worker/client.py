@@ -695,10 +695,10 @@ class ResilientWorkerClient:
                 # Given up while away: released before the reconcile, which would hand a
                 # stream we still own but no longer list straight back to us.
                 await self._flush_pending_release()
+                await self._saved.persist()
                 if not self.local_mode_active:
                     return True  # the release's session was over: a registration answered
                 if self._holdings.pending_release:
-                    await self._saved.persist()
                     return False
             result = await self._session_call(
                 Operation.RECONCILE,

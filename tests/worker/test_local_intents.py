@@ -148,3 +148,26 @@ async def test_a_stream_failing_in_local_mode_is_given_up_after_the_threshold() 
     assert client.calls.count("failure:2") == 3
     assert "give_up:[2]:failing" in client.calls
     assert runtime.counts.streams_given_up == 1
+
+
+async def test_a_session_over_on_return_registers_then_hands_back(
+    make_client: MakeClient, orchestrator: FakeOrchestrator, fake_time: FakeClock
+) -> None:
+    """The lease was judged while away: the release finds the session over, the worker
+    registers again (not presenting the given-up stream), then releases it."""
+    client = make_client()
+    await client.register()
+    await client.request_streams(2)
+    await go_down(client, orchestrator)
+    await client.give_up([2], reason="failing")
+    orchestrator.end_session("w1")
+
+    orchestrator.down = False
+    fake_time.advance(60)
+    assert await client.send_heartbeat() is True
+    presented = orchestrator.workers["w1"].registrations[-1]
+    assert {h["stream_id"] for h in presented["held"]} == {1}
+    assert not client.local_mode_active
+    assert 2 not in orchestrator.owned_by("w1")
+    assert set(client.assignments()) == {1}
+    assert state_file(client)["pending_release"] == []
