@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, or_, select
+from sqlalchemy import ColumnElement, case, delete, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import balancing, ownership, view_sync
@@ -19,7 +20,13 @@ from orchestrator import events as ev
 from orchestrator.context import Context
 from orchestrator.errors import Conflict, NotFound, ValidationFailed, stream_id_conflicts
 from orchestrator.heartbeats import LeaseBook
-from orchestrator.models import LEASED_STATES, StreamFailureRow, StreamRow, WorkerRow
+from orchestrator.models import (
+    LEASED_STATES,
+    StreamFailureRow,
+    StreamRow,
+    StreamTokenFloorRow,
+    WorkerRow,
+)
 from orchestrator.reaper import LOST_DECLARED_FAILED, mark_lost
 from orchestrator.write_context import write_context
 from shared import models as m
@@ -95,6 +102,45 @@ async def _lock_stream(session: AsyncSession, stream_id: int) -> StreamRow:
     if row is None:
         raise NotFound(f"no stream {stream_id}")
     return row
+
+
+async def _raise_floor(session: AsyncSession, stream_id: int, token: int, now: float) -> None:
+    """Remember the token a deleted id reached, keeping the larger of old and new."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(StreamTokenFloorRow).values(stream_id=stream_id, token=token, deleted_at=now)
+    floor = StreamTokenFloorRow.__table__.c.token
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[StreamTokenFloorRow.stream_id],
+            set_={
+                "token": case((floor > stmt.excluded.token, floor), else_=stmt.excluded.token),
+                "deleted_at": stmt.excluded.deleted_at,
+            },
+        )
+    )
+
+
+async def _apply_floors(session: AsyncSession, rows: list[StreamRow]) -> None:
+    """New streams whose id was deleted before start at the token it had reached.
+
+    One query for the whole batch (``MAX_STREAMS_PER_CREATE`` ids at most), read after the
+    rows are inserted: on PostgreSQL a concurrent delete of the same id has committed by
+    then (the insert waited for it), so its floor is seen.
+    """
+    by_id = {r.id: r for r in rows}
+    floors = await session.execute(
+        select(StreamTokenFloorRow.stream_id, StreamTokenFloorRow.token).where(
+            StreamTokenFloorRow.stream_id.in_(by_id)
+        )
+    )
+    raised = False
+    for stream_id, token in floors:
+        row = by_id[stream_id]
+        if token > row.token:
+            row.token = token
+            raised = True
+    if raised:
+        await session.flush()
 
 
 class Catalog:
@@ -288,6 +334,7 @@ class Catalog:
                 if row.id is None:
                     session.add(row)
             await session.flush()
+            await _apply_floors(session, rows)
             await ev.record(
                 session,
                 (ev.event(ev.STREAM_CREATED, now, stream_id=r.id, name=r.name) for r in rows),
@@ -378,9 +425,15 @@ class Catalog:
             await session.execute(
                 delete(StreamFailureRow).where(StreamFailureRow.stream_id == stream_id)
             )
+            await _raise_floor(session, stream_id, row.token, now)
             await session.delete(row)
             await ev.record_one(
-                session, ev.STREAM_DELETED, now, stream_id=stream_id, owner=row.owner_id
+                session,
+                ev.STREAM_DELETED,
+                now,
+                stream_id=stream_id,
+                owner=row.owner_id,
+                token=row.token,
             )
             return row
 

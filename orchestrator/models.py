@@ -99,6 +99,18 @@ class StreamRow(Base):
     )
 
 
+class StreamTokenFloorRow(Base):
+    """The token a deleted stream id had reached: a stream created again under that id
+    starts there, so fencing tokens of an id never go down (written by the delete, kept
+    as the larger of old and new when the id is deleted again)."""
+
+    __tablename__ = "stream_token_floors"
+
+    stream_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    token: Mapped[int] = mapped_column(BigInteger)
+    deleted_at: Mapped[float] = mapped_column(Float)
+
+
 class StreamFailureRow(Base):
     __tablename__ = "stream_failures"
 

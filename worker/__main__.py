@@ -52,6 +52,7 @@ async def serve(settings: WorkerSettings) -> int:
         shutdown_timeout=settings.shutdown_timeout_s,
         restart_base=settings.processor_restart_base_s,
         restart_max=settings.processor_restart_max_s,
+        local_give_up_after=settings.local_give_up_after,
         host=HostFigures(disk_path=settings.effective_state_dir),
     )
     health = HealthServer(runtime, host=settings.health_host, port=settings.health_port)

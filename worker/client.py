@@ -250,6 +250,12 @@ class ResilientWorkerClient:
         loaded = await self._saved.load()
         if loaded is None:
             return
+        excess = sorted(self._holdings.held)[self.config.capacity :]
+        if excess:
+            # Restarted with a lower capacity: the streams beyond it are given up (the
+            # lowest ids are kept, the ones the runtime would start first).
+            self._record_give_up(excess, "capacity")
+            await self._saved.persist()
         interval, ttl = loaded.heartbeat_interval_s, loaded.lease_ttl_s
         if interval is not None and ttl is not None and not self.is_registered:
             # Until the orchestrator answers, probe at the pace it last gave us.
@@ -412,6 +418,48 @@ class ResilientWorkerClient:
         await self._saved.persist()
         return ok
 
+    async def give_up(self, stream_ids: Iterable[int], *, reason: str) -> bool:
+        """Stop holding these streams on our own account (``reason``: ``failing``,
+        ``shutdown``, ``capacity``): a release, recorded in the state file first.
+
+        While unreachable the intent stays in the state file (``pending_release``), across
+        a restart too, and is handed back as the first thing on reconnect, before the
+        reconcile (which would otherwise hand an owned stream straight back to us). True
+        when the orchestrator heard it now.
+        """
+        return await self._loops.guarded(
+            "give_up", lambda: self._give_up(stream_ids, reason), lambda: False
+        )
+
+    async def _give_up(self, stream_ids: Iterable[int], reason: str) -> bool:
+        ids = self._record_give_up(stream_ids, reason)
+        if not ids:
+            return True
+        await self._saved.persist()  # the intent is on disk before any call
+        if self.local_mode_active or not self.is_registered:
+            return False  # handed back on reconnect; no call that cannot get through
+        ok = await self._flush_pending_release()
+        await self._saved.persist()
+        return ok
+
+    def _record_give_up(self, stream_ids: Iterable[int], reason: str) -> list[int]:
+        ids = [sid for sid in dict.fromkeys(stream_ids) if sid in self._holdings.held]
+        if not ids:
+            return []
+        self._holdings.forget(ids)
+        self._holdings.queue_release(ids)
+        log.warning(
+            "worker.streams_given_up",
+            extra={
+                "worker_id": self.config.worker_id,
+                "reason": reason,
+                "stream_ids": ids,
+                "count": len(ids),
+                "local_mode": self.local_mode_active,
+            },
+        )
+        return ids
+
     async def report_failure(self, stream_id: int, error: str) -> FailureAnswer | None:
         """Tell the orchestrator a processor failed (it may quarantine the stream)."""
         held = self._holdings.held.get(stream_id)
@@ -448,8 +496,14 @@ class ResilientWorkerClient:
         return answer
 
     async def leave(self) -> list[int]:
-        """Graceful leave: the orchestrator releases all our streams; [] if unreachable."""
+        """Graceful leave: the orchestrator releases all our streams; [] if unreachable.
+
+        Unreachable (or never registered): every held stream is given up in the state
+        file instead, so a restart does not resume them and the next contact hands them
+        back.
+        """
         if not self.is_registered:
+            await self._give_up_on_leave()
             return []
         try:
             answer = await self._call(
@@ -461,6 +515,7 @@ class ResilientWorkerClient:
             )
         except OrchestratorError as exc:
             self._calls.failed(Operation.LEAVE, exc)
+            await self._give_up_on_leave()
             return []
         self._holdings.forget(list(self._holdings.held))
         self._holdings.pending_release = []
@@ -472,6 +527,10 @@ class ResilientWorkerClient:
             extra={"worker_id": self.config.worker_id, "released": len(answer.released)},
         )
         return answer.released
+
+    async def _give_up_on_leave(self) -> None:
+        if self._record_give_up(list(self._holdings.held), "shutdown"):
+            await self._saved.persist()
 
     async def shutdown(self, *, leave: bool = True) -> None:
         """Stop the keep-alive, leave, persist, close; never raises (a stuck orchestrator
@@ -660,6 +719,15 @@ class ResilientWorkerClient:
                 return True
             if not self.is_registered:
                 return await self.register()
+            if self._holdings.pending_release:
+                # Given up while away: released before the reconcile, which would hand a
+                # stream we still own but no longer list straight back to us.
+                await self._flush_pending_release()
+                await self._saved.persist()
+                if not self.local_mode_active:
+                    return True  # the release's session was over: a registration answered
+                if self._holdings.pending_release:
+                    return False
             result = await self._session_call(
                 Operation.RECONCILE,
                 "POST",

@@ -51,6 +51,7 @@ from worker.breaker import BreakerConfig
 from worker.processors import ProcessorSpecError, parse_processor_spec, resolve_callable
 from worker.retry import DEFAULT_REQUEST_TIMEOUT_S, RetryPolicy
 from worker.runtime import (
+    DEFAULT_LOCAL_GIVE_UP_AFTER,
     DEFAULT_RESTART_BASE_S,
     DEFAULT_RESTART_MAX_S,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -200,6 +201,8 @@ class WorkerSettings(BaseSettings):
     shutdown_timeout_s: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT_S, gt=0)
     processor_restart_base_s: float = Field(default=DEFAULT_RESTART_BASE_S, gt=0)
     processor_restart_max_s: float = Field(default=DEFAULT_RESTART_MAX_S, gt=0)
+    # Failures in a row after which a worker in local mode gives a stream up itself.
+    local_give_up_after: int = Field(default=DEFAULT_LOCAL_GIVE_UP_AFTER, ge=1)
     circuit_failure_threshold: int = Field(default=breaker.DEFAULT_FAILURE_THRESHOLD, ge=1)
     circuit_recovery_timeout_s: float = Field(default=breaker.DEFAULT_RECOVERY_TIMEOUT_S, gt=0)
     circuit_success_threshold: int = Field(default=breaker.DEFAULT_SUCCESS_THRESHOLD, ge=1)

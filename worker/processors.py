@@ -82,8 +82,9 @@ class StreamContext:
     """One held stream as a processor sees it.
 
     ``token`` is the fencing token: hand it to whatever sink the processor writes to,
-    so the sink can refuse a stale owner. Logs carry it as ``fencing_token`` because
-    fields named ``token`` are redacted as secrets.
+    so the sink can refuse a stale owner (``worker.sink.FencedSink`` for a SQL database).
+    Logs carry it as ``fencing_token`` because fields named ``token`` are redacted as
+    secrets.
     """
 
     stream_id: int

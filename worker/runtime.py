@@ -35,8 +35,11 @@ DEFAULT_RESTART_MAX_S = 60.0
 HINT_SPREAD_S = 0.2
 # How long cancelled tasks get to unwind before the worker leaves without them.
 CANCEL_GRACE_S = 2.0
+# In local mode no orchestrator can quarantine a failing stream: after this many failures
+# in a row the worker gives it up itself (the orchestrator's default quarantine count).
+DEFAULT_LOCAL_GIVE_UP_AFTER = 5
 
-Outcome = Literal["stopped", "quarantined"]
+Outcome = Literal["stopped", "quarantined", "given_up"]
 Phase = Literal["created", "starting", "running", "stopping", "stopped"]
 
 
@@ -63,6 +66,7 @@ class WorkerClient(Protocol):
     async def request_streams(self, count: int | None = None) -> list[int]: ...
     async def release_streams(self, stream_ids: list[int]) -> bool: ...
     async def report_failure(self, stream_id: int, error: str) -> FailureAnswer | None: ...
+    async def give_up(self, stream_ids: list[int], *, reason: str) -> bool: ...
     async def health_check(self) -> dict[str, Any]: ...
     async def leave(self) -> list[int]: ...
     async def shutdown(self, *, leave: bool = True) -> None: ...
@@ -119,6 +123,7 @@ class RunCounts:
     processor_restarts: int = 0
     processor_failures: int = 0
     streams_quarantined: int = 0
+    streams_given_up: int = 0
     stops_cancelled: int = 0
     streams_released: int = 0
 
@@ -134,7 +139,9 @@ class Runtime:
 
     ``shutdown_timeout`` bounds both the graceful stop and each single stream's stop
     (revoke, drop) before its task is cancelled; ``restart_base``/``restart_max`` bound a
-    processor's restart backoff. ``clock`` (time, sleep, jitter) is injected for tests.
+    processor's restart backoff; ``local_give_up_after`` failures in a row while in local
+    mode make the worker give the stream up (recorded, handed back on reconnect).
+    ``clock`` (time, sleep, jitter) is injected for tests.
     """
 
     def __init__(
@@ -148,6 +155,7 @@ class Runtime:
         restart_base: float = DEFAULT_RESTART_BASE_S,
         restart_max: float = DEFAULT_RESTART_MAX_S,
         cancel_grace: float = CANCEL_GRACE_S,
+        local_give_up_after: int = DEFAULT_LOCAL_GIVE_UP_AFTER,
         clock: Clock = SYSTEM_CLOCK,
         host: HostFigures | None = None,
     ) -> None:
@@ -159,6 +167,7 @@ class Runtime:
         self.restart_base = restart_base
         self.restart_max = max(restart_max, restart_base)
         self.cancel_grace = cancel_grace
+        self.local_give_up_after = local_give_up_after
         # Measures the host for the heartbeat's stats while ``run`` runs (None: nothing).
         self.host = host
         # Beats, uptimes and run lengths are durations: the monotonic clock.
@@ -461,6 +470,8 @@ class Runtime:
                 if outcome == "quarantined":
                     self._benched[stream_id] = held.token
                     self.counts.streams_quarantined += 1
+                elif outcome == "given_up":
+                    self.counts.streams_given_up += 1
             self.counts.streams_stopped += 1
             logger.info(
                 "worker.stream_stopped",
@@ -545,6 +556,8 @@ class Runtime:
                 )
                 if await self._report_failure(ctx, error):
                     return "quarantined"
+                if await self._give_up_locally(ctx, failures):
+                    return "given_up"
                 delay = self.backoff(failures)
             self.counts.processor_restarts += 1
             self.client.metrics.processor_restarts_total.inc()
@@ -573,6 +586,14 @@ class Runtime:
             ctx.logger.warning("worker.stream_quarantined", extra={"failures": answer.failures})
             return True
         return False
+
+    async def _give_up_locally(self, ctx: StreamContext, failures: int) -> bool:
+        """In local mode, after ``local_give_up_after`` failures in a row: give it up."""
+        if not self.client.local_mode_active or failures < self.local_give_up_after:
+            return False
+        ctx.logger.warning("worker.stream_given_up_locally", extra={"failures": failures})
+        await self.client.give_up([ctx.stream_id], reason="failing")
+        return True
 
     async def _sleep_unless_stopping(self, ctx: StreamContext, delay: float) -> bool:
         sleeper = asyncio.ensure_future(self._sleep(delay))
@@ -646,6 +667,7 @@ class Runtime:
                 "processor_restarts": c.processor_restarts,
                 "processor_failures": c.processor_failures,
                 "streams_quarantined": c.streams_quarantined,
+                "streams_given_up": c.streams_given_up,
                 "streams_released": c.streams_released,
                 "released_on_leave": len(released_on_leave),
                 "stops_cancelled": c.stops_cancelled,

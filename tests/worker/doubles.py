@@ -66,6 +66,7 @@ class FakeClient:
         self.metrics = WorkerMetrics()
         self.calls: list[str] = []
         self.released: list[int] = []
+        self.given_up: list[int] = []
         self.failures: dict[int, list[str]] = defaultdict(list)
         self.progress: Counter[int] = Counter()
         self.beats = 0
@@ -165,12 +166,23 @@ class FakeClient:
 
     async def report_failure(self, stream_id: int, error: str) -> FailureAnswer | None:
         self.calls.append(f"failure:{stream_id}")
+        if not self.reachable:
+            self.local_mode_active = True
+            return None
         self.failures[stream_id].append(error)
         count = len(self.failures[stream_id])
         quarantined = count >= self.quarantine_after
         if quarantined and self.drop_on_quarantine:
             self._assigned.pop(stream_id, None)
         return FailureAnswer(failures=count, quarantined=quarantined)
+
+    async def give_up(self, stream_ids: list[int], *, reason: str) -> bool:
+        self.calls.append(f"give_up:{sorted(stream_ids)}:{reason}")
+        for sid in stream_ids:
+            self._assigned.pop(sid, None)
+            self._revoked.discard(sid)
+            self.given_up.append(sid)
+        return False
 
     async def health_check(self) -> dict[str, Any]:
         return {
