@@ -420,7 +420,7 @@ class ResilientWorkerClient:
 
     async def give_up(self, stream_ids: Iterable[int], *, reason: str) -> bool:
         """Stop holding these streams on our own account (``reason``: ``failing``,
-        ``shutdown``, ``capacity``): a release, recorded in the state file first.
+        ``capacity``, or a caller's own): a release, recorded in the state file first.
 
         While unreachable the intent stays in the state file (``pending_release``), across
         a restart too, and is handed back as the first thing on reconnect, before the
@@ -498,12 +498,11 @@ class ResilientWorkerClient:
     async def leave(self) -> list[int]:
         """Graceful leave: the orchestrator releases all our streams; [] if unreachable.
 
-        Unreachable (or never registered): every held stream is given up in the state
-        file instead, so a restart does not resume them and the next contact hands them
-        back.
+        Unreachable (or never registered): the held set stays in the state file, so a
+        restart resumes it (semantics 6 and 7); a stop is not a give-up, see
+        docs/decisions.md.
         """
         if not self.is_registered:
-            await self._give_up_on_leave()
             return []
         try:
             answer = await self._call(
@@ -515,7 +514,6 @@ class ResilientWorkerClient:
             )
         except OrchestratorError as exc:
             self._calls.failed(Operation.LEAVE, exc)
-            await self._give_up_on_leave()
             return []
         self._holdings.forget(list(self._holdings.held))
         self._holdings.pending_release = []
@@ -527,10 +525,6 @@ class ResilientWorkerClient:
             extra={"worker_id": self.config.worker_id, "released": len(answer.released)},
         )
         return answer.released
-
-    async def _give_up_on_leave(self) -> None:
-        if self._record_give_up(list(self._holdings.held), "shutdown"):
-            await self._saved.persist()
 
     async def shutdown(self, *, leave: bool = True) -> None:
         """Stop the keep-alive, leave, persist, close; never raises (a stuck orchestrator
