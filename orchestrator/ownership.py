@@ -47,6 +47,10 @@ ASSIGNMENT_COLUMNS = (
 )
 
 
+# Clears a stream's hand-off record (``handoff``): every change of owner ends a hand-off.
+NO_HANDOFF: dict[str, Any] = {"handoff_from": None, "handoff_at": None, "handoff_stop_at": None}
+
+
 def to_assignment(row: Any) -> Assignment:
     return Assignment(
         stream_id=row.id,
@@ -141,6 +145,7 @@ async def _take(
                 assigned_at=now,
                 revoke_at=None,
                 revoke_to=None,
+                **NO_HANDOFF,
                 updated_at=now,
             )
             .returning(*ASSIGNMENT_COLUMNS)
@@ -194,10 +199,20 @@ async def release(
     wanted = sorted(set(stream_ids))
     released: list[int] = []
     for chunk in chunks(wanted):
+        # A stream handed to this worker whose previous owner still runs it: that one's
+        # view changes too (its beats get the stream in ``dropped`` now).
+        previous = await session.execute(
+            select(StreamRow.handoff_from).where(
+                StreamRow.id.in_(chunk),
+                StreamRow.owner_id == worker_id,
+                StreamRow.handoff_from.is_not(None),
+            )
+        )
+        touch(session, previous.scalars())
         stmt = (
             update(StreamRow)
             .where(StreamRow.id.in_(chunk), StreamRow.owner_id == worker_id)
-            .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=now)
+            .values(owner_id=None, revoke_at=None, revoke_to=None, **NO_HANDOFF, updated_at=now)
             .returning(StreamRow.id)
             .execution_options(synchronize_session=False)
         )
@@ -230,22 +245,35 @@ async def release_owned_by(
     touch(session, owners)
     released: dict[int, str] = {}
     for group in chunks(list(owners), OWNER_CHUNK):
-        found = await session.execute(
-            select(StreamRow.id, StreamRow.owner_id)
-            .where(StreamRow.owner_id.in_(group))
-            .with_for_update()
-        )
-        owned = {sid: str(owner) for sid, owner in found.all()}  # owner_id IN (...): set
+        found = (
+            await session.execute(
+                select(StreamRow.id, StreamRow.owner_id, StreamRow.handoff_from)
+                .where(StreamRow.owner_id.in_(group))
+                .with_for_update()
+            )
+        ).all()
+        owned = {row.id: str(row.owner_id) for row in found}  # owner_id IN (...): set
+        # Previous owners still running streams handed to these: their beats now drop them.
+        touch(session, (row.handoff_from for row in found))
         if owned:
             # By owner, not by id: no 5,000-id IN list to render and bind; the same rows,
             # as nothing can be granted to a locked owner meanwhile.
             await session.execute(
                 update(StreamRow)
                 .where(StreamRow.owner_id.in_(group))
-                .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=now)
+                .values(owner_id=None, revoke_at=None, revoke_to=None, **NO_HANDOFF, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
             released.update(owned)
+        # Hand-offs away from these workers end: nobody is left to tell to stop.
+        ended = await session.execute(
+            update(StreamRow)
+            .where(StreamRow.handoff_from.in_(group))
+            .values(**NO_HANDOFF)
+            .returning(StreamRow.owner_id)
+            .execution_options(synchronize_session=False)
+        )
+        touch(session, ended.scalars())
     await ev.record(
         session,
         (
