@@ -603,7 +603,7 @@ class ResilientWorkerClient:
         self._beat_since_register = True
         self._beat_hint = answer.next_heartbeat_in_s
         changed, new_revokes = self._holdings.adopt_heartbeat(
-            answer.assignments, answer.revoke, sent.held
+            answer.assignments, answer.revoke, sent.held, answer.dropped
         )
         for sid in sorted(new_revokes):
             log.info(
@@ -765,6 +765,9 @@ class ResilientWorkerClient:
         self._state.heartbeat_interval_s = heartbeat_interval_s
         self._state.lease_ttl_s = lease_ttl_s
         self._link.pace(heartbeat_interval_s)
+        # A hand-off never keeps a stream unnamed for longer than the orchestrator's bound
+        # (at most a lease TTL, ORCH_HANDOFF_TIMEOUT_S): twice that stops it regardless.
+        self._holdings.handoff_bound_s = 2 * lease_ttl_s
 
     def _fallback_ids(self) -> list[int]:
         return self.assigned_streams if self.local_mode_active else []
