@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from bench.probe import PROBE_DIR_ENV, PROBE_INTERVAL_ENV, PROCESSOR_SPEC, Mark, read_marks
+from devkit.poll import eventually as poll
 from devkit.procs import Process, worker_env
 from tests.e2e.test_worker_runtime_e2e import WORKER_TOKEN, Orchestrator, orchestrator
-from devkit.poll import eventually as poll
 
 pytestmark = pytest.mark.e2e
 
