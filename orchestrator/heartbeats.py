@@ -371,9 +371,10 @@ class Heartbeats:
         if handed_back or confirmed or stopped:
             await self._settle(worker_id, handed_back, confirmed, stopped, now)
         hint = self.beat_hint(now)
-        if view.confirming.keys() - held or view.handing_over & held:
-            # A hand-off waits on this worker: to start (and list) a stream handed to it, or
-            # to hear that it may stop one it handed away. Soon, not a whole interval later.
+        if view.confirming.keys() - held or (view.handing_over | view.handed_over) & held:
+            # A hand-off waits on this worker: to start (and list) a stream handed to it, to
+            # hear that it may stop one it handed away, or to say it did (which ends the
+            # hand-off and lets the stream move again). Soon, not a whole interval later.
             poll = self.ctx.settings.handoff_poll_s
             hint = poll if hint is None else min(hint, poll)
         return encode_answer(expires, hint, view, revoke, dropped)
