@@ -312,7 +312,11 @@ async def _rows_by_id(session: AsyncSession, ids: Sequence[int], *, lock: bool) 
     found: dict[int, Any] = {}
     for chunk in chunks(ids):
         stmt = select(
-            *ASSIGNMENT_COLUMNS, StreamRow.owner_id, StreamRow.status, StreamRow.revoke_at
+            *ASSIGNMENT_COLUMNS,
+            StreamRow.owner_id,
+            StreamRow.status,
+            StreamRow.revoke_at,
+            StreamRow.handoff_from,
         ).where(StreamRow.id.in_(chunk))
         if lock:
             stmt = stmt.with_for_update()
@@ -403,13 +407,20 @@ async def shed_over_capacity(
 
 
 async def drops_for(session: AsyncSession, worker_id: str, stream_ids: Sequence[int]) -> list[Drop]:
-    """Reasons for streams a worker reports holding that it does not own (heartbeat)."""
+    """Reasons for streams a worker reports holding that it does not own (heartbeat).
+
+    A stream being handed over from this worker is not dropped: a view another replica has
+    not refreshed yet may miss the hand-off, and the worker must keep running it (spec,
+    semantic 9) until told to stop.
+    """
     rows = await _rows_by_id(session, stream_ids, lock=False)
     drops = []
     for sid in sorted(stream_ids):
         row = rows.get(sid)
         if row is None:
             drops.append(Drop(stream_id=sid, reason=DropReason.REMOVED))
+            continue
+        if row.handoff_from == worker_id and row.owner_id is not None:
             continue
         reason = drop_reason(row, worker_id)
         if reason is not None:

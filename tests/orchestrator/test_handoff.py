@@ -9,6 +9,7 @@ import pytest
 
 from devkit.clock import FakeClock
 from devkit.harness import ADMIN, API, Harness, Session, held_of, running
+from orchestrator import ownership
 
 
 async def events_of(h: Harness, *types: str) -> list[dict[str, Any]]:
@@ -66,6 +67,9 @@ async def test_a_drain_hands_over_make_before_break(db_url: str, clock: FakeCloc
         body = await beat(h, a, a_held)
         assert listed(body) & ids(a_held) == set(), body
         assert body["next_heartbeat_in_s"] is not None  # beat soon: the stop is near
+        # Nor would a view that missed the hand-off (another replica's, not yet told) drop it.
+        async with h.app.state.db.read() as session:
+            assert await ownership.drops_for(session, "a", sorted(ids(a_held))) == []
         clock.advance(0.2)
         assert listed(await beat(h, a, a_held)) & ids(a_held) == set()
 
