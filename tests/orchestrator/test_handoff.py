@@ -3,12 +3,15 @@ two workers driven by HTTP, the clock injected, the reaper run by hand."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from devkit.clock import FakeClock
 from devkit.harness import ADMIN, API, Harness, Session, held_of, running
+from devkit.pg import PgDatabases
+from devkit.poll import eventually
 from orchestrator import ownership
 
 
@@ -238,3 +241,43 @@ def test_settings_refuse_a_hand_off_beyond_the_lease(
 
     with pytest.raises(ValidationError, match=needle):
         settings_for("sqlite+aiosqlite:///./x.db", **overrides)
+
+
+async def test_a_hand_off_through_one_replica_reaches_both_views_on_another(
+    pg_databases: PgDatabases, clock: FakeClock
+) -> None:
+    """Two replicas on one PostgreSQL database: a drain through one drops both workers'
+    cached views on the other; so does b's confirming beat through the other (a's view
+    then lists the revoke)."""
+    url = await asyncio.to_thread(pg_databases.new)
+    async with running(url, clock) as one, running(url, clock) as other:
+        await one.create_streams(2)
+        a = await one.register("a", capacity=10)
+        await one.reap()
+        a_held = held_of((await beat(one, a, []))["assignments"])
+        b = await one.register("b", capacity=10)
+        await caught_up(other, one)
+        await beat(other, a, a_held)
+        await beat(other, b, [])
+        views = other.app.state.views
+        await eventually(lambda: views.get("a") is not None and views.get("b") is not None)
+        assert (await one.client.post(f"{API}/workers/a/drain", headers=ADMIN)).status_code == 200
+        await one.reap()
+        await eventually(lambda: views.get("a") is None and views.get("b") is None)
+        assert listed(await beat(other, a, a_held)) == set()
+        b_body = await beat(other, b, [])
+        assert ids(b_body["assignments"]) == ids(a_held)
+        one_views = one.app.state.views
+        await beat(one, a, a_held)  # cached on the first replica too
+        await eventually(lambda: one_views.get("a") is not None)
+        await beat(other, b, held_of(b_body["assignments"]))  # confirms, through the other
+        await eventually(lambda: one_views.get("a") is None)
+        assert set((await beat(one, a, a_held))["revoke"]) == ids(a_held)
+
+
+async def caught_up(reader: Harness, writer: Harness) -> None:
+    """Until ``reader`` has read every view change ``writer`` has committed so far."""
+    target = await writer.app.state.view_sync.last_change()
+    await eventually(
+        lambda: reader.app.state.views.remote_seen >= target, what="the view changes read"
+    )
