@@ -50,6 +50,7 @@ class Sizes:
     # 7. planned moves (hand-off): streams on the fleet, workers that join
     handoff_streams: int = 6
     handoff_join: int = 2
+    handoff_kinds: tuple[str, ...] = ("drain", "join")
     # 5. client overhead
     client_calls: int = 200
     client_rounds: int = 15
@@ -113,6 +114,7 @@ TOY = Sizes(
     outage_breaker_variant=False,
     handoff_streams=2,
     handoff_join=1,
+    handoff_kinds=("drain",),
     client_calls=20,
     client_rounds=1,
 )

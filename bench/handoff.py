@@ -25,7 +25,6 @@ from bench.report import Section, Table, fmt
 from bench.sim import API
 
 MODES = ("make_before_break", "revoke_first")
-KINDS = ("drain", "join")
 GOAL_GAP_S = 2 * PROBE_INTERVAL_S  # "no gap": at most twice the write period
 # The window opens this long before the move (the lines just before it count too).
 BEFORE_S = 0.5
@@ -199,7 +198,7 @@ to the old owner's beat without the stream, an upper bound).
         ]
     )
     figures: dict[tuple[str, str], MoveFigures] = {}
-    for kind in KINDS:
+    for kind in s.handoff_kinds:
         for mode in MODES:
             ctx.say(f"handoff: {kind}, {mode}")
             f = figures[(kind, mode)] = await scenario(ctx, mode, kind)
@@ -221,7 +220,7 @@ to the old owner's beat without the stream, an upper bound).
                 ),
             )
     section.tables.append(table)
-    for kind in KINDS:
+    for kind in s.handoff_kinds:
         mbb, old = figures[(kind, "make_before_break")], figures[(kind, "revoke_first")]
         cause = ""
         if mbb.longest_gap_s > GOAL_GAP_S:
