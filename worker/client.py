@@ -602,9 +602,16 @@ class ResilientWorkerClient:
         answer, sent = result
         self._beat_since_register = True
         self._beat_hint = answer.next_heartbeat_in_s
+        handing_over = set(self._holdings.handing_over)
         changed, new_revokes = self._holdings.adopt_heartbeat(
             answer.assignments, answer.revoke, sent.held, answer.dropped
         )
+        for sid in sorted(self._holdings.handing_over.keys() - handing_over):
+            # Moved to another worker, which has not started it yet: we keep running it.
+            log.info(
+                "worker.stream_handing_over",
+                extra={"worker_id": self.config.worker_id, "stream_id": sid},
+            )
         for sid in sorted(new_revokes):
             log.info(
                 "worker.stream_revoked",
