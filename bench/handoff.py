@@ -248,6 +248,6 @@ to the old owner's beat without the stream, an upper bound).
         "Revoke-first stops the old owner first, so every moved stream goes unprocessed "
         "until the new owner's next beat (and its overlap column is empty); make-before-break "
         "starts the new owner first, and the old one stops once the new one's beat lists the "
-        "stream, both asked to beat again within a quarter of an interval meanwhile."
+        "stream, both asked to beat again within an eighth of an interval meanwhile."
     )
     return section
