@@ -74,7 +74,8 @@ async def test_a_drain_hands_over_make_before_break(db_url: str, clock: FakeCloc
         async with h.app.state.db.read() as session:
             assert await ownership.drops_for(session, "a", sorted(ids(a_held))) == []
         clock.advance(0.2)
-        assert listed(await beat(h, a, a_held)) & ids(a_held) == set()
+        body = await beat(h, a, a_held)
+        assert listed(body) & ids(a_held) == set() and body["next_heartbeat_in_s"] is not None
 
         b_body = await beat(h, b, [])
         assert ids(b_body["assignments"]) == ids(a_held)
