@@ -126,7 +126,13 @@ async def count_moves(cluster: Cluster, after: int) -> tuple[int, int, int, int]
     """Since event ``after``: streams revoked for balance, revokes carried out by timeout,
     workers declared lost, and streams those lost workers had to give up."""
     events = await cluster.events_after(after)
-    revoked = sum(1 for e in events if e["type"] == "stream_revoked")
+    # A planned move is a revoke, or (make-before-break) a planned reassignment.
+    revoked = sum(
+        1
+        for e in events
+        if e["type"] == "stream_revoked"
+        or (e["type"] == "stream_reassigned" and e["data"].get("planned"))
+    )
     reasons = [e["data"].get("reason") for e in events if e["type"] == "stream_released"]
     lost = sum(1 for e in events if e["type"] == "worker_lost")
     return revoked, reasons.count("revoke_timeout"), lost, reasons.count("lease_expired")

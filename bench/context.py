@@ -47,6 +47,10 @@ class Sizes:
     outage_workers: int = 3
     outage_streams: int = 9
     outage_breaker_variant: bool = True
+    # 7. planned moves (hand-off): streams on the fleet, workers that join
+    handoff_streams: int = 6
+    handoff_join: int = 2
+    handoff_kinds: tuple[str, ...] = ("drain", "join")
     # 5. client overhead
     client_calls: int = 200
     client_rounds: int = 15
@@ -108,6 +112,9 @@ TOY = Sizes(
     outage_workers=1,
     outage_streams=2,
     outage_breaker_variant=False,
+    handoff_streams=2,
+    handoff_join=1,
+    handoff_kinds=("drain",),
     client_calls=20,
     client_rounds=1,
 )

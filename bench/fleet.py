@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ class Fleet:
     probe_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
     admin: Cluster | None = None
+    name: str = "fleet"
+    worker_settings: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     async def start(
@@ -69,33 +72,44 @@ class Fleet:
         streams: int,
         timing: Timing,
         breaker_recovery_s: float | None = None,
+        orchestrator_extra: Mapping[str, str] | None = None,
     ) -> Fleet:
         db = workdir / f"{name}.db"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
+        settings = orchestrator_settings(f"sqlite+aiosqlite:///{db}", timing)
         orch = OrchestratorProcess.create(
-            workdir, orchestrator_settings(f"sqlite+aiosqlite:///{db}", timing), name=name
+            workdir, {**settings, **(orchestrator_extra or {})}, name=name
         )
         probe_dir = workdir / f"{name}-probe"
         probe_dir.mkdir(parents=True, exist_ok=True)
-        fleet = cls(workdir=workdir, orch=orch, probe_dir=probe_dir)
+        fleet = cls(workdir=workdir, orch=orch, probe_dir=probe_dir, name=name)
+        fleet.worker_settings = worker_settings(breaker_recovery_s or timing.heartbeat_s)
         await orch.astart()
         fleet.admin = Cluster(orch.url)
         await fleet.admin.create_streams(streams)
-        extra = {PROBE_DIR_ENV: str(probe_dir), PROBE_INTERVAL_ENV: str(PROBE_INTERVAL_S)}
-        for i in range(workers):
-            w = WorkerProcess.create(
-                workdir / name,
-                orch.url,
-                f"{name}-w{i}",
+        await fleet.add_workers(workers, capacity)
+        return fleet
+
+    async def add_workers(self, count: int, capacity: int) -> list[WorkerProcess]:
+        """Start ``count`` more workers (named on from the last), each running the probe."""
+        extra = {PROBE_DIR_ENV: str(self.probe_dir), PROBE_INTERVAL_ENV: str(PROBE_INTERVAL_S)}
+        first = len(self.workers)
+        added = [
+            WorkerProcess.create(
+                self.workdir / self.name,
+                self.orch.url,
+                f"{self.name}-w{i}",
                 capacity=capacity,
                 processor=PROCESSOR_SPEC,
-                settings=worker_settings(breaker_recovery_s or timing.heartbeat_s),
+                settings=self.worker_settings,
                 extra_env=extra,
             )
-            fleet.workers.append(w)
-        await asyncio.gather(*(w.astart() for w in fleet.workers))
-        return fleet
+            for i in range(first, first + count)
+        ]
+        self.workers.extend(added)
+        await asyncio.gather(*(w.astart() for w in added))
+        return added
 
     async def owners(self) -> dict[int, tuple[str | None, int]]:
         assert self.admin is not None

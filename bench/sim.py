@@ -134,7 +134,9 @@ class Cluster:
         worker.lease_expires_at = _wall(answer["lease_expires_at"])
         held = {a["stream_id"]: a["token"] for a in answer["assignments"]}
         revoke = [sid for sid in answer["revoke"] if sid in worker.held]
-        for sid in revoke:
+        named = held.keys() | set(answer["revoke"]) | {d["stream_id"] for d in answer["dropped"]}
+        for sid in [*revoke, *(sid for sid in worker.held if sid not in named)]:
+            # Revoked, or named nowhere (a hand-off pending): ours until we let go.
             held[sid] = worker.held[sid]
         worker.held = held
         if hand_back and revoke:

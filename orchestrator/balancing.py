@@ -16,6 +16,7 @@ from sqlalchemy import Row, Table, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
+from orchestrator import handoff
 from orchestrator.models import StreamRow, WorkerRow
 from orchestrator.ownership import ASSIGNMENT_COLUMNS, chunks, unowned_ids
 from orchestrator.view_sync import touch
@@ -92,6 +93,7 @@ PLANNED_GRANT = (
         assigned_at=bindparam("now"),
         revoke_at=None,
         revoke_to=None,
+        **handoff.CLEARED,
         updated_at=bindparam("now"),
     )
 )
@@ -121,6 +123,8 @@ class BalanceReport:
     grants: int = 0
     # Every live or draining worker's share (``explain=True`` only).
     shares: list[Share] = field(default_factory=list)
+    # Moves carried out as make-before-break hand-offs (the others were revokes).
+    handoffs: int = 0
 
 
 async def balance(
@@ -131,13 +135,15 @@ async def balance(
     previous_owner: dict[int, str] | None = None,
     dry_run: bool = False,
     explain: bool = False,
+    make_before_break: bool = True,
 ) -> BalanceReport:
     """One pass: unowned streams to workers under target, then bounded moves to even out.
 
     ``previous_owner`` names who held a stream before it was freed (a lost worker), so its
     new grant is reported as a reassignment. ``dry_run`` plans the same pass and writes
     nothing (no lock either: a read session will do); ``explain`` adds every worker's
-    share before and after to the report.
+    share before and after to the report. ``make_before_break`` (``ORCH_PLANNED_MOVES``)
+    says how the moves are carried out (``_revoke``).
     """
     report = BalanceReport()
     members = await _members(session, lock=not dry_run)
@@ -176,7 +182,9 @@ async def balance(
         await _record_grants(session, report.assigned, now, previous_owner or {})
     report.moves = await _plan_moves(session, members, goal, deficits, max_moves, lock=not dry_run)
     if not dry_run:
-        await _revoke(session, report.moves, now)
+        report.handoffs = await _revoke(
+            session, report.moves, now, make_before_break=make_before_break
+        )
     if explain:
         report.shares = _shares(members, goal, before, report.moves)
     return report
@@ -288,7 +296,7 @@ async def _plan_moves(
     workers still below target (``deficits``, updated as moves are planned).
 
     Revoked streams stay with their owner until it hands them back (or the revoke times
-    out), so no stream ever runs in two places by design.
+    out); a stream in a pending hand-off stays where it is going until the hand-off ends.
     """
     moves: list[Move] = []
     budget = max_moves
@@ -303,7 +311,11 @@ async def _plan_moves(
             continue
         stmt = (
             select(StreamRow.id)
-            .where(StreamRow.owner_id == wid, StreamRow.revoke_at.is_(None))
+            .where(
+                StreamRow.owner_id == wid,
+                StreamRow.revoke_at.is_(None),
+                StreamRow.handoff_from.is_(None),
+            )
             .order_by(StreamRow.assigned_at.desc(), StreamRow.id.desc())
             .limit(min(surplus, budget))
         )
@@ -326,8 +338,33 @@ async def _plan_moves(
     return moves
 
 
-async def _revoke(session: AsyncSession, moves: Sequence[Move], now: float) -> None:
-    """Write the planned moves as revokes (the owner hands each stream back)."""
+async def _revoke(
+    session: AsyncSession, moves: Sequence[Move], now: float, *, make_before_break: bool = True
+) -> int:
+    """Carry out planned moves, the one way every planned move is made (balancing, a drain,
+    a rule change); how many became hand-offs.
+
+    Make-before-break (the default, spec semantic 9): a move with a destination is a
+    hand-off (``handoff.start``): the new owner gets the stream now, the old one stops once
+    the new one runs it. A move without one (a draining or over-capacity worker and nobody
+    with room), and every move with ``make_before_break=False`` (``ORCH_PLANNED_MOVES=
+    revoke_first``), is a revoke: the owner hands the stream back, then it is granted.
+    """
+    if not moves:
+        return 0
+    started = 0
+    if make_before_break:
+        started = await handoff.start(session, moves, now)
+        revokes = [mv for mv in moves if mv.to is None]
+    else:
+        revokes = list(moves)
+    await _write_revokes(session, revokes, now)
+    await ev.record_one(session, ev.REBALANCE, now, moves=len(moves), handoffs=started)
+    return started
+
+
+async def _write_revokes(session: AsyncSession, moves: Sequence[Move], now: float) -> None:
+    """Moves as revokes: the owner is asked to hand each stream back."""
     if not moves:
         return
     touch(session, (mv.from_ for mv in moves))
@@ -343,15 +380,10 @@ async def _revoke(session: AsyncSession, moves: Sequence[Move], now: float) -> N
     )
     await ev.record(
         session,
-        [
-            *(
-                ev.event(
-                    ev.STREAM_REVOKED, now, worker_id=mv.from_, stream_id=mv.stream_id, to=mv.to
-                )
-                for mv in moves
-            ),
-            ev.event(ev.REBALANCE, now, moves=len(moves)),
-        ],
+        (
+            ev.event(ev.STREAM_REVOKED, now, worker_id=mv.from_, stream_id=mv.stream_id, to=mv.to)
+            for mv in moves
+        ),
     )
 
 

@@ -260,7 +260,11 @@ class Catalog:
                 session, now, worker_ids=[worker_id], reason=LOST_DECLARED_FAILED
             )
             report = await balancing.balance(
-                session, now, max_moves=settings.max_moves_per_pass, previous_owner=freed
+                session,
+                now,
+                max_moves=settings.max_moves_per_pass,
+                previous_owner=freed,
+                make_before_break=settings.make_before_break,
             )
             report.reassigned = [
                 (sid, freed[sid], wid, token) for sid, wid, token in report.assigned if sid in freed
@@ -277,6 +281,7 @@ class Catalog:
             metrics.assignments.inc(len(report.assigned))
             metrics.reassignments.inc(len(report.reassigned))
             metrics.rebalance_moves.inc(len(report.moves))
+            metrics.handoffs_started.inc(report.handoffs)
             log.warning(
                 "orchestrator.worker_declared_failed",
                 extra={"worker_id": worker_id, "reassigned": len(report.reassigned)},
@@ -404,6 +409,7 @@ class Catalog:
                     row.owner_id = None
                     row.revoke_at = None
                     row.revoke_to = None
+                    row.handoff_from = row.handoff_at = row.handoff_stop_at = None
                 else:
                     # Re-enabled: its failure history starts afresh.
                     row.failures = 0
@@ -459,7 +465,11 @@ class Catalog:
         async def work(session: AsyncSession) -> tuple[balancing.BalanceReport, int]:
             unassigned = await ownership.unowned_count(session)
             report = await balancing.balance(
-                session, self.ctx.clock.wall(), max_moves=max_moves, explain=True
+                session,
+                self.ctx.clock.wall(),
+                max_moves=max_moves,
+                explain=True,
+                make_before_break=self.ctx.settings.make_before_break,
             )
             return report, unassigned
 
@@ -467,6 +477,7 @@ class Catalog:
         report, unassigned = await self.ctx.db.write(work)
         self.ctx.metrics.assignments.inc(len(report.assigned))
         self.ctx.metrics.rebalance_moves.inc(len(report.moves))
+        self.ctx.metrics.handoffs_started.inc(report.handoffs)
         if report.moves or report.assigned:
             self.ctx.signal.changed()
         return _rebalance_answer(report, unassigned, dry_run=False)

@@ -7,6 +7,7 @@ with one line naming the setting instead of failing later under load.
 from __future__ import annotations
 
 import ipaddress
+from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
@@ -17,6 +18,23 @@ from shared.limits import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./streamherd.db"
 SUPPORTED_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+# A hand-off times out after this many heartbeat intervals unless configured
+# (capped by the lease TTL): enough for the new owner's first beat and its confirming one.
+DEFAULT_HANDOFF_INTERVALS = 2.0
+# While a hand-off waits on a worker it is asked to beat this many times an interval: a
+# quarter interval measured overlaps of up to 1.6 beats on a loaded machine (bench 7).
+HANDOFF_POLLS_PER_INTERVAL = 8
+
+
+class PlannedMoves(StrEnum):
+    """How a planned move (balancing, a drain, a rule change) hands a stream over."""
+
+    # The new owner gets it first; the previous one stops once the new one runs it.
+    MAKE_BEFORE_BREAK = "make_before_break"
+    # The owner is told to stop; the stream goes to the new owner once handed back.
+    REVOKE_FIRST = "revoke_first"
+
+
 # Tokens shorter than this are accepted but warned about at start (guessable).
 WEAK_TOKEN_LEN = 16
 DEFAULT_TLS_RELOAD_INTERVAL_S = 5.0
@@ -41,6 +59,10 @@ class Settings(BaseSettings):
     max_moves_per_pass: int = Field(default=100, ge=1)
     # How long a revoked stream may stay with its owner before it is moved regardless.
     revoke_timeout_s: float | None = Field(default=None, gt=0)
+    planned_moves: PlannedMoves = PlannedMoves.MAKE_BEFORE_BREAK
+    # How long the previous owner of a handed-off stream may run it before it is told to
+    # stop whether or not the new owner reported it running (None: see the property).
+    handoff_timeout_s: float | None = Field(default=None, gt=0)
     idempotency_ttl_s: float = Field(default=900.0, ge=600)
     events_retention: int = Field(default=100_000, ge=1000)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
@@ -132,6 +154,12 @@ class Settings(BaseSettings):
                 f"({self.heartbeat_interval_s} >= {self.lease_ttl_s})"
             )
         self._coherent_tls()
+        if self.handoff_timeout_s is not None and self.handoff_timeout_s > self.lease_ttl_s:
+            raise ValueError(
+                "ORCH_HANDOFF_TIMEOUT_S must be at most ORCH_LEASE_TTL_S "
+                f"({self.handoff_timeout_s} > {self.lease_ttl_s}): a hand-off's overlap is "
+                "bounded by a lease"
+            )
         if not self.is_loopback_host and not (self.admin_token and self.worker_token):
             raise ValueError(
                 f"ORCH_HOST={self.host} is not a loopback address: set ORCH_ADMIN_TOKEN and "
@@ -215,3 +243,22 @@ class Settings(BaseSettings):
     @property
     def effective_revoke_timeout_s(self) -> float:
         return self.revoke_timeout_s if self.revoke_timeout_s is not None else self.lease_ttl_s
+
+    @property
+    def make_before_break(self) -> bool:
+        return self.planned_moves == PlannedMoves.MAKE_BEFORE_BREAK
+
+    @property
+    def effective_handoff_timeout_s(self) -> float:
+        """How long a hand-off waits for the new owner before the old one is told to stop."""
+        if self.handoff_timeout_s is not None:
+            return self.handoff_timeout_s
+        return min(DEFAULT_HANDOFF_INTERVALS * self.heartbeat_interval_s, self.lease_ttl_s)
+
+    @property
+    def handoff_poll_s(self) -> float:
+        """How soon both workers of a pending hand-off are asked to beat again (a hint):
+        the new owner to report the stream running, the previous one to hear it may stop.
+        The overlap is about two of these (plus the worker's spread of each), well inside
+        one heartbeat interval; the extra beats last only as long as the hand-off."""
+        return self.heartbeat_interval_s / HANDOFF_POLLS_PER_INTERVAL

@@ -20,7 +20,7 @@ from typing import Any, cast
 from sqlalchemy import Row, Table, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator import identity, ownership
+from orchestrator import handoff, identity, ownership
 from orchestrator.auth import Caller, same_hash
 from orchestrator.context import Context
 from orchestrator.db import Database
@@ -179,12 +179,20 @@ WORKER_COLUMNS = (
 )
 
 
+VIEW_STREAM_COLUMNS = (
+    *ownership.ASSIGNMENT_COLUMNS,
+    StreamRow.revoke_at,
+    StreamRow.handoff_from,
+    StreamRow.handoff_stop_at,
+)
+
+
 async def worker_and_streams(
     session: AsyncSession, worker_id: str
 ) -> tuple[Row[Any] | None, list[Row[Any]]]:
     """The worker's row and the streams it owns, in one query (a cold view's whole load)."""
     stmt = (
-        select(*WORKER_COLUMNS, *ownership.ASSIGNMENT_COLUMNS, StreamRow.revoke_at)
+        select(*WORKER_COLUMNS, *VIEW_STREAM_COLUMNS)
         .select_from(WorkerRow)
         .outerjoin(StreamRow, StreamRow.owner_id == WorkerRow.worker_id)
         .where(WorkerRow.worker_id == worker_id)
@@ -194,6 +202,15 @@ async def worker_and_streams(
     if not rows:
         return None, []
     return rows[0], [r for r in rows if r.id is not None]
+
+
+async def handed_away(session: AsyncSession, worker_id: str) -> Sequence[Any]:
+    """Streams in a pending hand-off away from the worker (``id``, ``handoff_stop_at``):
+    a lookup in the partial index of the few pending hand-offs."""
+    stmt = select(StreamRow.id, StreamRow.handoff_stop_at).where(
+        StreamRow.handoff_from == worker_id
+    )
+    return (await session.execute(stmt)).all()
 
 
 def assignment_json(row: Any) -> dict[str, Any]:
@@ -211,9 +228,12 @@ def assignment_json(row: Any) -> dict[str, Any]:
     }
 
 
-def build_view(worker: Any, streams: Sequence[Any], now: float) -> WorkerView:
-    """The view of ``worker`` owning ``streams`` (rows with ``ASSIGNMENT_COLUMNS`` and
-    ``revoke_at``); streams being revoked are owned but no longer listed."""
+def build_view(
+    worker: Any, streams: Sequence[Any], now: float, away: Sequence[Any] = ()
+) -> WorkerView:
+    """The view of ``worker`` owning ``streams`` (rows with ``VIEW_STREAM_COLUMNS``) and
+    handing ``away`` others (``handed_away``); streams being revoked are owned but no
+    longer listed."""
     revoking = frozenset(r.id for r in streams if r.revoke_at is not None)
     body = json.dumps(
         [assignment_json(r) for r in streams if r.revoke_at is None], separators=(",", ":")
@@ -229,6 +249,13 @@ def build_view(worker: Any, streams: Sequence[Any], now: float) -> WorkerView:
         revoking=revoking,
         assignments_json=body,
         built_at=now,
+        confirming={
+            r.id: r.token
+            for r in streams
+            if getattr(r, "handoff_from", None) is not None and r.handoff_stop_at is None
+        },
+        handing_over=frozenset(r.id for r in away if r.handoff_stop_at is None),
+        handed_over=frozenset(r.id for r in away if r.handoff_stop_at is not None),
     )
 
 
@@ -311,9 +338,11 @@ class Heartbeats:
             view = await self._checked_view(caller, worker_id, req.epoch, now)
         # Only now is the capacity known; the body's parse is bounded by MAX_HELD.
         check_held_length(len(req.held), view.capacity)
-        held = {h.stream_id for h in req.held}
+        held_tokens = {h.stream_id: h.token for h in req.held}
+        held = set(held_tokens)
         dropped: list[m.Drop] = []
-        missing = held - view.owned
+        # Streams handed away that it still runs are neither its own nor dropped (yet).
+        missing = held - view.owned - view.handing_over - view.handed_over
         if missing:
             async with self.ctx.db.read() as session:
                 dropped = await ownership.drops_for(session, worker_id, sorted(missing))
@@ -334,17 +363,52 @@ class Heartbeats:
         else:
             expires = self.book.renew(worker_id, view.epoch, now, ttl, req.stats)
         self.ctx.metrics.heartbeats.inc()
-        revoke = sorted(view.revoking & held)
+        revoke = sorted((view.revoking | view.handed_over) & held)
         handed_back = sorted(view.revoking - held)
-        if handed_back:
-            # The worker already stopped these revoked streams: that is its release.
-            async def release(session: AsyncSession) -> None:
-                scoped(session)  # release touches the one worker it changes
-                await ownership.release(session, worker_id, handed_back, now, reason="revoked")
+        # Hand-offs: this worker runs streams handed to it (their previous owners may stop
+        # now), or stopped streams it handed away (their records go).
+        confirmed = sorted(
+            sid for sid, token in view.confirming.items() if held_tokens.get(sid) == token
+        )
+        stopped = sorted(view.handed_over - held)
+        if handed_back or confirmed or stopped:
+            await self._settle(worker_id, handed_back, confirmed, stopped, now)
+        hint = self.beat_hint(now)
+        if view.confirming.keys() - held or (view.handing_over | view.handed_over) & held:
+            # A hand-off waits on this worker: to start (and list) a stream handed to it, to
+            # hear that it may stop one it handed away, or to say it did (which ends the
+            # hand-off and lets the stream move again). Soon, not a whole interval later.
+            poll = self.ctx.settings.handoff_poll_s
+            hint = poll if hint is None else min(hint, poll)
+        return encode_answer(expires, hint, view, revoke, dropped)
 
-            await self.ctx.db.write(release)
-            self.ctx.signal.changed()
-        return encode_answer(expires, self.beat_hint(now), view, revoke, dropped)
+    async def _settle(
+        self,
+        worker_id: str,
+        handed_back: list[int],
+        confirmed: list[int],
+        stopped: list[int],
+        now: float,
+    ) -> None:
+        """What a beat's ``held`` settles: revoked streams handed back (its release), and
+        the hand-offs it confirms (as new owner) or completes (as previous owner)."""
+
+        async def write(session: AsyncSession) -> handoff.Finished:
+            scoped(session)  # release and the hand-off steps touch every view they change
+            if handed_back:
+                await ownership.release(session, worker_id, handed_back, now, reason="revoked")
+            if confirmed:
+                await handoff.confirm(session, worker_id, confirmed, now)
+            if stopped:
+                return await handoff.finish(session, worker_id, stopped, now)
+            return handoff.Finished()
+
+        finished = await self.ctx.db.write(write)
+        metrics = self.ctx.metrics
+        for _sid, overlap in finished.overlaps:
+            metrics.handoffs_completed.inc()
+            metrics.handoff_overlap_seconds.observe(overlap)
+        self.ctx.signal.changed()
 
     def beat_hint(self, now: float) -> float | None:
         """Seconds after which to beat again, when that hears of a failover sooner.
@@ -405,6 +469,7 @@ class Heartbeats:
                 session, caller, worker_id, row, epoch=epoch, now=now, lease_end=lease_end
             )
             assert row is not None
-        view = build_view(row, streams, self.views.now())
+            away = await handed_away(session, worker_id)
+        view = build_view(row, streams, self.views.now(), away)
         self.views.put(view, generation)
         return view

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from shared.models import ClusterAnswer
 
+# A hand-off's overlap: from the move to the previous owner's beat without the stream.
+OVERLAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -48,6 +50,34 @@ class OrchestratorMetrics:
         self.rebalance_moves = Counter(
             "streamherd_rebalance_moves",
             "Streams revoked from one worker to even out load.",
+            registry=r,
+        )
+        self.handoffs_started = Counter(
+            "streamherd_handoffs_started",
+            "Planned moves made make-before-break: the new owner got the stream first.",
+            registry=r,
+        )
+        self.handoffs_completed = Counter(
+            "streamherd_handoffs_completed",
+            "Hand-offs whose previous owner stopped the stream (its beat no longer lists it).",
+            registry=r,
+        )
+        self.handoffs_timed_out = Counter(
+            "streamherd_handoffs_timed_out",
+            "Hand-offs whose previous owner was told to stop before the new owner reported "
+            "the stream running (ORCH_HANDOFF_TIMEOUT_S).",
+            registry=r,
+        )
+        self.handoffs_abandoned = Counter(
+            "streamherd_handoffs_abandoned",
+            "Hand-offs whose previous owner kept listing the stream after it was told to stop.",
+            registry=r,
+        )
+        self.handoff_overlap_seconds = Histogram(
+            "streamherd_handoff_overlap_seconds",
+            "How long both owners of a hand-off may have run the stream: from the move to "
+            "the previous owner's first beat without it (an upper bound).",
+            buckets=OVERLAP_BUCKETS,
             registry=r,
         )
         self.quarantines = Counter(

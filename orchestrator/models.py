@@ -82,6 +82,11 @@ class StreamRow(Base):
     # A pending revoke: the owner was asked to hand the stream back (to revoke_to, if set).
     revoke_at: Mapped[float | None] = mapped_column(Float)
     revoke_to: Mapped[str | None] = mapped_column(String(63))
+    # A pending make-before-break hand-off (``handoff``): the previous owner may still run
+    # the stream; it is told to stop at ``handoff_stop_at`` (None: not yet).
+    handoff_from: Mapped[str | None] = mapped_column(String(63))
+    handoff_at: Mapped[float | None] = mapped_column(Float)
+    handoff_stop_at: Mapped[float | None] = mapped_column(Float)
     failures: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -95,6 +100,14 @@ class StreamRow(Base):
             "revoke_at",
             sqlite_where=text("revoke_at IS NOT NULL"),
             postgresql_where=text("revoke_at IS NOT NULL"),
+        ),
+        # The few pending hand-offs, looked up by previous owner (its view) and by the
+        # reaper's timeouts.
+        Index(
+            "ix_streams_handoff",
+            "handoff_from",
+            sqlite_where=text("handoff_from IS NOT NULL"),
+            postgresql_where=text("handoff_from IS NOT NULL"),
         ),
     )
 

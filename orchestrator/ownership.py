@@ -47,6 +47,10 @@ ASSIGNMENT_COLUMNS = (
 )
 
 
+# Clears a stream's hand-off record (``handoff``): every change of owner ends a hand-off.
+NO_HANDOFF: dict[str, Any] = {"handoff_from": None, "handoff_at": None, "handoff_stop_at": None}
+
+
 def to_assignment(row: Any) -> Assignment:
     return Assignment(
         stream_id=row.id,
@@ -141,6 +145,7 @@ async def _take(
                 assigned_at=now,
                 revoke_at=None,
                 revoke_to=None,
+                **NO_HANDOFF,
                 updated_at=now,
             )
             .returning(*ASSIGNMENT_COLUMNS)
@@ -194,10 +199,20 @@ async def release(
     wanted = sorted(set(stream_ids))
     released: list[int] = []
     for chunk in chunks(wanted):
+        # A stream handed to this worker whose previous owner still runs it: that one's
+        # view changes too (its beats get the stream in ``dropped`` now).
+        previous = await session.execute(
+            select(StreamRow.handoff_from).where(
+                StreamRow.id.in_(chunk),
+                StreamRow.owner_id == worker_id,
+                StreamRow.handoff_from.is_not(None),
+            )
+        )
+        touch(session, previous.scalars())
         stmt = (
             update(StreamRow)
             .where(StreamRow.id.in_(chunk), StreamRow.owner_id == worker_id)
-            .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=now)
+            .values(owner_id=None, revoke_at=None, revoke_to=None, **NO_HANDOFF, updated_at=now)
             .returning(StreamRow.id)
             .execution_options(synchronize_session=False)
         )
@@ -230,22 +245,35 @@ async def release_owned_by(
     touch(session, owners)
     released: dict[int, str] = {}
     for group in chunks(list(owners), OWNER_CHUNK):
-        found = await session.execute(
-            select(StreamRow.id, StreamRow.owner_id)
-            .where(StreamRow.owner_id.in_(group))
-            .with_for_update()
-        )
-        owned = {sid: str(owner) for sid, owner in found.all()}  # owner_id IN (...): set
+        found = (
+            await session.execute(
+                select(StreamRow.id, StreamRow.owner_id, StreamRow.handoff_from)
+                .where(StreamRow.owner_id.in_(group))
+                .with_for_update()
+            )
+        ).all()
+        owned = {row.id: str(row.owner_id) for row in found}  # owner_id IN (...): set
+        # Previous owners still running streams handed to these: their beats now drop them.
+        touch(session, (row.handoff_from for row in found))
         if owned:
             # By owner, not by id: no 5,000-id IN list to render and bind; the same rows,
             # as nothing can be granted to a locked owner meanwhile.
             await session.execute(
                 update(StreamRow)
                 .where(StreamRow.owner_id.in_(group))
-                .values(owner_id=None, revoke_at=None, revoke_to=None, updated_at=now)
+                .values(owner_id=None, revoke_at=None, revoke_to=None, **NO_HANDOFF, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
             released.update(owned)
+        # Hand-offs away from these workers end: nobody is left to tell to stop.
+        ended = await session.execute(
+            update(StreamRow)
+            .where(StreamRow.handoff_from.in_(group))
+            .values(**NO_HANDOFF)
+            .returning(StreamRow.owner_id)
+            .execution_options(synchronize_session=False)
+        )
+        touch(session, ended.scalars())
     await ev.record(
         session,
         (
@@ -284,7 +312,11 @@ async def _rows_by_id(session: AsyncSession, ids: Sequence[int], *, lock: bool) 
     found: dict[int, Any] = {}
     for chunk in chunks(ids):
         stmt = select(
-            *ASSIGNMENT_COLUMNS, StreamRow.owner_id, StreamRow.status, StreamRow.revoke_at
+            *ASSIGNMENT_COLUMNS,
+            StreamRow.owner_id,
+            StreamRow.status,
+            StreamRow.revoke_at,
+            StreamRow.handoff_from,
         ).where(StreamRow.id.in_(chunk))
         if lock:
             stmt = stmt.with_for_update()
@@ -375,13 +407,20 @@ async def shed_over_capacity(
 
 
 async def drops_for(session: AsyncSession, worker_id: str, stream_ids: Sequence[int]) -> list[Drop]:
-    """Reasons for streams a worker reports holding that it does not own (heartbeat)."""
+    """Reasons for streams a worker reports holding that it does not own (heartbeat).
+
+    A stream being handed over from this worker is not dropped: a view another replica has
+    not refreshed yet may miss the hand-off, and the worker must keep running it (spec,
+    semantic 9) until told to stop.
+    """
     rows = await _rows_by_id(session, stream_ids, lock=False)
     drops = []
     for sid in sorted(stream_ids):
         row = rows.get(sid)
         if row is None:
             drops.append(Drop(stream_id=sid, reason=DropReason.REMOVED))
+            continue
+        if row.handoff_from == worker_id and row.owner_id is not None:
             continue
         reason = drop_reason(row, worker_id)
         if reason is not None:

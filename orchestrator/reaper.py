@@ -35,7 +35,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator import balancing, idempotency, ownership, view_sync
+from orchestrator import balancing, handoff, idempotency, ownership, view_sync
 from orchestrator import events as ev
 from orchestrator.context import Context
 from orchestrator.errors import as_api_error
@@ -72,6 +72,9 @@ class PassReport:
     assigned: int = 0
     reassigned: int = 0
     moves: int = 0
+    handoffs: int = 0  # moves made as hand-offs
+    handoffs_timed_out: int = 0
+    handoffs_abandoned: int = 0
     next_expiry: float | None = None  # the earliest lease still running after this pass
 
 
@@ -135,14 +138,29 @@ class Reaper:
         overdue = await balancing.expire_revokes(
             session, now, self.ctx.settings.effective_revoke_timeout_s
         )
+        settings = self.ctx.settings
+        expired = await handoff.expire(
+            session,
+            now,
+            timeout=settings.effective_handoff_timeout_s,
+            stop_timeout=settings.effective_revoke_timeout_s,
+        )
+        report.handoffs_timed_out = expired.timed_out
+        report.handoffs_abandoned = expired.abandoned
         balance = await balancing.balance(
-            session, now, max_moves=self.ctx.settings.max_moves_per_pass, previous_owner=freed
+            session,
+            now,
+            max_moves=settings.max_moves_per_pass,
+            previous_owner=freed,
+            make_before_break=settings.make_before_break,
         )
         report.assigned = len(balance.assigned)
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
         report.moves = len(balance.moves)
+        report.handoffs = balance.handoffs
         report.next_expiry = await _earliest_lease_in(session)
-        if not (report.grace or report.lost or report.assigned or report.moves or overdue):
+        changed = overdue or expired.timed_out or expired.abandoned
+        if not (report.grace or report.lost or report.assigned or report.moves or changed):
             write_context(session).quiet = True  # nothing a heartbeat answers with has changed
         elif not report.grace:
             # The ownership helpers touched every worker they changed; a grace changed
@@ -231,6 +249,9 @@ class Reaper:
         m.assignments.inc(report.assigned)
         m.reassignments.inc(report.reassigned)
         m.rebalance_moves.inc(report.moves)
+        m.handoffs_started.inc(report.handoffs)
+        m.handoffs_timed_out.inc(report.handoffs_timed_out)
+        m.handoffs_abandoned.inc(report.handoffs_abandoned)
         if report.grace:
             m.outage_graces.inc()
         for wid in report.lost:

@@ -9,8 +9,8 @@ any mismatch is re-checked against the database first.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.models import WorkerState
@@ -31,6 +31,13 @@ class WorkerView:
     revoking: frozenset[int]
     assignments_json: bytes
     built_at: float
+    # Make-before-break hand-offs (``handoff``). Owned streams whose previous owner waits
+    # for this worker to list them in ``held`` (id -> the token it must list):
+    confirming: Mapping[int, int] = field(default_factory=dict)
+    # Streams handed away from this worker that it may still run (listed nowhere) ...
+    handing_over: frozenset[int] = frozenset()
+    # ... and those it was told to stop (listed in ``revoke`` while it still holds them).
+    handed_over: frozenset[int] = frozenset()
 
 
 class ViewCache:

@@ -346,6 +346,9 @@ class WorkerCalls:
                 stream.owner_id = None
                 stream.revoke_at = None
                 stream.revoke_to = None
+                # A previous owner still running it (a hand-off) now finds it dropped.
+                view_sync.touch(session, [stream.handoff_from])
+                stream.handoff_from = stream.handoff_at = stream.handoff_stop_at = None
                 self.ctx.metrics.quarantines.inc()
                 log.warning(
                     "orchestrator.stream_quarantined",

@@ -683,9 +683,16 @@ class ResilientWorkerClient:
         answer, sent = result
         self._beat_since_register = True
         self._beat_hint = answer.next_heartbeat_in_s
+        handing_over = set(self._holdings.handing_over)
         changed, new_revokes = self._holdings.adopt_heartbeat(
-            answer.assignments, answer.revoke, sent.held
+            answer.assignments, answer.revoke, sent.held, answer.dropped
         )
+        for sid in sorted(self._holdings.handing_over.keys() - handing_over):
+            # Moved to another worker, which has not started it yet: we keep running it.
+            log.info(
+                "worker.stream_handing_over",
+                extra={"worker_id": self.config.worker_id, "stream_id": sid},
+            )
         for sid in sorted(new_revokes):
             log.info(
                 "worker.stream_revoked",
@@ -890,6 +897,9 @@ class ResilientWorkerClient:
         self._state.heartbeat_interval_s = heartbeat_interval_s
         self._state.lease_ttl_s = lease_ttl_s
         self._link.pace(heartbeat_interval_s)
+        # A hand-off never keeps a stream unnamed for longer than the orchestrator's bound
+        # (at most a lease TTL, ORCH_HANDOFF_TIMEOUT_S): twice that stops it regardless.
+        self._holdings.handoff_bound_s = 2 * lease_ttl_s
 
     def _fallback_ids(self) -> list[int]:
         return self.assigned_streams if self.local_mode_active else []

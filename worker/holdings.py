@@ -6,7 +6,10 @@ wins can be tested on its own:
   for streams obtained or released while that call was in flight (fencing tokens tell a
   released grant from a new one);
 - a request ``add``s, a release or a quarantine ``forget``s (remembering the grant);
-- ``revoked`` are held streams the orchestrator wants back: held until released.
+- ``revoked`` are held streams the orchestrator wants back: held until released;
+- ``handing_over`` are held streams a heartbeat answer names nowhere (neither assigned,
+  revoked nor dropped): a make-before-break hand-off whose new owner has not started them
+  yet. Kept running, but never beyond ``handoff_bound_s``.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from datetime import UTC, datetime
 
 from shared import limits
 from shared.clock import SYSTEM_CLOCK, Clock
-from shared.models import Assignment, Held, HistoryEntry
+from shared.models import Assignment, Drop, Held, HistoryEntry
 from worker.state import LocalState
 
 # Grants (stream, token) we released lately: an answer computed before the release landed
 # must not hand them back to us. Tokens only grow, so a later grant is never mistaken.
 RELEASED_GRANTS_REMEMBERED = 4096
+# How long a held stream may go unnamed by heartbeat answers (a pending hand-off) before
+# it is dropped anyway, until the client learns the lease (twice the lease TTL).
+DEFAULT_HANDOFF_BOUND_S = 30.0
 
 
 class Holdings:
@@ -42,6 +48,9 @@ class Holdings:
         self.pending_release: list[int] = []
         self.history: dict[int, HistoryEntry] = {}
         self._released: OrderedDict[tuple[int, int], None] = OrderedDict()
+        # Held streams the last answers named nowhere, since when (monotonic seconds).
+        self.handing_over: dict[int, float] = {}
+        self.handoff_bound_s = DEFAULT_HANDOFF_BOUND_S
 
     # --- reading ---------------------------------------------------------------------
 
@@ -74,22 +83,37 @@ class Holdings:
                 held[sid] = a
         self.held = held
         self.revoked &= held.keys()
+        self.handing_over = {sid: t for sid, t in self.handing_over.items() if sid in held}
         self._changed()
         return {(a.stream_id, a.token) for a in held.values()} != before
 
     def adopt_heartbeat(
-        self, assignments: Iterable[Assignment], revoke: Iterable[int], sent: Iterable[Held]
+        self,
+        assignments: Iterable[Assignment],
+        revoke: Iterable[int],
+        sent: Iterable[Held],
+        dropped: Iterable[Drop] = (),
     ) -> tuple[bool, set[int]]:
         """A heartbeat answer: (whether the held set changed, the newly revoked ids).
 
         A stream being revoked may be missing from ``assignments``, yet it is ours until
-        we stop and release it: it stays held (and in ``revoked``) until then.
+        we stop and release it: it stays held (and in ``revoked``) until then. A stream we
+        sent that the answer names nowhere is being handed to another worker that has not
+        started it yet (spec, semantic 9): we keep running it until it shows up in
+        ``revoke`` (or ``dropped``), but for no longer than ``handoff_bound_s``.
         """
         assignments = list(assignments)
         revoke = list(revoke)
+        sent = list(sent)
         listed = {a.stream_id for a in assignments}
         revoking = [self.held[sid] for sid in revoke if sid in self.held and sid not in listed]
-        changed = self.replace([*assignments, *revoking], sent)
+        named = listed | set(revoke) | {d.stream_id for d in dropped}
+        unnamed = {h.stream_id for h in sent if h.stream_id in self.held} - named
+        now = self._clock.monotonic()
+        since = {sid: self.handing_over.get(sid, now) for sid in unnamed}
+        self.handing_over = {sid: t for sid, t in since.items() if now - t <= self.handoff_bound_s}
+        keeping = [self.held[sid] for sid in self.handing_over]
+        changed = self.replace([*assignments, *revoking, *keeping], sent)
         new_revokes = {sid for sid in revoke if sid in self.held} - self.revoked
         self.revoked = (self.revoked | new_revokes) & self.held.keys()
         return changed, new_revokes
@@ -109,6 +133,7 @@ class Holdings:
         for sid in stream_ids:
             a = self.held.pop(sid, None)
             self.revoked.discard(sid)
+            self.handing_over.pop(sid, None)
             if a is not None:
                 self._released[(sid, a.token)] = None
         while len(self._released) > RELEASED_GRANTS_REMEMBERED:

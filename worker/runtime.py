@@ -250,7 +250,10 @@ class Runtime:
                     # than the one the next beat was planned with: the lease it was just
                     # given would run out before that beat.
                     next_beat = min(next_beat, now + self.client.heartbeat_interval_s)
-                hint = self.client.take_beat_hint() if beat else None
+                # Any pass: a beat made inside another call (``start``'s registration and
+                # first request for streams) leaves its answer's hint too, and a new worker's
+                # first streams are often a hand-off waiting for it to say it runs them.
+                hint = self.client.take_beat_hint()
                 if hint is not None:
                     # A failover is about to free streams: hear of them at once. An extra
                     # beat, spread a little so a fleet told at once does not beat at once;

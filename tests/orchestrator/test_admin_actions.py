@@ -145,7 +145,8 @@ async def test_a_rebalance_preview_changes_nothing_and_names_the_moves(
         real = (await h.client.post(f"{API}/rebalance", headers=ADMIN)).json()
         assert real["dry_run"] is False
         assert real["moves"] == preview["moves"]
-        assert [e["type"] for e in await events_since(h, mark)].count("stream_revoked") == 4
+        # Made make-before-break (semantic 9): each move hands the stream to b at once.
+        assert [e["type"] for e in await events_since(h, mark)].count("stream_reassigned") == 4
 
 
 async def test_a_preview_counts_the_unowned_streams_it_would_hand_out(

@@ -466,7 +466,8 @@ async def test_heartbeat_stats_are_shown_on_the_worker(db_url: str, clock: FakeC
 
 async def test_drain_revokes_and_moves_streams(db_url: str, clock: FakeClock) -> None:
     """Drained: no new streams; its streams are revoked, and move once it hands them back."""
-    async with running(db_url, clock) as h:
+    # ORCH_PLANNED_MOVES=revoke_first (make-before-break: test_handoff.py).
+    async with running(db_url, clock, planned_moves="revoke_first") as h:
         await h.create_streams(6)
         a = await h.register("a", capacity=10)
         b = await h.register("b", capacity=10)
@@ -512,7 +513,8 @@ async def test_drain_errors(db_url: str, clock: FakeClock) -> None:
 
 async def test_rebalance_answers_moves_from_and_to(db_url: str, clock: FakeClock) -> None:
     """A late joiner: POST /rebalance revokes half the load, each move naming from and to."""
-    async with running(db_url, clock) as h:
+    # ORCH_PLANNED_MOVES=revoke_first (make-before-break: test_handoff.py).
+    async with running(db_url, clock, planned_moves="revoke_first") as h:
         await h.create_streams(8)
         a = await h.register("a", capacity=10)
         await h.reap()

@@ -439,7 +439,7 @@ async def test_reaper_never_grants_beyond_capacity_while_a_revoke_is_pending(
     db_url: str, clock: FakeClock
 ) -> None:
     """A worker with a pending revoke is not granted past its capacity when a peer dies."""
-    async with running(db_url, clock) as h:
+    async with running(db_url, clock, planned_moves="revoke_first") as h:
         await h.create_streams(6)
         w0 = await h.register("w0", capacity=4)
         await h.reap()

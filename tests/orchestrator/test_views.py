@@ -160,7 +160,8 @@ async def test_a_pass_drops_exactly_the_views_of_the_workers_it_changed(
 ) -> None:
     """Streams moved from a to the newcomer: a's view reloads and lists the revoke; the
     unaffected worker's view stays; the newcomer's answer lists its new streams."""
-    async with running(db_url, clock) as h:
+    # The revoke path (make-before-break: test_handoff.py).
+    async with running(db_url, clock, planned_moves="revoke_first") as h:
         await h.create_streams(8)
         a = await h.register("a", capacity=8)
         await h.reap()
@@ -212,7 +213,10 @@ async def test_another_replica_drops_only_the_views_a_change_named(
     other's cached views; a pass through one that moves streams drops exactly the changed
     workers' views on the other (it tails ``view_changes``)."""
     url = await asyncio.to_thread(pg_databases.new)
-    async with running(url, clock) as one, running(url, clock) as other:
+    async with (
+        running(url, clock, planned_moves="revoke_first") as one,
+        running(url, clock, planned_moves="revoke_first") as other,
+    ):
         await one.create_streams(6)
         a = await one.register("a", capacity=6)
         b = await one.register("b", capacity=6)

@@ -148,3 +148,47 @@ def test_the_state_file_round_trip_lets_what_we_learned_win(holdings: Holdings) 
     assert {sid: a.token for sid, a in state.held.items()} == {1: 10, 2: 21}
     assert state.pending_release == [6]
     assert holdings.held_list() == [Held(stream_id=1, token=10), Held(stream_id=2, token=21)]
+
+
+def test_a_stream_an_answer_names_nowhere_is_kept_running_a_bounded_time(
+    holdings: Holdings, clock: FakeClock
+) -> None:
+    """A held stream in none of assignments, revoke and dropped is being handed over
+    (semantic 9): still held and processable; once revoked it stops; and if it stays
+    unnamed past ``handoff_bound_s`` it is let go anyway, so nothing runs for ever."""
+    holdings.handoff_bound_s = 10.0
+    holdings.add([assignment(1, 10), assignment(2, 20)])
+    changed, _ = holdings.adopt_heartbeat([assignment(1, 10)], [], holdings.held_list())
+    assert not changed and holdings.processable() == [1, 2]
+    assert set(holdings.handing_over) == {2}
+    clock.advance(5.0)
+    _, new = holdings.adopt_heartbeat([assignment(1, 10)], [2], holdings.held_list())
+    assert new == {2} and holdings.processable() == [1] and holdings.handing_over == {}
+    holdings.forget([2])
+
+    holdings.add([assignment(3, 30)])
+    holdings.adopt_heartbeat([assignment(1, 10)], [], holdings.held_list())
+    clock.advance(10.0)
+    holdings.adopt_heartbeat([assignment(1, 10)], [], holdings.held_list())
+    assert 3 in holdings.held
+    clock.advance(0.5)
+    changed, _ = holdings.adopt_heartbeat([assignment(1, 10)], [], holdings.held_list())
+    assert changed and set(holdings.held) == {1} and holdings.handing_over == {}
+
+
+def test_a_dropped_stream_is_not_taken_for_a_hand_off(holdings: Holdings) -> None:
+    """A stream the answer drops goes at once, whatever the hand-off rule keeps."""
+    from shared.models import Drop, DropReason
+
+    holdings.add([assignment(1, 10), assignment(2, 20)])
+    drop = Drop(stream_id=2, reason=DropReason.REASSIGNED, owner="b")
+    changed, _ = holdings.adopt_heartbeat([assignment(1, 10)], [], holdings.held_list(), [drop])
+    assert changed and set(holdings.held) == {1} and holdings.handing_over == {}
+
+
+def test_a_stream_obtained_during_the_beat_is_no_hand_off(holdings: Holdings) -> None:
+    """Only streams the beat presented can be unnamed by its answer."""
+    sent = holdings.held_list()
+    holdings.add([assignment(4, 40)])
+    holdings.adopt_heartbeat([], [], sent)
+    assert set(holdings.held) == {4} and holdings.handing_over == {}

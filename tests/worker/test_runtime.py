@@ -485,6 +485,23 @@ async def test_a_heartbeat_hint_brings_the_next_beat_forward() -> None:
         await eventually(lambda: client.beats == 3)
 
 
+async def test_a_hint_left_by_a_beat_outside_the_loop_is_honoured() -> None:
+    """A beat made inside another call (the start's request for streams beats too) leaves
+    its answer's hint: the next pass takes it, so the extra beat is not lost (a new worker
+    handed streams make-before-break then says at once that it runs them)."""
+    clock = RuntimeClock(now=1000.0)
+    client = FakeClient(capacity=1, heartbeat_interval_s=60.0)
+    runtime = make_runtime(client, Recorder(), clock=clock)
+    async with running(runtime):
+        await eventually(lambda: "request:1" in client.calls)  # started
+        client.beat_hint = 0.5  # as a beat inside request_streams would leave it
+        runtime._wake.set()  # a pass that is no beat
+        await eventually(lambda: client.beat_hint is None)
+        clock.now += 0.5 + HINT_SPREAD_S
+        runtime._wake.set()
+        await eventually(lambda: client.beats == 1)
+
+
 async def test_a_beat_that_learns_a_shorter_interval_beats_again_by_it() -> None:
     """A worker that comes back (registers during a beat) and learns a shorter interval
     than the one its next beat was planned with beats by the new one: planned with the old,
