@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator.db_stats import ORIGIN_REQUEST, ORIGIN_SCRAPE, db_origin
 from orchestrator.errors import error_body
 from orchestrator.metrics import OrchestratorMetrics
 from shared.errors import ErrorCode
@@ -176,6 +177,8 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        # Statements this request sends are its own (``db_stats``); a scrape's apart.
+        origin = db_origin.set(ORIGIN_SCRAPE if scope["path"] == "/metrics" else ORIGIN_REQUEST)
 
         async def tracking_send(message: Message) -> None:
             nonlocal status
@@ -186,6 +189,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         finally:
+            db_origin.reset(origin)
             route: Any = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator import balancing, idempotency, ownership, view_sync
 from orchestrator import events as ev
 from orchestrator.context import Context
+from orchestrator.db_stats import ORIGIN_REAPER, db_origin
 from orchestrator.errors import as_api_error
 from orchestrator.heartbeats import LeaseBook
 from orchestrator.models import LEASED_STATES, ClusterRow, EventRow, ViewChangeRow, WorkerRow
@@ -248,6 +249,7 @@ class Reaper:
         storm of passes; so does the end of the earliest running lease.
         """
         watcher = asyncio.create_task(self._watch_loop(stop), name="reaper.loop-watch")
+        db_origin.set(ORIGIN_REAPER)  # this task's own context: its statements are the reaper's
         try:
             await self._run(stop)
         finally:
