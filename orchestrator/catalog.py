@@ -340,7 +340,7 @@ class Catalog:
                     raise Conflict("stream ids already exist", details={"ids": sorted(taken)})
             # Column values, not ORM objects: one multi-row INSERT per thousand rows
             # (``insert_streams``) instead of one INSERT and one object per stream.
-            rows = [
+            rows: list[dict[str, Any]] = [
                 {
                     "id": spec.id,
                     "name": spec.name,
