@@ -50,6 +50,9 @@ class Sizes:
     # 5. client overhead
     client_calls: int = 200
     client_rounds: int = 15
+    # 7. database work per unit, memory, bulk creation (fleet: hb_workers)
+    dbw_beats: int = 2_000
+    dbw_catalogue: int = 100_000
 
 
 # The issue's sizes: 100,000 streams over 1,000 workers and growth to 10,000 workers. On
@@ -80,6 +83,7 @@ QUICK = Sizes(
     growth_duration_s=2.0,
     failover_kills=2,
     client_rounds=8,
+    dbw_catalogue=20_000,
 )
 TOY = Sizes(
     name="toy",
@@ -110,6 +114,8 @@ TOY = Sizes(
     outage_breaker_variant=False,
     client_calls=20,
     client_rounds=1,
+    dbw_beats=20,
+    dbw_catalogue=2_000,
 )
 SIZES = {s.name: s for s in (FULL, QUICK, TOY, ISSUE)}
 

@@ -23,7 +23,6 @@ from orchestrator.catalog import Catalog
 from orchestrator.config import Settings
 from orchestrator.context import Context
 from orchestrator.db import Database
-from orchestrator.db_stats import StatementCollector, StatementCounter
 from orchestrator.errors import install_error_handlers
 from orchestrator.heartbeats import Heartbeats, LeaseBook
 from orchestrator.live import LiveHub
@@ -54,14 +53,12 @@ def create_app(
     settings = settings or Settings()
     metrics = OrchestratorMetrics()
     live = LiveHub.for_settings(settings, metrics)
-    statements = StatementCounter()  # one per app: it outlives a restarted lifespan's engines
-    metrics.registry.register(StatementCollector(statements))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.auto_migrate:
             await upgrade_to_head(settings.database_url)
-        db = Database(settings, statements=statements)
+        db = Database(settings, statements=metrics.statements)
         book = LeaseBook()
         signal = ChangeSignal()
         views = ViewCache()

@@ -92,7 +92,9 @@ class StatementCollector(Collector):
             "and kind.",
             labels=["origin", "kind"],
         )
-        for (origin, kind), n in sorted(self.counter.statements.items()):
+        # A zero before the first statement, so the family is never empty.
+        counted = sorted(self.counter.statements.items()) or [((ORIGIN_REQUEST, "select"), 0)]
+        for (origin, kind), n in counted:
             statements.add_metric([origin, kind], n)
         yield statements
         rows = CounterMetricFamily(
@@ -100,7 +102,7 @@ class StatementCollector(Collector):
             "Parameter sets carried by executemany statements, by origin.",
             labels=["origin"],
         )
-        for origin, n in sorted(self.counter.executemany_rows.items()):
+        for origin, n in sorted(self.counter.executemany_rows.items()) or [(ORIGIN_REQUEST, 0)]:
             rows.add_metric([origin], n)
         yield rows
 

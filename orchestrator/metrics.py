@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from orchestrator.db_stats import StatementCollector, StatementCounter
 from shared.models import ClusterAnswer
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -96,6 +97,9 @@ class OrchestratorMetrics:
             "Event clients closed for being too slow.",
             registry=r,
         )
+        # Filled by the database's engine events (``db.Database``), read at scrape time.
+        self.statements = StatementCounter()
+        r.register(StatementCollector(self.statements))
 
     def observe_cluster(self, answer: ClusterAnswer) -> None:
         """Set the gauges of cluster state from one reading of it."""

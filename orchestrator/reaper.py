@@ -74,6 +74,8 @@ class PassReport:
     reassigned: int = 0
     moves: int = 0
     next_expiry: float | None = None  # the earliest lease still running after this pass
+    # The newest event id a balancing pass in this pass started from (None: it skipped).
+    balanced_through: int | None = None
 
 
 class Reaper:
@@ -93,6 +95,8 @@ class Reaper:
         self.frozen_for = 0.0
         self._frozen_since_last_pass = 0.0  # what this pass judges (``run_once``)
         self._prune_more = False  # housekeeping left rows to prune: go on next pass
+        # The newest event id when this replica's last committed pass balanced (``_pass``).
+        self._balanced_through: int | None = None
 
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.ctx.clock.wall()
@@ -136,9 +140,26 @@ class Reaper:
         overdue = await balancing.expire_revokes(
             session, now, self.ctx.settings.effective_revoke_timeout_s
         )
-        balance = await balancing.balance(
-            session, now, max_moves=self.ctx.settings.max_moves_per_pass, previous_owner=freed
-        )
+        # Every change a balancing pass answers (a member, a load, the catalogue) writes an
+        # event, on whichever replica made it: with no event since the last pass that
+        # balanced, and nothing judged above, the pass would find what it found then. Its
+        # reads grow with the catalogue (issue 18); the newest event id is one index probe.
+        newest_event = await ev.last_id(session)
+        if (
+            report.grace
+            or report.lost
+            or overdue
+            or newest_event != self._balanced_through
+            or self.passes % self.ctx.settings.reaper_full_balance_every == 0
+        ):
+            balance = await balancing.balance(
+                session, now, max_moves=self.ctx.settings.max_moves_per_pass, previous_owner=freed
+            )
+            # This pass's own events come after ``newest_event``: the next pass balances
+            # once more (a move cap reached, grants that made room) before passes go idle.
+            report.balanced_through = newest_event
+        else:
+            balance = balancing.BalanceReport()
         report.assigned = len(balance.assigned)
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
         report.moves = len(balance.moves)
@@ -209,6 +230,8 @@ class Reaper:
         self.passes += 1
         started = time.perf_counter()
         report = await self.ctx.db.write(self._pass)
+        if report.balanced_through is not None:
+            self._balanced_through = report.balanced_through  # committed: it holds
         self._alive_at = self.ctx.clock.wall()
         self.ctx.signal.lease_due(report.next_expiry)
         if self._prune_more or self.passes % HOUSEKEEPING_EVERY_PASSES == 1:

@@ -1,0 +1,366 @@
+"""7. Database work per unit, memory, bulk creation and the idle reaper pass.
+
+Machine-independent figures for sizing (docs/scaling.md): statements the orchestrator
+sends its database, counted inside the process by SQLAlchemy engine events and read from
+``/metrics`` (``streamherd_db_statements_total{origin,kind}``, ``orchestrator.db_stats``),
+per registration, per 1,000 steady-state heartbeats, per failover of a 100-stream worker
+and per idle reaper pass; the orchestrator's RSS (``/proc``) at rest with the fleet
+registered and beating, and per 100,000 streams of catalogue; and how fast
+``POST /api/v1/streams`` creates streams in batches of 10,000, against a bare INSERT of
+the same rows measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.assignment import bare_insert_seconds
+from bench.context import Context
+from bench.report import Section, Table, fmt
+from bench.sim import Cluster, SimWorker, gather_bounded, wait_until
+from devkit.procs import ADMIN_HEADERS, OrchestratorProcess
+from orchestrator.db_stats import parse_statements
+
+API = "/api/v1"
+GOAL_CREATE_PER_S = 50_000
+CREATE_BATCH = 10_000
+VICTIM_STREAMS = 100
+BEAT_CONCURRENCY = 16
+IDLE_WINDOW_S = 3.0
+PER_STREAMS = 100_000
+
+
+@dataclass
+class Snapshot:
+    """What ``/metrics`` and ``/proc`` say at one instant."""
+
+    at: float
+    statements: dict[tuple[str, str], float]
+    passes: float
+    pass_seconds: float
+    rss_mib: float
+
+    def count(self, origin: str | None = None, *, kinds: tuple[str, ...] = ()) -> float:
+        return sum(
+            n
+            for (o, k), n in self.statements.items()
+            if origin in (None, o) and (not kinds or k in kinds)
+        )
+
+
+@dataclass
+class Cost:
+    """Statements between two snapshots, by origin, and the transactions among them."""
+
+    request: float = 0.0
+    reaper: float = 0.0
+    background: float = 0.0
+    transactions: float = 0.0  # commits and rollbacks, every origin but scrapes
+
+    @classmethod
+    def between(cls, a: Snapshot, b: Snapshot) -> Cost:
+        def d(origin: str, kinds: tuple[str, ...] = ()) -> float:
+            return b.count(origin, kinds=kinds) - a.count(origin, kinds=kinds)
+
+        tx = ("commit", "rollback")
+        return cls(
+            request=d("request"),
+            reaper=d("reaper"),
+            background=d("background"),
+            transactions=d("request", tx) + d("reaper", tx) + d("background", tx),
+        )
+
+    @property
+    def total(self) -> float:
+        return self.request + self.reaper + self.background
+
+
+@dataclass
+class WorkFigures:
+    database: str
+    workers: int = 0
+    streams: int = 0
+    register: Cost = field(default_factory=Cost)
+    beats: int = 0
+    beat: Cost = field(default_factory=Cost)
+    idle_s: float = 0.0
+    idle: Cost = field(default_factory=Cost)
+    idle_passes: float = 0.0
+    idle_pass_ms: float = 0.0
+    failover: Cost = field(default_factory=Cost)
+    failover_streams: int = 0
+    rss_start_mib: float = 0.0
+    rss_fleet_mib: float = 0.0
+    rss_catalogue_mib: float = 0.0
+    catalogue: int = 0
+    create_s: float = 0.0
+    bare_insert_s: float = 0.0
+    big_idle_passes: float = 0.0
+    big_idle_pass_ms: float = 0.0
+    big_idle: Cost = field(default_factory=Cost)
+    notes: list[str] = field(default_factory=list)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def snapshot(client: httpx.AsyncClient, pid: int) -> Snapshot:
+    text = (await client.get("/metrics")).text
+    return Snapshot(
+        at=time.perf_counter(),
+        statements=parse_statements(text),
+        passes=_sample(text, "streamherd_reaper_passes_total"),
+        pass_seconds=_sample(text, "streamherd_reaper_pass_seconds_sum"),
+        rss_mib=rss_mib(pid),
+    )
+
+
+async def idle_window(
+    client: httpx.AsyncClient, pid: int, seconds: float
+) -> tuple[Cost, float, float]:
+    """Statements, passes and mean pass time while nothing is sent but scrapes."""
+    a = await snapshot(client, pid)
+    await asyncio.sleep(seconds)  # a measuring window, not synchronisation
+    b = await snapshot(client, pid)
+    passes = b.passes - a.passes
+    mean_ms = (b.pass_seconds - a.pass_seconds) / passes * 1000 if passes else float("nan")
+    return Cost.between(a, b), passes, mean_ms
+
+
+async def beat_all(cluster: Cluster, sims: list[SimWorker], rounds: int) -> int:
+    for _ in range(rounds):
+        await gather_bounded(
+            BEAT_CONCURRENCY,
+            (lambda w=w: cluster.heartbeat(w) for w in sims),  # type: ignore[misc]
+        )
+    return rounds * len(sims)
+
+
+async def measure(ctx: Context, database: str) -> WorkFigures:
+    s = ctx.sizes
+    f = WorkFigures(database=database, workers=s.hb_workers)
+    k = s.hb_streams_per_worker
+    url = await ctx.database_url(database, f"dbwork-{database}")
+    orch = OrchestratorProcess.create(
+        ctx.workdir,
+        # Default beat interval and reaper interval; a long lease so that the measuring
+        # windows (no beats) declare nobody lost.
+        {"ORCH_DATABASE_URL": url, "ORCH_LEASE_TTL_S": "600", "ORCH_LOG_LEVEL": "WARNING"},
+        name=f"dbwork-{database}",
+    )
+    await orch.astart()
+    cluster = Cluster(orch.url)
+    client = httpx.AsyncClient(base_url=orch.url, headers=ADMIN_HEADERS, timeout=60)
+    try:
+        pid = orch.pid
+        start = await snapshot(client, pid)
+        f.rss_start_mib = start.rss_mib
+        # The victim first, with twice the room a share of 100 needs; the fleet gets
+        # capacity 2k for k streams each: then every target is exact (victim 100, fleet k)
+        # and, the victim gone, the fleet has room for its streams.
+        victim = (await cluster.register_many(["dbwork-victim"], 2 * VICTIM_STREAMS))[0]
+        a = await snapshot(client, pid)
+        sims = await cluster.register_many([f"dbwork-{i:05d}" for i in range(s.hb_workers)], 2 * k)
+        b = await snapshot(client, pid)
+        f.register = Cost.between(a, b)
+        f.streams = s.hb_workers * k + VICTIM_STREAMS
+        await cluster.create_streams(f.streams, batch=CREATE_BATCH)
+
+        async def settled() -> bool:
+            return (await cluster.cluster())["unassigned"] == 0
+
+        await wait_until(settled, timeout=120, what="every stream assigned")
+        everyone = [victim, *sims]
+        await beat_all(cluster, everyone, 2)  # learn what each holds; views cached
+        f.failover_streams = len(victim.held)
+
+        # Idle: no calls at all, the reaper alone (passes, nothing to flush).
+        f.idle, f.idle_passes, f.idle_pass_ms = await idle_window(client, pid, IDLE_WINDOW_S)
+        f.idle_s = IDLE_WINDOW_S
+        # Steady state: every worker beats, presenting what it holds.
+        a = await snapshot(client, pid)
+        f.beats = await beat_all(cluster, everyone, max(1, s.dbw_beats // len(everyone)))
+        b = await snapshot(client, pid)
+        f.beat = Cost.between(a, b)
+        # The reaper's idle rate over the window is its own; the rest is the beats' flushes.
+        f.beat.reaper -= f.idle.reaper / f.idle_s * (b.at - a.at)
+        f.beat.background -= f.idle.background / f.idle_s * (b.at - a.at)
+        f.rss_fleet_mib = b.rss_mib
+
+        # Failover: the 100-stream worker declared failed; its streams go to the fleet.
+        a = await snapshot(client, pid)
+        r = await client.post(f"{API}/workers/{victim.worker_id}/fail")
+        r.raise_for_status()
+        b = await snapshot(client, pid)
+        f.failover = Cost.between(a, b)
+
+        # The catalogue grows by s.dbw_catalogue streams in batches of 10,000.
+        f.catalogue = s.dbw_catalogue
+        ctx.say(f"dbwork: bare insert reference ({database})")
+        f.bare_insert_s = await bare_insert_seconds(ctx, database, f.catalogue)
+        started = time.perf_counter()
+        await cluster.create_streams(f.catalogue, batch=CREATE_BATCH, start=f.streams)
+        f.create_s = time.perf_counter() - started
+        await beat_all(cluster, sims, 1)  # the fleet takes what fits; the rest waits
+        f.big_idle, f.big_idle_passes, f.big_idle_pass_ms = await idle_window(
+            client, pid, IDLE_WINDOW_S
+        )
+        f.rss_catalogue_mib = rss_mib(pid)
+        return f
+    finally:
+        await client.aclose()
+        await cluster.aclose()
+        await orch.astop()
+
+
+def per(n: float, units: float, scale: float = 1.0) -> str:
+    return fmt(n / units * scale) if units else "–"
+
+
+async def run(ctx: Context) -> Section:
+    s = ctx.sizes
+    section = Section(
+        key="dbwork",
+        title="7. Database work, memory and bulk creation",
+        intro=f"""
+One real orchestrator per database (default beat and reaper intervals, lease 600 s so
+that nobody is lost while the windows run). {s.hb_workers} simulated workers (capacity
+{2 * s.hb_streams_per_worker}, {s.hb_streams_per_worker} streams each) and one of capacity
+{2 * VICTIM_STREAMS} holding {VICTIM_STREAMS}. Statements are counted inside the
+orchestrator by SQLAlchemy engine events (`before_cursor_execute`, `commit`, `rollback`:
+`streamherd_db_statements_total{{origin,kind}}` on `/metrics`), by origin: the calls
+themselves (`request`), the reaper's task (its passes and the lease flushes it does
+between them: heartbeats are buffered and written in batches) and the rest
+(`background`: the live-event hub and the view watcher polling). An executemany is one
+statement. Round trips: one per statement; on PostgreSQL add one per transaction (asyncpg
+sends `BEGIN` itself, unseen by the events). Steady state: every worker beats presenting
+what it holds, {BEAT_CONCURRENCY} at a time; the reaper's and background's statements in
+that window minus their idle rate (measured first, {IDLE_WINDOW_S:g} s with no calls) are
+the beats' share. Failover: `POST /workers/{{id}}/fail` on the 100-stream worker (the
+same `mark_lost` and balancing a lease expiry runs; its streams are reassigned in that
+transaction). RSS: `/proc/<pid>/status` of the orchestrator process. Creation:
+{s.dbw_catalogue:,} streams through `POST /api/v1/streams` in batches of
+{CREATE_BATCH:,}, one call at a time, against a bare executemany INSERT of the same rows
+by the same driver.
+""",
+    )
+    units = Table(
+        [
+            "database",
+            "per registration",
+            "+ reaper per registration",
+            "per 1,000 beats (call)",
+            "+ lease flushes",
+            "= per 1,000 beats",
+            "transactions per 1,000 beats",
+            "failover of a 100-stream worker",
+            "idle reaper: statements/s",
+            "per idle pass",
+            "idle pass ms",
+        ],
+        title="Statements (round trips) per unit of work",
+    )
+    memory = Table(
+        [
+            "database",
+            "RSS at start MiB",
+            f"RSS, {s.hb_workers + 1} workers beating MiB",
+            f"RSS, + {s.dbw_catalogue:,} streams MiB",
+            "MiB per 100,000 streams",
+        ],
+        title="Memory of the orchestrator process",
+    )
+    create = Table(
+        [
+            "database",
+            "streams",
+            "create s",
+            "streams/s",
+            "bare INSERT s",
+            "× bare INSERT",
+            "idle pass ms, small → large catalogue",
+            "statements per idle pass, small → large",
+        ],
+        title=f"Bulk creation (batches of {CREATE_BATCH:,}) and the idle pass over the catalogue",
+    )
+    for database in ctx.databases():
+        ctx.say(f"dbwork: {database}")
+        f = await measure(ctx, database)
+        pg = database == "postgresql"
+        beat_total = f.beat.request + f.beat.reaper + max(0.0, f.beat.background)
+        units.add(
+            database,
+            per(f.register.request, f.workers),
+            per(f.register.reaper, f.workers),
+            per(f.beat.request, f.beats, 1000),
+            per(f.beat.reaper, f.beats, 1000),
+            per(beat_total, f.beats, 1000),
+            per(f.beat.transactions, f.beats, 1000),
+            fmt(f.failover.total),
+            per(f.idle.reaper, f.idle_s),
+            per(f.idle.reaper, f.idle_passes),
+            fmt(f.idle_pass_ms),
+        )
+        grown = f.rss_catalogue_mib - f.rss_fleet_mib
+        memory.add(
+            database,
+            f.rss_start_mib,
+            f.rss_fleet_mib,
+            f.rss_catalogue_mib,
+            per(grown, f.catalogue, PER_STREAMS),
+        )
+        rate = f.catalogue / f.create_s if f.create_s else 0.0
+        create.add(
+            database,
+            f.catalogue,
+            f.create_s,
+            fmt(rate, 0),
+            f.bare_insert_s,
+            per(f.create_s, f.bare_insert_s),
+            f"{fmt(f.idle_pass_ms)} → {fmt(f.big_idle_pass_ms)}",
+            f"{per(f.idle.reaper, f.idle_passes)} → {per(f.big_idle.reaper, f.big_idle_passes)}",
+        )
+        section.goal(
+            f"streams created per second through the API, batches of {CREATE_BATCH:,} ({database})",
+            f">= {GOAL_CREATE_PER_S:,}/s",
+            f"{rate:,.0f}/s ({per(f.create_s, f.bare_insert_s)} × bare INSERT)",
+            rate >= GOAL_CREATE_PER_S,
+        )
+        section.goal(
+            f"statements per 1,000 steady-state heartbeats ({database})",
+            "(informational: the base of docs/scaling.md)",
+            per(beat_total, f.beats, 1000)
+            + (f", + {per(f.beat.transactions, f.beats, 1000)} BEGIN round trips" if pg else ""),
+            None,
+        )
+        if f.failover_streams != VICTIM_STREAMS:
+            section.notes.append(
+                f"{database}: the failed worker held {f.failover_streams} streams, "
+                f"not {VICTIM_STREAMS}."
+            )
+        section.notes.extend(f.notes)
+    section.tables += [units, memory, create]
+    section.notes.append(
+        f"The larger catalogue is mostly unassigned (the fleet's room is "
+        f"{s.hb_workers * s.hb_streams_per_worker:,} streams): the idle pass then still "
+        "counts every active stream (`balancing.balance`'s total) but plans no grant."
+    )
+    if ctx.pg is None:
+        section.notes.append("PostgreSQL was not reachable: its rows were not run.")
+    return section
