@@ -90,12 +90,18 @@ async def _refuse(send: Send, limit: int, receive: Receive | None = None) -> Non
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    """``unlimited_paths`` take bodies of any size: they read them as a stream and bound
+    what they hold themselves (``POST /streams/import``: a line at a time)."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, unlimited_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.limit = max_body_bytes
+        self.unlimited = unlimited_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.unlimited:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", ()):
