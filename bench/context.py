@@ -52,7 +52,8 @@ class Sizes:
     client_rounds: int = 15
     # 7. database work per unit, memory, bulk creation (fleet: hb_workers)
     dbw_beats: int = 2_000
-    dbw_catalogue: int = 100_000
+    dbw_catalogue: int = 100_000  # imported (streamed JSON lines)
+    dbw_create: int = 30_000  # then created through POST /streams, 10,000 a call
 
 
 # The issue's sizes: 100,000 streams over 1,000 workers and growth to 10,000 workers. On
@@ -84,6 +85,7 @@ QUICK = Sizes(
     failover_kills=2,
     client_rounds=8,
     dbw_catalogue=20_000,
+    dbw_create=10_000,
 )
 TOY = Sizes(
     name="toy",
@@ -116,6 +118,7 @@ TOY = Sizes(
     client_rounds=1,
     dbw_beats=20,
     dbw_catalogue=2_000,
+    dbw_create=1_000,
 )
 SIZES = {s.name: s for s in (FULL, QUICK, TOY, ISSUE)}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,10 +97,16 @@ class WorkFigures:
     failover_streams: int = 0
     rss_start_mib: float = 0.0
     rss_fleet_mib: float = 0.0
-    rss_catalogue_mib: float = 0.0
+    rss_catalogue_mib: float = 0.0  # after the streamed import
+    rss_batches_mib: float = 0.0  # after the POST /streams batches on top
     catalogue: int = 0
+    import_s: float = 0.0
+    created: int = 0
     create_s: float = 0.0
     bare_insert_s: float = 0.0
+    big_prunes: float = 0.0  # DELETE statements (event log pruning) in the large window
+    skipped: Cost = field(default_factory=Cost)  # a dry-run balancing pass: what idle skips
+    skipped_ms: float = 0.0
     big_idle_passes: float = 0.0
     big_idle_pass_ms: float = 0.0
     big_idle: Cost = field(default_factory=Cost)
@@ -133,14 +140,16 @@ async def snapshot(client: httpx.AsyncClient, pid: int) -> Snapshot:
 
 async def idle_window(
     client: httpx.AsyncClient, pid: int, seconds: float
-) -> tuple[Cost, float, float]:
-    """Statements, passes and mean pass time while nothing is sent but scrapes."""
+) -> tuple[Cost, float, float, float]:
+    """Statements, passes, mean pass time and the reaper's DELETEs (event log pruning)
+    while nothing is sent but scrapes."""
     a = await snapshot(client, pid)
     await asyncio.sleep(seconds)  # a measuring window, not synchronisation
     b = await snapshot(client, pid)
     passes = b.passes - a.passes
     mean_ms = (b.pass_seconds - a.pass_seconds) / passes * 1000 if passes else float("nan")
-    return Cost.between(a, b), passes, mean_ms
+    deletes = b.count("reaper", kinds=("delete",)) - a.count("reaper", kinds=("delete",))
+    return Cost.between(a, b), passes, mean_ms, deletes
 
 
 async def beat_all(cluster: Cluster, sims: list[SimWorker], rounds: int) -> int:
@@ -191,7 +200,7 @@ async def measure(ctx: Context, database: str) -> WorkFigures:
         f.failover_streams = len(victim.held)
 
         # Idle: no calls at all, the reaper alone (passes, nothing to flush).
-        f.idle, f.idle_passes, f.idle_pass_ms = await idle_window(client, pid, IDLE_WINDOW_S)
+        f.idle, f.idle_passes, f.idle_pass_ms, _ = await idle_window(client, pid, IDLE_WINDOW_S)
         f.idle_s = IDLE_WINDOW_S
         # Steady state: every worker beats, presenting what it holds.
         a = await snapshot(client, pid)
@@ -199,8 +208,12 @@ async def measure(ctx: Context, database: str) -> WorkFigures:
         b = await snapshot(client, pid)
         f.beat = Cost.between(a, b)
         # The reaper's idle rate over the window is its own; the rest is the beats' flushes.
-        f.beat.reaper -= f.idle.reaper / f.idle_s * (b.at - a.at)
-        f.beat.background -= f.idle.background / f.idle_s * (b.at - a.at)
+        window = b.at - a.at
+        f.beat.reaper = max(0.0, f.beat.reaper - f.idle.reaper / f.idle_s * window)
+        f.beat.background = max(0.0, f.beat.background - f.idle.background / f.idle_s * window)
+        f.beat.transactions = max(
+            0.0, f.beat.transactions - f.idle.transactions / f.idle_s * window
+        )
         f.rss_fleet_mib = b.rss_mib
 
         # Failover: the 100-stream worker declared failed; its streams go to the fleet.
@@ -210,23 +223,54 @@ async def measure(ctx: Context, database: str) -> WorkFigures:
         b = await snapshot(client, pid)
         f.failover = Cost.between(a, b)
 
-        # The catalogue grows by s.dbw_catalogue streams in batches of 10,000.
+        # The catalogue grows by s.dbw_catalogue streams, imported as one streamed body of
+        # JSON lines (batches of 1,000): RSS then is what the catalogue itself costs.
         f.catalogue = s.dbw_catalogue
-        ctx.say(f"dbwork: bare insert reference ({database})")
-        f.bare_insert_s = await bare_insert_seconds(ctx, database, f.catalogue)
         started = time.perf_counter()
-        await cluster.create_streams(f.catalogue, batch=CREATE_BATCH, start=f.streams)
-        f.create_s = time.perf_counter() - started
+        r = await client.post(
+            f"{API}/streams/import",
+            params={"batch": 1000},
+            content=ndjson(f.streams, f.catalogue),
+            timeout=600,
+        )
+        r.raise_for_status()
+        f.import_s = time.perf_counter() - started
         await beat_all(cluster, sims, 1)  # the fleet takes what fits; the rest waits
-        f.big_idle, f.big_idle_passes, f.big_idle_pass_ms = await idle_window(
+        f.big_idle, f.big_idle_passes, f.big_idle_pass_ms, f.big_prunes = await idle_window(
             client, pid, IDLE_WINDOW_S
         )
         f.rss_catalogue_mib = rss_mib(pid)
+        # What an idle pass no longer does: a balancing pass over this catalogue (dry run).
+        a = await snapshot(client, pid)
+        started = time.perf_counter()
+        (await client.post(f"{API}/rebalance", params={"dry_run": "true"})).raise_for_status()
+        f.skipped_ms = (time.perf_counter() - started) * 1000
+        b = await snapshot(client, pid)
+        f.skipped = Cost.between(a, b)
+        # Then POST /streams in batches of 10,000, one call at a time, against a bare
+        # INSERT of as many rows; RSS after shows what a 10,000-stream call peaks at.
+        f.created = s.dbw_create
+        ctx.say(f"dbwork: bare insert reference ({database})")
+        f.bare_insert_s = await bare_insert_seconds(ctx, database, f.created)
+        started = time.perf_counter()
+        await cluster.create_streams(f.created, batch=CREATE_BATCH, start=f.streams + f.catalogue)
+        f.create_s = time.perf_counter() - started
+        f.rss_batches_mib = rss_mib(pid)
         return f
     finally:
         await client.aclose()
         await cluster.aclose()
         await orch.astop()
+
+
+async def ndjson(first: int, count: int, chunk: int = 1000) -> AsyncIterator[bytes]:
+    """``count`` streams as JSON lines, generated a chunk at a time (never held whole)."""
+    for start in range(first, first + count, chunk):
+        end = min(first + count, start + chunk)
+        yield b"".join(
+            b'{"name": "stream-%d", "url": "http://radio.invalid/%d"}\n' % (i, i)
+            for i in range(start, end)
+        )
 
 
 def per(n: float, units: float, scale: float = 1.0) -> str:
@@ -281,23 +325,35 @@ by the same driver.
             "database",
             "RSS at start MiB",
             f"RSS, {s.hb_workers + 1} workers beating MiB",
-            f"RSS, + {s.dbw_catalogue:,} streams MiB",
+            f"RSS, + {s.dbw_catalogue:,} streams imported MiB",
             "MiB per 100,000 streams",
+            f"RSS after {s.dbw_create:,} more in calls of {CREATE_BATCH:,} MiB",
         ],
         title="Memory of the orchestrator process",
     )
     create = Table(
         [
             "database",
-            "streams",
-            "create s",
-            "streams/s",
+            "import: streams",
+            "import streams/s",
+            "POST /streams: streams",
+            "POST streams/s",
             "bare INSERT s",
-            "× bare INSERT",
-            "idle pass ms, small → large catalogue",
-            "statements per idle pass, small → large",
+            "POST × bare INSERT",
         ],
-        title=f"Bulk creation (batches of {CREATE_BATCH:,}) and the idle pass over the catalogue",
+        title="Creation: a streamed import (batches of 1,000) and POST /streams (10,000 a call)",
+    )
+    idle = Table(
+        [
+            "database",
+            "catalogue",
+            "idle pass ms",
+            "statements per idle pass",
+            "event-log prunes in the window",
+            "skipped balancing pass (dry run): statements",
+            "its ms",
+        ],
+        title="The idle reaper pass, small and large catalogue",
     )
     for database in ctx.databases():
         ctx.say(f"dbwork: {database}")
@@ -324,17 +380,28 @@ by the same driver.
             f.rss_fleet_mib,
             f.rss_catalogue_mib,
             per(grown, f.catalogue, PER_STREAMS),
+            f.rss_batches_mib,
         )
-        rate = f.catalogue / f.create_s if f.create_s else 0.0
+        rate = f.created / f.create_s if f.create_s else 0.0
         create.add(
             database,
             f.catalogue,
-            f.create_s,
+            fmt(f.catalogue / f.import_s if f.import_s else 0.0, 0),
+            f.created,
             fmt(rate, 0),
             f.bare_insert_s,
             per(f.create_s, f.bare_insert_s),
-            f"{fmt(f.idle_pass_ms)} → {fmt(f.big_idle_pass_ms)}",
-            f"{per(f.idle.reaper, f.idle_passes)} → {per(f.big_idle.reaper, f.big_idle_passes)}",
+        )
+        small = per(f.idle.reaper, f.idle_passes)
+        idle.add(database, f.streams, f.idle_pass_ms, small, 0, "–", "–")
+        idle.add(
+            database,
+            f.streams + f.catalogue,
+            f.big_idle_pass_ms,
+            per(f.big_idle.reaper, f.big_idle_passes),
+            f.big_prunes,
+            fmt(f.skipped.request),
+            f.skipped_ms,
         )
         section.goal(
             f"streams created per second through the API, batches of {CREATE_BATCH:,} ({database})",
@@ -355,12 +422,19 @@ by the same driver.
                 f"not {VICTIM_STREAMS}."
             )
         section.notes.extend(f.notes)
-    section.tables += [units, memory, create]
-    section.notes.append(
+    section.tables += [units, memory, create, idle]
+    section.notes += [
         f"The larger catalogue is mostly unassigned (the fleet's room is "
-        f"{s.hb_workers * s.hb_streams_per_worker:,} streams): the idle pass then still "
-        "counts every active stream (`balancing.balance`'s total) but plans no grant."
-    )
+        f"{s.hb_workers * s.hb_streams_per_worker:,} streams). An idle pass skips balancing "
+        "(no event since the last balancing pass, `ORCH_REAPER_FULL_BALANCE_EVERY`); the "
+        "dry-run column is what it would otherwise read each pass. Event-log prunes: a "
+        "catalogue imported at once leaves more events than `ORCH_EVENTS_RETENTION`, and "
+        "passes delete 5,000 of them each (housekeeping, in the pass's time) until back "
+        "under it.",
+        "RSS per 100,000 streams is the growth over the streamed import; the last column "
+        "adds the high-water mark of 10,000-stream calls (their parsed body, rows and "
+        "answer, freed after but kept by the allocator).",
+    ]
     if ctx.pg is None:
         section.notes.append("PostgreSQL was not reachable: its rows were not run.")
     return section
