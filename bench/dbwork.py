@@ -13,6 +13,8 @@ the same rows measured in the same run.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from bench.assignment import bare_insert_seconds
 from bench.context import Context
 from bench.report import Section, Table, fmt
 from bench.sim import Cluster, SimWorker, gather_bounded, wait_until
-from devkit.procs import ADMIN_HEADERS, OrchestratorProcess
+from devkit.procs import ADMIN_HEADERS, REPO_ROOT, OrchestratorProcess
 from orchestrator.db_stats import parse_statements
 
 API = "/api/v1"
@@ -273,6 +275,49 @@ async def ndjson(first: int, count: int, chunk: int = 1000) -> AsyncIterator[byt
         )
 
 
+# Run in a fresh interpreter: RSS after each group of imports a server process makes, in
+# the order it makes them (what the baseline is spent on).
+IMPORT_STAGES = (
+    ("interpreter", ""),
+    ("asyncio (+ ssl, selectors)", "import asyncio, ssl"),
+    ("SQLAlchemy (Core, ORM, asyncio)", "import sqlalchemy.orm, sqlalchemy.ext.asyncio"),
+    ("pydantic, pydantic-settings", "import pydantic, pydantic_settings"),
+    ("FastAPI, Starlette", "import fastapi"),
+    ("uvicorn", "import uvicorn"),
+    ("Alembic (+ Mako)", "import alembic.command, alembic.config, alembic.script"),
+    ("asyncpg, aiosqlite", "import asyncpg, aiosqlite"),
+    ("prometheus_client", "import prometheus_client"),
+    ("orchestrator (every module)", "import orchestrator.app, orchestrator.server"),
+)
+_STAGE_SCRIPT = """
+import json, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+out = []
+for name, statement in json.loads(sys.argv[1]):
+    exec(statement)
+    out.append((name, rss()))
+print(json.dumps([out, len(sys.modules)]))
+"""
+
+
+async def import_breakdown() -> tuple[list[tuple[str, float]], int]:
+    """RSS (MiB) after each of ``IMPORT_STAGES``, and the modules loaded in the end."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _STAGE_SCRIPT,
+        json.dumps(IMPORT_STAGES),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    out, _ = await proc.communicate()
+    stages, modules = json.loads(out)
+    return [(name, float(mib)) for name, mib in stages], int(modules)
+
+
 def per(n: float, units: float, scale: float = 1.0) -> str:
     return fmt(n / units * scale) if units else "–"
 
@@ -317,6 +362,7 @@ by the same driver.
             "idle reaper: statements/s",
             "per idle pass",
             "idle pass ms",
+            "background statements/s",
         ],
         title="Statements (round trips) per unit of work",
     )
@@ -372,6 +418,7 @@ by the same driver.
             per(f.idle.reaper, f.idle_s),
             per(f.idle.reaper, f.idle_passes),
             fmt(f.idle_pass_ms),
+            per(f.idle.background, f.idle_s),
         )
         grown = f.rss_catalogue_mib - f.rss_fleet_mib
         memory.add(
@@ -422,7 +469,17 @@ by the same driver.
                 f"not {VICTIM_STREAMS}."
             )
         section.notes.extend(f.notes)
-    section.tables += [units, memory, create, idle]
+    stages, modules = await import_breakdown()
+    spent = Table(["imported", "RSS after MiB", "+ MiB"], title="What the baseline RSS is spent on")
+    previous = 0.0
+    for name, mib in stages:
+        spent.add(name, mib, mib - previous)
+        previous = mib
+    section.notes.append(
+        f"{modules} modules are loaded once the orchestrator's own are; the lifespan (engines, "
+        "connections, the reaper and hub tasks) adds the rest of the RSS at start."
+    )
+    section.tables += [units, memory, create, idle, spent]
     section.notes += [
         f"The larger catalogue is mostly unassigned (the fleet's room is "
         f"{s.hb_workers * s.hb_streams_per_worker:,} streams). An idle pass skips balancing "
