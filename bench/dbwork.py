@@ -62,8 +62,9 @@ class Cost:
 
     request: float = 0.0
     reaper: float = 0.0
+    leases: float = 0.0  # buffered heartbeats written (by the reaper's task)
     background: float = 0.0
-    transactions: float = 0.0  # commits and rollbacks, every origin but scrapes
+    transactions: float = 0.0  # commits and rollbacks of requests and lease flushes
 
     @classmethod
     def between(cls, a: Snapshot, b: Snapshot) -> Cost:
@@ -74,13 +75,14 @@ class Cost:
         return cls(
             request=d("request"),
             reaper=d("reaper"),
+            leases=d("lease_flush"),
             background=d("background"),
-            transactions=d("request", tx) + d("reaper", tx) + d("background", tx),
+            transactions=d("request", tx) + d("lease_flush", tx),
         )
 
     @property
     def total(self) -> float:
-        return self.request + self.reaper + self.background
+        return self.request + self.reaper + self.leases + self.background
 
 
 @dataclass
@@ -91,6 +93,7 @@ class WorkFigures:
     register: Cost = field(default_factory=Cost)
     beats: int = 0
     beat: Cost = field(default_factory=Cost)
+    beat_s: float = 0.0
     idle_s: float = 0.0
     idle: Cost = field(default_factory=Cost)
     idle_passes: float = 0.0
@@ -209,13 +212,7 @@ async def measure(ctx: Context, database: str) -> WorkFigures:
         f.beats = await beat_all(cluster, everyone, max(1, s.dbw_beats // len(everyone)))
         b = await snapshot(client, pid)
         f.beat = Cost.between(a, b)
-        # The reaper's idle rate over the window is its own; the rest is the beats' flushes.
-        window = b.at - a.at
-        f.beat.reaper = max(0.0, f.beat.reaper - f.idle.reaper / f.idle_s * window)
-        f.beat.background = max(0.0, f.beat.background - f.idle.background / f.idle_s * window)
-        f.beat.transactions = max(
-            0.0, f.beat.transactions - f.idle.transactions / f.idle_s * window
-        )
+        f.beat_s = b.at - a.at
         f.rss_fleet_mib = b.rss_mib
 
         # Failover: the 100-stream worker declared failed; its streams go to the fleet.
@@ -334,14 +331,15 @@ that nobody is lost while the windows run). {s.hb_workers} simulated workers (ca
 {2 * VICTIM_STREAMS} holding {VICTIM_STREAMS}. Statements are counted inside the
 orchestrator by SQLAlchemy engine events (`before_cursor_execute`, `commit`, `rollback`:
 `streamherd_db_statements_total{{origin,kind}}` on `/metrics`), by origin: the calls
-themselves (`request`), the reaper's task (its passes and the lease flushes it does
-between them: heartbeats are buffered and written in batches) and the rest
-(`background`: the live-event hub and the view watcher polling). An executemany is one
+themselves (`request`), the reaper's passes (`reaper`), the lease flushes its task does
+between them (`lease_flush`: heartbeats are buffered and written in batches, one
+executemany UPDATE per flush) and the rest (`background`: the live-event hub and the view
+watcher polling). An executemany is one
 statement. Round trips: one per statement; on PostgreSQL add one per transaction (asyncpg
 sends `BEGIN` itself, unseen by the events). Steady state: every worker beats presenting
-what it holds, {BEAT_CONCURRENCY} at a time; the reaper's and background's statements in
-that window minus their idle rate (measured first, {IDLE_WINDOW_S:g} s with no calls) are
-the beats' share. Failover: `POST /workers/{{id}}/fail` on the 100-stream worker (the
+what it holds, {BEAT_CONCURRENCY} at a time; its cost is the calls' statements and the
+lease flushes'. Idle: {IDLE_WINDOW_S:g} s with no calls at all. Failover:
+`POST /workers/{{id}}/fail` on the 100-stream worker (the
 same `mark_lost` and balancing a lease expiry runs; its streams are reassigned in that
 transaction). RSS: `/proc/<pid>/status` of the orchestrator process. Creation:
 {s.dbw_catalogue:,} streams through `POST /api/v1/streams` in batches of
@@ -356,6 +354,7 @@ by the same driver.
             "+ reaper per registration",
             "per 1,000 beats (call)",
             "+ lease flushes",
+            "lease flushes/s (at beats/s)",
             "= per 1,000 beats",
             "transactions per 1,000 beats",
             "failover of a 100-stream worker",
@@ -404,14 +403,14 @@ by the same driver.
     for database in ctx.databases():
         ctx.say(f"dbwork: {database}")
         f = await measure(ctx, database)
-        pg = database == "postgresql"
-        beat_total = f.beat.request + f.beat.reaper + max(0.0, f.beat.background)
+        beat_total = f.beat.request + f.beat.leases
         units.add(
             database,
             per(f.register.request, f.workers),
             per(f.register.reaper, f.workers),
             per(f.beat.request, f.beats, 1000),
-            per(f.beat.reaper, f.beats, 1000),
+            per(f.beat.leases, f.beats, 1000),
+            f"{per(f.beat.leases, f.beat_s)} ({per(f.beats, f.beat_s)} beats/s)",
             per(beat_total, f.beats, 1000),
             per(f.beat.transactions, f.beats, 1000),
             fmt(f.failover.total),
@@ -460,7 +459,11 @@ by the same driver.
             f"statements per 1,000 steady-state heartbeats ({database})",
             "(informational: the base of docs/scaling.md)",
             per(beat_total, f.beats, 1000)
-            + (f", + {per(f.beat.transactions, f.beats, 1000)} BEGIN round trips" if pg else ""),
+            + (
+                f", + {per(f.beat.transactions, f.beats, 1000)} BEGIN round trips"
+                if database == "postgresql"
+                else ""
+            ),
             None,
         )
         if f.failover_streams != VICTIM_STREAMS:

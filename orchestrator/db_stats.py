@@ -5,14 +5,16 @@ Machine-independent figures for sizing (docs/scaling.md): a statement is one
 ``before_cursor_execute`` (one round trip; an executemany is one statement however many
 rows it carries, its rows are counted apart), a transaction end is one ``commit`` or
 ``rollback``. Each is labelled with its ``origin`` (``request``, ``scrape``, ``reaper``,
-``background``), taken from a context variable that the HTTP middleware and the reaper set.
-Always on: the listener adds one to a dict entry, well under a microsecond a statement.
+``lease_flush``, ``background``), taken from a context variable that the HTTP middleware
+and the reaper set. Always on: the listener adds one to a dict entry, well under a
+microsecond a statement.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Final
 
@@ -25,8 +27,20 @@ ORIGIN_REQUEST: Final = "request"
 ORIGIN_SCRAPE: Final = "scrape"
 ORIGIN_REAPER: Final = "reaper"
 ORIGIN_BACKGROUND: Final = "background"
+ORIGIN_LEASES: Final = "lease_flush"  # buffered heartbeats written (by the reaper's task)
 # Who is talking to the database: set per HTTP request and for the reaper's task.
 db_origin: ContextVar[str] = ContextVar("streamherd_db_origin", default=ORIGIN_BACKGROUND)
+
+
+@contextmanager
+def counted_as(origin: str) -> Iterator[None]:
+    """Statements sent inside the block count as ``origin``'s."""
+    token = db_origin.set(origin)
+    try:
+        yield
+    finally:
+        db_origin.reset(token)
+
 
 # Statement kinds: the first keyword of the SQL, folded into a few labels.
 _KINDS: Final = frozenset({"select", "insert", "update", "delete", "begin", "pragma"})

@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator import balancing, idempotency, ownership, view_sync
 from orchestrator import events as ev
 from orchestrator.context import Context
-from orchestrator.db_stats import ORIGIN_REAPER, db_origin
+from orchestrator.db_stats import ORIGIN_LEASES, ORIGIN_REAPER, counted_as, db_origin
 from orchestrator.errors import as_api_error
 from orchestrator.heartbeats import LeaseBook
 from orchestrator.models import LEASED_STATES, ClusterRow, EventRow, ViewChangeRow, WorkerRow
@@ -214,7 +214,8 @@ class Reaper:
             raise
 
     async def _run_once(self) -> PassReport:
-        await self.book.flush(self.ctx.db)
+        with counted_as(ORIGIN_LEASES):
+            await self.book.flush(self.ctx.db)
         claimed = await self.ctx.db.write(self._claim, changes=False)
         # Taken here, leader or not: a standstill while another replica led is no silence
         # of ours. One during this pass is recorded afterwards, for the next.
@@ -320,7 +321,8 @@ class Reaper:
                         due += EXPIRY_MARGIN_S
                         next_pass = min(next_pass, loop.time() + max(due, min_gap))
                 else:
-                    await self.book.flush(self.ctx.db)
+                    with counted_as(ORIGIN_LEASES):
+                        await self.book.flush(self.ctx.db)
                 self.ctx.metrics.database_up.set(1)
                 if healthy and self._alive_at is not None:
                     self._alive_at = self.ctx.clock.wall()
