@@ -338,7 +338,7 @@ class Catalog:
                 )
                 if taken:
                     raise Conflict("stream ids already exist", details={"ids": sorted(taken)})
-            # Column values, not ORM objects: one multi-row INSERT per thousand rows
+            # Column values, not ORM objects: one executemany for every row
             # (``insert_streams``) instead of one INSERT and one object per stream.
             rows: list[dict[str, Any]] = [
                 {
