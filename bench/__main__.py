@@ -25,6 +25,7 @@ from pathlib import Path
 from bench import (
     assignment,
     client_overhead,
+    dbwork,
     failover,
     growth,
     handoff,
@@ -48,6 +49,7 @@ BENCHMARKS: dict[str, tuple[str, Benchmark]] = {
     "outage": ("4. Orchestrator outage", outage.run),
     "client": ("5. Client overhead", client_overhead.run),
     "handoff": ("7. Planned moves: hand-off gap and overlap", handoff.run),
+    "dbwork": ("8. Database work, memory and bulk creation", dbwork.run),
 }
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
 # The sizes take most of an hour: their figures are kept in a file of their own.

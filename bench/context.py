@@ -54,6 +54,10 @@ class Sizes:
     # 5. client overhead
     client_calls: int = 200
     client_rounds: int = 15
+    # 7. database work per unit, memory, bulk creation (fleet: hb_workers)
+    dbw_beats: int = 2_000
+    dbw_catalogue: int = 100_000  # imported (streamed JSON lines)
+    dbw_create: int = 30_000  # then created through POST /streams, 10,000 a call
 
 
 # The issue's sizes: 100,000 streams over 1,000 workers and growth to 10,000 workers. On
@@ -84,6 +88,8 @@ QUICK = Sizes(
     growth_duration_s=2.0,
     failover_kills=2,
     client_rounds=8,
+    dbw_catalogue=20_000,
+    dbw_create=10_000,
 )
 TOY = Sizes(
     name="toy",
@@ -117,6 +123,9 @@ TOY = Sizes(
     handoff_kinds=("drain",),
     client_calls=20,
     client_rounds=1,
+    dbw_beats=20,
+    dbw_catalogue=2_000,
+    dbw_create=1_000,
 )
 SIZES = {s.name: s for s in (FULL, QUICK, TOY, ISSUE)}
 

@@ -58,7 +58,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.auto_migrate:
             await upgrade_to_head(settings.database_url)
-        db = Database(settings)
+        db = Database(settings, statements=metrics.statements)
         book = LeaseBook()
         signal = ChangeSignal()
         views = ViewCache()
@@ -129,6 +129,10 @@ def create_app(
     app.include_router(events.router, prefix=API_PREFIX)
     mount_ui(app)
     # The last added is the outermost: metrics see every answer, the body limit's too.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        unlimited_paths=frozenset({f"{API_PREFIX}{streams.IMPORT_PATH}"}),
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

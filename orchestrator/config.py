@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     events_heartbeat_s: float = Field(default=10.0, gt=0)
     # Most streams a rebalance pass moves, so a join never causes a storm of handovers.
     max_moves_per_pass: int = Field(default=100, ge=1)
+    # A reaper pass balances only when an event was written since the last one that did
+    # (reaper.Reaper._pass), and every this many passes regardless (1: every pass).
+    reaper_full_balance_every: int = Field(default=30, ge=1)
     # How long a revoked stream may stay with its owner before it is moved regardless.
     revoke_timeout_s: float | None = Field(default=None, gt=0)
     planned_moves: PlannedMoves = PlannedMoves.MAKE_BEFORE_BREAK

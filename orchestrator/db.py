@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 
 from orchestrator import events as event_log
 from orchestrator.config import Settings
+from orchestrator.db_stats import StatementCounter
 from orchestrator.errors import database_errors
 from orchestrator.write_context import WriteContext, write_context
 
@@ -160,13 +161,17 @@ class Database:
     (``errors.database_errors``, as ``read()`` does).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, statements: StatementCounter | None = None) -> None:
         self.settings = settings
         self.is_sqlite = settings.is_sqlite
         self.write_engine = _make_engine(settings, immediate=True)
         self.read_engine = (
             _make_engine(settings, immediate=False) if self.is_sqlite else self.write_engine
         )
+        # Statements sent, for /metrics and the sizing figures (``db_stats``).
+        self.statements = statements or StatementCounter()
+        for engine in {self.write_engine, self.read_engine}:
+            self.statements.attach(engine.sync_engine)
         self._writes = async_sessionmaker(self.write_engine, expire_on_commit=False)
         self._reads = async_sessionmaker(self.read_engine, expire_on_commit=False)
         # Only one writer at a time can hold SQLite's lock; queueing here is cheaper than

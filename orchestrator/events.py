@@ -14,11 +14,12 @@ commit and tails the table by id, through the readers at the end of this module.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, Final, cast
+from typing import Any, Final
 
-from sqlalchemy import Table, func, insert, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.models import EventRow
@@ -84,9 +85,16 @@ async def write_pending(session: AsyncSession, *, ordered: bool) -> None:
         return
     if ordered:
         await lock_commit_order(session)
-    # The Core table, not the ORM entity: a plain executemany, without the ORM's per-row
-    # bookkeeping (a pass that moves 10,000 streams writes 20,000 events).
-    await session.execute(insert(cast(Table, EventRow.__table__)), rows)
+    # One executemany at the driver: neither the ORM's per-row bookkeeping nor Core's
+    # per-row parameter and JSON processing (a pass that moves 10,000 streams writes
+    # 20,000 events, a create of 10,000 streams 10,000). ``data`` is encoded as the JSON
+    # column type would (``json.dumps``).
+    conn = await session.connection()
+    marks = "$1, $2, $3, $4, $5" if conn.dialect.name == "postgresql" else "?, ?, ?, ?, ?"
+    await conn.exec_driver_sql(
+        f"INSERT INTO events (type, at, worker_id, stream_id, data) VALUES ({marks})",
+        [(r["type"], r["at"], r["worker_id"], r["stream_id"], json.dumps(r["data"])) for r in rows],
+    )
 
 
 async def record_one(

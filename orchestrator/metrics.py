@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from orchestrator.db_stats import StatementCollector, StatementCounter
 from shared.models import ClusterAnswer
 
 # A hand-off's overlap: from the move to the previous owner's beat without the stream.
@@ -138,6 +139,9 @@ class OrchestratorMetrics:
             ["outcome"],
             registry=r,
         )
+        # Filled by the database's engine events (``db.Database``), read at scrape time.
+        self.statements = StatementCounter()
+        r.register(StatementCollector(self.statements))
 
     def observe_cluster(self, answer: ClusterAnswer) -> None:
         """Set the gauges of cluster state from one reading of it."""

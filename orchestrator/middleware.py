@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator.db_stats import ORIGIN_REQUEST, ORIGIN_SCRAPE, db_origin
 from orchestrator.errors import error_body
 from orchestrator.metrics import OrchestratorMetrics
 from shared.errors import ErrorCode
@@ -89,12 +90,18 @@ async def _refuse(send: Send, limit: int, receive: Receive | None = None) -> Non
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    """``unlimited_paths`` take bodies of any size: they read them as a stream and bound
+    what they hold themselves (``POST /streams/import``: a line at a time)."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, unlimited_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.limit = max_body_bytes
+        self.unlimited = unlimited_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.unlimited:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", ()):
@@ -176,6 +183,8 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        # Statements this request sends are its own (``db_stats``); a scrape's apart.
+        origin = db_origin.set(ORIGIN_SCRAPE if scope["path"] == "/metrics" else ORIGIN_REQUEST)
 
         async def tracking_send(message: Message) -> None:
             nonlocal status
@@ -186,6 +195,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         finally:
+            db_origin.reset(origin)
             route: Any = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator import balancing, handoff, idempotency, ownership, view_sync
 from orchestrator import events as ev
 from orchestrator.context import Context
+from orchestrator.db_stats import ORIGIN_LEASES, ORIGIN_REAPER, counted_as, db_origin
 from orchestrator.errors import as_api_error
 from orchestrator.heartbeats import LeaseBook
 from orchestrator.models import LEASED_STATES, ClusterRow, EventRow, ViewChangeRow, WorkerRow
@@ -76,6 +77,8 @@ class PassReport:
     handoffs_timed_out: int = 0
     handoffs_abandoned: int = 0
     next_expiry: float | None = None  # the earliest lease still running after this pass
+    # The newest event id a balancing pass in this pass started from (None: it skipped).
+    balanced_through: int | None = None
 
 
 class Reaper:
@@ -95,6 +98,8 @@ class Reaper:
         self.frozen_for = 0.0
         self._frozen_since_last_pass = 0.0  # what this pass judges (``run_once``)
         self._prune_more = False  # housekeeping left rows to prune: go on next pass
+        # The newest event id when this replica's last committed pass balanced (``_pass``).
+        self._balanced_through: int | None = None
 
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.ctx.clock.wall()
@@ -147,13 +152,32 @@ class Reaper:
         )
         report.handoffs_timed_out = expired.timed_out
         report.handoffs_abandoned = expired.abandoned
-        balance = await balancing.balance(
-            session,
-            now,
-            max_moves=settings.max_moves_per_pass,
-            previous_owner=freed,
-            make_before_break=settings.make_before_break,
-        )
+        # Every change a balancing pass answers (a member, a load, the catalogue) writes an
+        # event, on whichever replica made it: with no event since the last pass that
+        # balanced, and nothing judged above, the pass would find what it found then. Its
+        # reads grow with the catalogue (issue 18); the newest event id is one index probe.
+        newest_event = await ev.last_id(session)
+        if (
+            report.grace
+            or report.lost
+            or overdue
+            or expired.timed_out
+            or expired.abandoned
+            or newest_event != self._balanced_through
+            or self.passes % settings.reaper_full_balance_every == 0
+        ):
+            balance = await balancing.balance(
+                session,
+                now,
+                max_moves=settings.max_moves_per_pass,
+                previous_owner=freed,
+                make_before_break=settings.make_before_break,
+            )
+            # This pass's own events come after ``newest_event``: the next pass balances
+            # once more (a move cap reached, grants that made room) before passes go idle.
+            report.balanced_through = newest_event
+        else:
+            balance = balancing.BalanceReport()
         report.assigned = len(balance.assigned)
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
         report.moves = len(balance.moves)
@@ -210,7 +234,8 @@ class Reaper:
             raise
 
     async def _run_once(self) -> PassReport:
-        await self.book.flush(self.ctx.db)
+        with counted_as(ORIGIN_LEASES):
+            await self.book.flush(self.ctx.db)
         claimed = await self.ctx.db.write(self._claim, changes=False)
         # Taken here, leader or not: a standstill while another replica led is no silence
         # of ours. One during this pass is recorded afterwards, for the next.
@@ -226,6 +251,8 @@ class Reaper:
         self.passes += 1
         started = time.perf_counter()
         report = await self.ctx.db.write(self._pass)
+        if report.balanced_through is not None:
+            self._balanced_through = report.balanced_through  # committed: it holds
         self._alive_at = self.ctx.clock.wall()
         self.ctx.signal.lease_due(report.next_expiry)
         if self._prune_more or self.passes % HOUSEKEEPING_EVERY_PASSES == 1:
@@ -269,6 +296,7 @@ class Reaper:
         storm of passes; so does the end of the earliest running lease.
         """
         watcher = asyncio.create_task(self._watch_loop(stop), name="reaper.loop-watch")
+        db_origin.set(ORIGIN_REAPER)  # this task's own context: its statements are the reaper's
         try:
             await self._run(stop)
         finally:
@@ -316,7 +344,8 @@ class Reaper:
                         due += EXPIRY_MARGIN_S
                         next_pass = min(next_pass, loop.time() + max(due, min_gap))
                 else:
-                    await self.book.flush(self.ctx.db)
+                    with counted_as(ORIGIN_LEASES):
+                        await self.book.flush(self.ctx.db)
                 self.ctx.metrics.database_up.set(1)
                 if healthy and self._alive_at is not None:
                     self._alive_at = self.ctx.clock.wall()

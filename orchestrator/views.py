@@ -17,6 +17,8 @@ from shared.models import WorkerState
 
 # A safety net, not the invalidation: every change that could alter a view drops it.
 DEFAULT_MAX_AGE_S = 120.0
+# Invalidations remembered per worker id before they are forgotten all at once (``invalidate``).
+MAX_DROPPED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,11 @@ class ViewCache:
             self._dropped.clear()
             self._views.clear()
             return
+        if len(self._dropped) >= MAX_DROPPED:
+            # One entry per worker id ever invalidated grew with worker churn; forgetting
+            # them as "everything was invalidated now" only costs in-flight loads their store.
+            self._cleared = self.generation
+            self._dropped.clear()
         for wid in workers:
             self._dropped[wid] = self.generation
             self._views.pop(wid, None)

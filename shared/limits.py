@@ -18,7 +18,10 @@ MAX_HELD: Final = MAX_CAPACITY
 HELD_SLACK: Final = 1_000
 MAX_HISTORY: Final = MAX_CAPACITY
 MAX_STREAM_IDS_PER_CALL: Final = 10_000
-MAX_STREAMS_PER_CREATE: Final = 1_000
+MAX_STREAMS_PER_CREATE: Final = 10_000
+# POST /streams/import: one stream per line, any number of lines; a line is one StreamSpec
+# (name, url, metadata and labels at their bounds fit well within this).
+MAX_IMPORT_LINE_BYTES: Final = 256 * 1024
 MAX_REQUEST_COUNT: Final = MAX_CAPACITY
 MAX_LABELS: Final = 64
 MAX_LABEL_KEY_LEN: Final = 128

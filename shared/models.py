@@ -320,6 +320,16 @@ class CreateStreamsAnswer(Answer):
     created: list[Stream]
 
 
+class ImportAnswer(Answer):
+    """``POST /streams/import``: how many streams were created, in how many batches (each
+    its own transaction), and the ids of the first and last."""
+
+    created: int
+    batches: int
+    first_id: int | None = None
+    last_id: int | None = None
+
+
 class StreamPage(Answer):
     items: list[Stream]
     next_cursor: str | None = None

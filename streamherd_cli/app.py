@@ -12,6 +12,7 @@ import webbrowser
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Final
 
 import httpx
@@ -486,12 +487,24 @@ def streams_import(
         int,
         typer.Option("--batch-size", min=1, max=limits.MAX_STREAMS_PER_CREATE),
     ] = importer.DEFAULT_BATCH_SIZE,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Send a JSON lines FILE as it is read (POST /streams/import): any size in "
+            "constant memory, every line created, no matching (not safe to run twice).",
+        ),
+    ] = False,
     json_: JsonFlag = False,
 ) -> None:
     """Create streams from a file or another database; safe to run again.
 
     Existing ids are reported, not duplicated; rows without an id match on url (or name,
     --match name). --sync repeats every --interval seconds until Ctrl-C."""
+    if stream:
+        as_json = _json(ctx, json_)
+        _stream_import(ctx, file, fmt, batch_size, as_json, other=(from_sql, sync, update))
+        return
     if match not in ("url", "name"):
         raise errors.UsageError(f"--match must be url or name, not {match!r}")
     if (file is None) == (from_sql is None):
@@ -550,6 +563,42 @@ def streams_import(
             as_json=as_json,
             sleep=state.seams.sleep,
         )
+
+
+# Read and sent a piece at a time: what a --stream import holds, whatever the file's size.
+STREAM_CHUNK_BYTES = 64 * 1024
+
+
+def _stream_import(
+    ctx: typer.Context,
+    file: str | None,
+    fmt: str | None,
+    batch_size: int,
+    as_json: bool,
+    *,
+    other: tuple[str | None, bool, bool],
+) -> None:
+    from_sql, sync, update = other
+    if file is None or from_sql is not None or sync or update:
+        raise errors.UsageError("--stream takes a FILE, without --from-sql, --sync or --update")
+    chosen = _format(fmt) or ("csv" if file.lower().endswith(".csv") else "jsonl")
+    if chosen != "jsonl":
+        raise errors.UsageError("--stream sends JSON lines (one stream a line), not CSV")
+
+    def chunks() -> Iterator[bytes]:
+        source = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115
+        with source:
+            while chunk := source.read(STREAM_CHUNK_BYTES):
+                yield chunk
+
+    if file != "-" and not Path(file).is_file():
+        raise errors.UsageError(f"no such file: {file}")
+    with _client(ctx) as client:
+        answer = client.import_lines(chunks(), batch=batch_size)
+    if as_json:
+        output.emit_json(answer)
+    else:
+        output.say(f"created {answer['created']} in {answer['batches']} batches")
 
 
 def _sync_loop(

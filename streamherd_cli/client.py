@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -116,6 +116,26 @@ class Client:
                         " is it a streamherd orchestrator?"
                     ) from exc
             raise _error_of(response)
+
+    def import_lines(self, chunks: Iterable[bytes], *, batch: int) -> dict[str, Any]:
+        """``POST /streams/import``: a body of JSON lines sent as ``chunks`` are produced
+        (never held whole), created ``batch`` at a time by the orchestrator. Not retried:
+        the body is spent, and the batches before a failure stay created."""
+        try:
+            response = self._http.post(
+                f"{API}/streams/import",
+                content=chunks,
+                params={"batch": batch},
+                headers={"Content-Type": "application/x-ndjson"},
+                timeout=httpx.Timeout(self._http.timeout.connect, read=None, write=None),
+            )
+        except httpx.TimeoutException as exc:
+            raise Unreachable(f"the orchestrator at {self.url} did not answer in time") from exc
+        except (httpx.TransportError, httpx.InvalidURL, ValueError) as exc:
+            raise Unreachable(f"cannot reach the orchestrator at {self.url}: {exc}") from exc
+        if response.is_success:
+            return dict(response.json())
+        raise _error_of(response)
 
     def status_of(self, path: str) -> int:
         """The HTTP status a GET of ``path`` (outside the API) answers with."""

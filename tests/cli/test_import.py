@@ -203,3 +203,24 @@ def test_sync_stops_cleanly_on_ctrl_c_and_survives_nothing_else(cli: Cli, tmp_pa
     missing = cli("streams", "import", "--from-sql", url, "--table", "nope")
     assert missing.exit_code == errors.SOURCE_FAILED
     assert "nope" in missing.stderr and missing.stderr.count("\n") == 1
+
+
+def test_stream_sends_json_lines_to_the_import_endpoint(cli: Cli, tmp_path: Path) -> None:
+    """--stream: every line created, in batches, by POST /streams/import; CSV is refused."""
+    source = tmp_path / "streams.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"name": f"radio-{i}", "url": f"http://radio.example/{i}"}) + "\n"
+            for i in range(3_000)
+        )
+    )
+    result = cli("streams", "import", str(source), "--stream", "--batch-size", "1000", "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert (answer["created"], answer["batches"]) == (3_000, 3)
+    assert cli.api("GET", "/cluster")["streams"]["active"] == 3_000
+
+    csv = tmp_path / "streams.csv"
+    csv.write_text("name\nradio\n")
+    refused = cli("streams", "import", str(csv), "--stream")
+    assert refused.exit_code == errors.USAGE, refused.output

@@ -30,6 +30,7 @@ from devkit.harness import (
     assert_error,
     running,
 )
+from shared import limits
 from shared.errors import STATUS_BY_CODE, ErrorCode
 
 API = "/api/v1"
@@ -493,7 +494,11 @@ async def test_heartbeat_checks_token_path_and_body_like_every_other_route(
 @pytest.mark.parametrize(
     ("path", "auth", "body"),
     [
-        ("/streams", "admin", {"streams": [{"name": f"s{i}"} for i in range(1001)]}),
+        (
+            "/streams",
+            "admin",
+            {"streams": [{"name": f"s{i}"} for i in range(limits.MAX_STREAMS_PER_CREATE + 1)]},
+        ),
         (
             "/workers/register",
             "cluster",
@@ -506,7 +511,7 @@ async def test_heartbeat_checks_token_path_and_body_like_every_other_route(
             {"epoch": 1, "held": [], "stats": {f"k{i}": i for i in range(129)}},
         ),
     ],
-    ids=["create-1001-streams", "65-labels", "release-10001-ids", "129-stats-keys"],
+    ids=["create-10001-streams", "65-labels", "release-10001-ids", "129-stats-keys"],
 )
 async def test_lists_beyond_their_bound_are_validation_errors(
     db_url: str, clock: FakeClock, path: str, auth: str, body: Any

@@ -21,7 +21,7 @@ from devkit.poll import eventually
 from orchestrator.heartbeats import assignment_json
 from orchestrator.ownership import to_assignment
 from orchestrator.view_sync import LegacyWriters, apply_remote
-from orchestrator.views import ViewCache, WorkerView
+from orchestrator.views import MAX_DROPPED, ViewCache, WorkerView
 from shared.models import WorkerState
 
 
@@ -82,6 +82,20 @@ def test_a_view_loaded_across_its_invalidation_is_not_stored() -> None:
     cache.invalidate()  # a write of unknown extent
     cache.put(view("b"), started)
     assert cache.get("b") is None
+
+
+def test_remembered_invalidations_stay_bounded_with_worker_churn() -> None:
+    """Past MAX_DROPPED worker ids, the memory of invalidations is reset, conservatively:
+    a load in flight then is not stored, a load begun after is."""
+    cache = ViewCache(clock=FakeClock(0.0))
+    started = cache.generation
+    for i in range(MAX_DROPPED + 5):
+        cache.invalidate({f"gone-{i}"})
+    assert len(cache._dropped) <= MAX_DROPPED
+    cache.put(view("a"), started)
+    assert cache.get("a") is None, "its load began before invalidations it can no longer see"
+    cache.put(view("a"), cache.generation)
+    assert cache.get("a") is not None
 
 
 def test_views_expire_after_max_age() -> None:
