@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, or_, select
+from sqlalchemy import ColumnElement, delete, false, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import balancing, ownership, view_sync
@@ -20,6 +20,7 @@ from orchestrator.context import Context
 from orchestrator.errors import Conflict, NotFound, ValidationFailed, stream_id_conflicts
 from orchestrator.heartbeats import LeaseBook
 from orchestrator.models import LEASED_STATES, StreamFailureRow, StreamRow, WorkerRow
+from orchestrator.placement import Eligibility, placement_key
 from orchestrator.reaper import LOST_DECLARED_FAILED, mark_lost
 from orchestrator.write_context import write_context
 from shared import models as m
@@ -49,7 +50,7 @@ def _matches(q: str) -> ColumnElement[bool]:
     )
 
 
-def stream_out(row: StreamRow) -> m.Stream:
+def stream_out(row: StreamRow, eligibility: Eligibility | None = None) -> m.Stream:
     return m.Stream(
         id=row.id,
         name=row.name,
@@ -59,7 +60,51 @@ def stream_out(row: StreamRow) -> m.Stream:
         owner=row.owner_id,
         token=row.token,
         failures=row.failures,
+        requires=row.requires or {},
+        prefers=row.prefers or {},
+        placeable=True if eligibility is None else eligibility.placeable(row.placement_key or ""),
     )
+
+
+async def eligibility(session: AsyncSession) -> Eligibility:
+    """The labels of every worker that may be given streams now (active, with capacity)."""
+    rows = await session.execute(
+        select(WorkerRow.labels).where(
+            WorkerRow.state == WorkerState.ACTIVE, WorkerRow.capacity > 0
+        )
+    )
+    return Eligibility.of(labels or {} for labels in rows.scalars())
+
+
+async def unplaceable_keys(session: AsyncSession, who: Eligibility) -> list[str] | None:
+    """The placement keys of streams no live worker may take (None: every stream, as no
+    worker may take any). Ruled keys come from the partial index ``ix_streams_placement``."""
+    if not who.anyone:
+        return None
+    keys = (
+        await session.execute(
+            select(StreamRow.placement_key).where(StreamRow.placement_key != "").distinct()
+        )
+    ).scalars()
+    return sorted(k for k in keys if not who.placeable(k))
+
+
+def _rule_data(row: StreamRow) -> dict[str, Any]:
+    """A created stream's rules, for its event (nothing for a stream without any)."""
+    data: dict[str, Any] = {}
+    if row.requires:
+        data["requires"] = dict(row.requires)
+    if row.prefers:
+        data["prefers"] = dict(row.prefers)
+    return data
+
+
+def _placeable_filter(keys: list[str] | None, placeable: bool) -> ColumnElement[bool]:
+    if keys is None:
+        return true() if not placeable else false()
+    if placeable:
+        return StreamRow.placement_key.not_in(keys) if keys else true()
+    return StreamRow.placement_key.in_(keys) if keys else false()
 
 
 def _rebalance_answer(
@@ -243,7 +288,7 @@ class Catalog:
         if len(explicit) != len(set(explicit)):
             raise ValidationFailed("the same stream id appears twice in one request")
 
-        async def work(session: AsyncSession) -> list[StreamRow]:
+        async def work(session: AsyncSession) -> tuple[list[StreamRow], Eligibility | None]:
             now = self.ctx.clock.wall()
             if explicit:
                 taken = (
@@ -259,6 +304,9 @@ class Catalog:
                     name=spec.name,
                     url=spec.url,
                     meta=dict(spec.metadata),
+                    requires=dict(spec.requires),
+                    prefers=dict(spec.prefers),
+                    placement_key=placement_key(spec.requires, spec.prefers),
                     status=StreamStatus.ACTIVE,
                     token=0,
                     failures=0,
@@ -288,14 +336,24 @@ class Catalog:
             await session.flush()
             await ev.record(
                 session,
-                (ev.event(ev.STREAM_CREATED, now, stream_id=r.id, name=r.name) for r in rows),
+                (
+                    ev.event(
+                        ev.STREAM_CREATED,
+                        now,
+                        stream_id=r.id,
+                        name=r.name,
+                        **_rule_data(r),
+                    )
+                    for r in rows
+                ),
             )
-            return rows
+            # Whether each is placeable: one look at the labels of the workers.
+            return rows, await eligibility(session)
 
         with stream_id_conflicts():
-            rows = await self.ctx.db.write(work)
+            rows, who = await self.ctx.db.write(work)
         self.ctx.signal.changed()
-        return m.CreateStreamsAnswer(created=[stream_out(r) for r in rows])
+        return m.CreateStreamsAnswer(created=[stream_out(r, who) for r in rows])
 
     async def list_streams(
         self,
@@ -305,6 +363,7 @@ class Catalog:
         limit: int,
         cursor: str | None,
         q: str | None = None,
+        placeable: bool | None = None,
     ) -> m.StreamPage:
         after = 0
         if cursor:
@@ -322,22 +381,27 @@ class Catalog:
                 stmt = stmt.where(StreamRow.owner_id == owner)
             if q:
                 stmt = stmt.where(_matches(q))
+            who = await eligibility(session)
+            if placeable is not None:
+                keys = await unplaceable_keys(session, who)
+                stmt = stmt.where(_placeable_filter(keys, placeable))
             rows = (await session.execute(stmt)).scalars().all()
         next_cursor = str(rows[-1].id) if len(rows) == limit else None
-        return m.StreamPage(items=[stream_out(r) for r in rows], next_cursor=next_cursor)
+        return m.StreamPage(items=[stream_out(r, who) for r in rows], next_cursor=next_cursor)
 
     async def get_stream(self, stream_id: int) -> m.Stream:
         async with self.ctx.db.read() as session:
             row = await session.get(StreamRow, stream_id)
-        if row is None:
-            raise NotFound(f"no stream {stream_id}")
-        return stream_out(row)
+            if row is None:
+                raise NotFound(f"no stream {stream_id}")
+            who = await eligibility(session)
+        return stream_out(row, who)
 
     async def patch_stream(self, stream_id: int, req: m.StreamPatch) -> m.Stream:
         if req.status == StreamStatus.QUARANTINED:
             raise ValidationFailed("status may be set to active or disabled only")
 
-        async def work(session: AsyncSession) -> StreamRow:
+        async def work(session: AsyncSession) -> tuple[StreamRow, Eligibility]:
             now = self.ctx.clock.wall()
             row = await _lock_stream(session, stream_id)
             changes: dict[str, Any] = {}
@@ -348,6 +412,16 @@ class Catalog:
             if req.metadata is not None:
                 row.meta = dict(req.metadata)
                 changes["metadata"] = True
+            if req.requires is not None or req.prefers is not None:
+                # A new rule moves nothing here: the balancing pass woken after the commit
+                # moves the stream if its owner no longer qualifies, as a planned move.
+                requires = row.requires or {} if req.requires is None else dict(req.requires)
+                prefers = row.prefers or {} if req.prefers is None else dict(req.prefers)
+                if (requires, prefers) != (row.requires or {}, row.prefers or {}):
+                    changes["requires"] = requires
+                    changes["prefers"] = prefers
+                row.requires, row.prefers = requires, prefers
+                row.placement_key = placement_key(requires, prefers)
             if req.status is not None and req.status.value != row.status:
                 changes["status"] = {"from": row.status, "to": req.status.value}
                 row.status = req.status.value
@@ -363,11 +437,11 @@ class Catalog:
                     )
             row.updated_at = now
             await ev.record_one(session, ev.STREAM_UPDATED, now, stream_id=stream_id, **changes)
-            return row
+            return row, await eligibility(session)
 
-        row = await self.ctx.db.write(work)
+        row, who = await self.ctx.db.write(work)
         self.ctx.signal.changed()
-        return stream_out(row)
+        return stream_out(row, who)
 
     async def delete_stream(self, stream_id: int) -> m.Stream:
         async def work(session: AsyncSession) -> StreamRow:
@@ -431,6 +505,25 @@ class Catalog:
                 by_status[status] = int(count)
                 if status == StreamStatus.ACTIVE.value:
                     assigned = int(owned)
+            unassigned = by_status[StreamStatus.ACTIVE.value] - assigned
+            unplaceable = unassigned
+            keys = await unplaceable_keys(session, await eligibility(session))
+            if keys is not None:
+                unplaceable = 0
+                for chunk in ownership.chunks(keys, ownership.OWNER_CHUNK):
+                    unplaceable += int(
+                        (
+                            await session.execute(
+                                select(func.count())
+                                .select_from(StreamRow)
+                                .where(
+                                    StreamRow.placement_key.in_(chunk),
+                                    StreamRow.owner_id.is_(None),
+                                    StreamRow.status == StreamStatus.ACTIVE,
+                                )
+                            )
+                        ).scalar_one()
+                    )
         by_state = {s.value: 0 for s in WorkerState}
         capacity = 0
         for row in workers:
@@ -442,8 +535,9 @@ class Catalog:
             workers=by_state,
             streams=by_status,
             assigned=assigned,
-            unassigned=by_status[StreamStatus.ACTIVE.value] - assigned,
+            unassigned=unassigned,
             capacity=capacity,
+            unplaceable=unplaceable,
         )
 
     async def list_events(self, *, after: int, limit: int) -> m.EventPage:
