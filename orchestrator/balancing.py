@@ -19,8 +19,14 @@ from sqlalchemy import Row, Table, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
-from orchestrator.models import StreamRow, UnplaceableClassRow, WorkerRow
-from orchestrator.ownership import ASSIGNMENT_COLUMNS, chunks, unowned_ids, unowned_keyed
+from orchestrator.models import RULED, StreamRow, UnplaceableClassRow, WorkerRow
+from orchestrator.ownership import (
+    ASSIGNMENT_COLUMNS,
+    chunks,
+    ruled_keys,
+    unowned_ids,
+    unowned_keyed,
+)
 from orchestrator.placement import (
     UNCONSTRAINED,
     parse_class,
@@ -663,13 +669,7 @@ async def _demand(
     Ruled streams are found through the partial index ``ix_streams_placement``; the rest
     of the active streams are unconstrained.
     """
-    rows = (
-        await session.execute(
-            select(StreamRow.placement_key, func.count())
-            .where(StreamRow.placement_key != "", StreamRow.status == StreamStatus.ACTIVE)
-            .group_by(StreamRow.placement_key)
-        )
-    ).all()
+    rows = [(key, n) for key, (n, _) in (await ruled_keys(session)).items()]
     if not rows:
         return {UNCONSTRAINED: total}, {UNCONSTRAINED: None}, {}
     demand: dict[str, int] = {UNCONSTRAINED: total}
@@ -695,10 +695,12 @@ async def _class_loads(
         m.class_load = {UNCONSTRAINED: m.load}
         m.class_leaving = {UNCONSTRAINED: m.leaving}
         m.class_arriving = {UNCONSTRAINED: m.arriving}
+    # Grouped in the partial index alone (unowned ones too): a WHERE on the owner would
+    # make the planner walk the owner index over every stream instead.
     owned = await session.execute(
         select(StreamRow.owner_id, StreamRow.placement_key, func.count())
-        .where(StreamRow.placement_key != "", StreamRow.owner_id.is_not(None))
-        .group_by(StreamRow.owner_id, StreamRow.placement_key)
+        .where(RULED)
+        .group_by(StreamRow.placement_key, StreamRow.owner_id)
     )
     for owner, key, n in owned.all():
         c = parse_key(key).class_key
@@ -708,7 +710,7 @@ async def _class_loads(
             m.class_load[UNCONSTRAINED] -= int(n)
     revoking = await session.execute(
         select(StreamRow.owner_id, StreamRow.revoke_to, StreamRow.placement_key).where(
-            StreamRow.revoke_at.is_not(None), StreamRow.placement_key != ""
+            StreamRow.revoke_at.is_not(None)
         )
     )
     for owner, dest, key in revoking.all():

@@ -19,7 +19,13 @@ from orchestrator import events as ev
 from orchestrator.context import Context
 from orchestrator.errors import Conflict, NotFound, ValidationFailed, stream_id_conflicts
 from orchestrator.heartbeats import LeaseBook
-from orchestrator.models import LEASED_STATES, StreamFailureRow, StreamRow, WorkerRow
+from orchestrator.models import (
+    LEASED_STATES,
+    RULED,
+    StreamFailureRow,
+    StreamRow,
+    WorkerRow,
+)
 from orchestrator.placement import Eligibility, placement_key
 from orchestrator.reaper import LOST_DECLARED_FAILED, mark_lost
 from orchestrator.write_context import write_context
@@ -82,9 +88,7 @@ async def unplaceable_keys(session: AsyncSession, who: Eligibility) -> list[str]
     if not who.anyone:
         return None
     keys = (
-        await session.execute(
-            select(StreamRow.placement_key).where(StreamRow.placement_key != "").distinct()
-        )
+        await session.execute(select(StreamRow.placement_key).where(RULED).distinct())
     ).scalars()
     return sorted(k for k in keys if not who.placeable(k))
 
@@ -517,6 +521,7 @@ class Catalog:
                                 select(func.count())
                                 .select_from(StreamRow)
                                 .where(
+                                    RULED,
                                     StreamRow.placement_key.in_(chunk),
                                     StreamRow.owner_id.is_(None),
                                     StreamRow.status == StreamStatus.ACTIVE,

@@ -89,6 +89,7 @@ class StreamRow(Base):
         Index(
             "ix_streams_placement",
             "placement_key",
+            "status",
             "owner_id",
             sqlite_where=text("placement_key <> ''"),
             postgresql_where=text("placement_key <> ''"),
@@ -102,6 +103,11 @@ class StreamRow(Base):
             postgresql_where=text("revoke_at IS NOT NULL"),
         ),
     )
+
+
+# The condition of ``ix_streams_placement``, spelled as its WHERE is: a query must carry
+# it literally (not as a bound parameter) for SQLite and PostgreSQL to use that index.
+RULED = text("streams.placement_key <> ''")
 
 
 class UnplaceableClassRow(Base):

@@ -18,7 +18,7 @@ from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
-from orchestrator.models import StreamRow, WorkerRow
+from orchestrator.models import RULED, StreamRow, WorkerRow
 from orchestrator.placement import parse_key, preference, satisfies
 from orchestrator.view_sync import touch
 from shared.models import (
@@ -187,6 +187,8 @@ async def unowned_keyed(
             .order_by(StreamRow.id)
             .limit(limit)
         )
+        if "" not in chunk:
+            stmt = stmt.where(RULED)  # then the partial index serves it
         if lock:
             stmt = stmt.with_for_update(skip_locked=True)
         found.extend((sid, key) for sid, key in (await session.execute(stmt)).all())
@@ -194,25 +196,35 @@ async def unowned_keyed(
     return found[:limit]
 
 
-async def unowned_ruled_keys(session: AsyncSession) -> list[str]:
-    """The placement keys of active unowned streams with rules (from the partial index)."""
-    stmt = (
-        select(StreamRow.placement_key)
-        .where(
-            StreamRow.placement_key != "",
-            StreamRow.owner_id.is_(None),
-            StreamRow.status == StreamStatus.ACTIVE,
+async def ruled_keys(session: AsyncSession) -> dict[str, tuple[int, int]]:
+    """Per placement key of active streams with rules: (streams, of those unowned).
+
+    One walk of the partial index ``ix_streams_placement``, which covers the query; the
+    status and owner are tested here, not in SQL, or the planner would prefer an index
+    over every stream (the owner's, or the status's).
+    """
+    found = await session.execute(
+        select(
+            StreamRow.placement_key,
+            StreamRow.status,
+            func.count(),
+            func.count(StreamRow.owner_id),
         )
-        .distinct()
+        .where(RULED)
+        .group_by(StreamRow.placement_key, StreamRow.status)
     )
-    return sorted((await session.execute(stmt)).scalars())
+    return {
+        key: (int(n), int(n) - int(owned))
+        for key, status, n, owned in found.all()
+        if status == StreamStatus.ACTIVE
+    }
 
 
 async def eligible_unowned(session: AsyncSession, labels: dict[str, str], limit: int) -> list[int]:
     """Up to ``limit`` active unowned streams a worker with ``labels`` may take: those it
     alone (or few) may take first (most required labels, then most preferred labels it
     carries), then the unconstrained ones. Without any ruled stream: the plain query."""
-    ruled = await unowned_ruled_keys(session)
+    ruled = [key for key, (_, unowned) in (await ruled_keys(session)).items() if unowned]
     if not ruled:
         return await unowned_ids(session, limit)
     usable = [k for k in ruled if satisfies(labels, parse_key(k).requires)]

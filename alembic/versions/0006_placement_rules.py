@@ -36,7 +36,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_streams_placement",
         "streams",
-        ["placement_key", "owner_id"],
+        ["placement_key", "status", "owner_id"],
         sqlite_where=sa.text("placement_key <> ''"),
         postgresql_where=sa.text("placement_key <> ''"),
     )
