@@ -203,3 +203,25 @@ def test_sync_stops_cleanly_on_ctrl_c_and_survives_nothing_else(cli: Cli, tmp_pa
     missing = cli("streams", "import", "--from-sql", url, "--table", "nope")
     assert missing.exit_code == errors.SOURCE_FAILED
     assert "nope" in missing.stderr and missing.stderr.count("\n") == 1
+
+
+def test_requires_and_prefers_columns_become_placement_rules(cli: Cli, tmp_path: Path) -> None:
+    """requires/prefers columns (k=v or JSON) are the streams' placement rules; a bad one
+    is refused with its reason; a file without them sends no rules at all."""
+    source = tmp_path / "ruled.csv"
+    source.write_text(
+        "name,url,requires,prefers\n"
+        'br,http://br,region=br,"{""disk"": ""ssd""}"\n'
+        "plain,http://plain,,\n"
+        "bad,http://bad,region,\n"
+    )
+    result = cli("streams", "import", str(source), "--json")
+    assert result.exit_code == errors.PARTIAL, result.output
+    report = json.loads(result.stdout)
+    assert len(report["created"]) == 2
+    assert "k=v" in report["refused"][0]["reason"]
+    by_name = {s["name"]: s for s in cli.api("GET", "/streams")["items"]}
+    assert by_name["br"]["requires"] == {"region": "br"}
+    assert by_name["br"]["prefers"] == {"disk": "ssd"}
+    assert by_name["br"]["placeable"] is False  # no worker carries region=br
+    assert (by_name["plain"]["requires"], by_name["plain"]["prefers"]) == ({}, {})
