@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import Row, Table, bindparam, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
@@ -730,13 +732,17 @@ async def _class_loads(
 async def _track_unplaceable(
     session: AsyncSession, demand: Mapping[str, int], members: Mapping[str, Member], now: float
 ) -> None:
-    """Record which classes with active streams no live worker may take, with an event
-    when a class becomes unplaceable and when it is placeable again (or empty)."""
+    """Record which ruled classes with active streams no live worker may take, with an
+    event when a class becomes unplaceable and when it is placeable again (or empty)."""
     live = [m for m in members.values() if m.eligible]
+    # Ruled classes only: unconstrained streams are unplaceable only with no live worker
+    # at all, which worker_lost/worker_left and the no-live-workers alert already tell.
     now_unplaceable = {
         c
         for c, n in demand.items()
-        if n > 0 and not any(satisfies(m.labels, parse_class(c)) for m in live)
+        if c != UNCONSTRAINED
+        and n > 0
+        and not any(satisfies(m.labels, parse_class(c)) for m in live)
     }
     found = await session.execute(
         select(UnplaceableClassRow.requires_key, UnplaceableClassRow.since)
@@ -750,11 +756,13 @@ async def _track_unplaceable(
         await session.execute(
             delete(UnplaceableClassRow).where(UnplaceableClassRow.requires_key.in_(gone))
         )
-    for c in appeared:
-        # A concurrent pass (another replica's rebalance) may have written it first.
-        if await session.get(UnplaceableClassRow, c) is None:
-            session.add(UnplaceableClassRow(requires_key=c, since=now))
-    await session.flush()
+    if appeared:
+        # A concurrent pass (another replica's rebalance) may have written one first.
+        rows = [{"requires_key": c, "since": now} for c in appeared]
+        if session.get_bind().dialect.name == "postgresql":
+            await session.execute(pg_insert(UnplaceableClassRow).on_conflict_do_nothing(), rows)
+        else:
+            await session.execute(sqlite_insert(UnplaceableClassRow).on_conflict_do_nothing(), rows)
     await ev.record(
         session,
         [
