@@ -208,6 +208,12 @@ async def test_a_rule_change_moves_only_what_it_must(db_url: str, clock: FakeClo
         }
         assert (await h.heartbeat(b)).status_code == 200
 
+        # A rule its owner already meets moves nothing.
+        kept = min(sid for sid, o in after.items() if o == "b" and sid != moved)
+        await patch(h, kept, requires=BR, prefers={"disk": "ssd"})
+        assert (await h.reap()).moves == 0
+        assert await h.owners() == after
+
 
 async def test_new_labels_at_register_lose_only_what_no_longer_qualifies(
     db_url: str, clock: FakeClock
