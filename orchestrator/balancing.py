@@ -15,27 +15,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, bindparam, delete, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Row,
+    String,
+    Table,
+    bindparam,
+    delete,
+    func,
+    literal,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
 from orchestrator.models import RULED, StreamRow, UnplaceableClassRow, WorkerRow
-from orchestrator.ownership import (
-    ASSIGNMENT_COLUMNS,
-    chunks,
-    ruled_keys,
-    unowned_ids,
-    unowned_keyed,
-)
+from orchestrator.ownership import ASSIGNMENT_COLUMNS, chunks, unowned_ids, unowned_keyed
 from orchestrator.placement import (
     UNCONSTRAINED,
     parse_class,
     parse_key,
     preference,
     satisfies,
-    takes_streams,
 )
 from orchestrator.view_sync import touch
 from shared.models import Move, StreamStatus, WorkerState
@@ -78,10 +84,12 @@ class Member:
     @property
     def eligible(self) -> bool:
         """May receive a share of the streams (the one place that decides it)."""
-        return takes_streams(self.state, self.capacity)
+        return self.state == WorkerState.ACTIVE and self.capacity > 0
 
     def eligible_for(self, class_key: str) -> bool:
         """May receive streams of this eligibility class (its labels satisfy the rule)."""
+        if class_key == UNCONSTRAINED:
+            return self.eligible
         return self.eligible and satisfies(self.labels, parse_class(class_key))
 
 
@@ -196,6 +204,9 @@ def class_order(demand: Mapping[str, int], members: Sequence[Member]) -> list[st
     """Eligibility classes, most constrained first: least eligible capacity, then the most
     required labels, then by key (the unconstrained class, eligible everywhere, comes last)."""
 
+    if len(demand) == 1:
+        return list(demand)
+
     def room(c: str) -> int:
         return sum(m.capacity for m in members if m.eligible_for(c))
 
@@ -217,6 +228,9 @@ def class_targets(
     takes what a maximum flow gives it instead (rules before balance). ``favour`` (per
     class, per worker: how strongly its streams prefer that worker) breaks ties.
     """
+    if demand.keys() == {UNCONSTRAINED} and not favour:
+        # No rules: the fair share of old, at its old cost (1,000 workers: a few ms).
+        return {UNCONSTRAINED: targets(demand[UNCONSTRAINED], members)}
     result = {c: {m.worker_id: 0 for m in members} for c in demand}
     order = [c for c in class_order(demand, members) if demand[c] > 0]
     if not order:
@@ -257,6 +271,9 @@ def class_targets(
 
 
 # --- a pass -----------------------------------------------------------------------------
+
+# The status ``_demand`` gives the rows of ``unplaceable_classes`` (no stream has it).
+_STORED = "~unplaceable"
 
 # The streams table as Core, for executemany statements of plain rows (no ORM bulk path).
 _streams = cast(Table, StreamRow.__table__)
@@ -335,7 +352,7 @@ async def balance(
             )
         ).scalar_one()
     )
-    demand, keys, counts = await _demand(session, total)
+    demand, keys, counts, stored = await _demand(session, total)
     await _class_loads(session, members, ruled=bool(counts))
     by_class = class_targets(demand, list(members.values()), _favour(counts, members))
     goal = {wid: sum(by_class[c][wid] for c in by_class) for wid in members}
@@ -385,11 +402,11 @@ async def balance(
     if not dry_run:
         await _record_grants(session, report.assigned, now, previous_owner or {})
     report.moves = await _plan_moves(
-        session, members, by_class, order, keys, deficits, max_moves, lock=not dry_run
+        session, members, by_class, goal, order, keys, deficits, max_moves, lock=not dry_run
     )
     if not dry_run:
         await _revoke(session, report.moves, now)
-        await _track_unplaceable(session, demand, members, now)
+        await _track_unplaceable(session, demand, members, stored, now)
     if explain:
         report.shares = _shares(members, goal, before, report.moves)
     return report
@@ -519,6 +536,7 @@ async def _plan_moves(
     session: AsyncSession,
     members: Mapping[str, Member],
     by_class: Mapping[str, Mapping[str, int]],
+    goal: Mapping[str, int],
     order: Sequence[str],
     keys: Mapping[str, Sequence[str] | None],
     deficits: dict[str, dict[str, int]],
@@ -541,6 +559,8 @@ async def _plan_moves(
         if budget <= 0:
             break
         draining = m.state == WorkerState.DRAINING
+        if not m.class_load and not draining and m.load - m.leaving <= min(goal[wid], m.capacity):
+            continue  # no rules, and within its share: the common case, decided at once
         forced = max(0, m.load - m.leaving - (0 if draining else m.capacity))
         held = order if m.class_load else [UNCONSTRAINED]
         for c in held:
@@ -615,15 +635,12 @@ async def _revoke(session: AsyncSession, moves: Sequence[Move], now: float) -> N
 
 async def _members(session: AsyncSession, *, lock: bool = True) -> dict[str, Member]:
     stmt = (
-        select(WorkerRow.worker_id, WorkerRow.capacity, WorkerRow.state, WorkerRow.labels)
+        select(WorkerRow.worker_id, WorkerRow.capacity, WorkerRow.state)
         .where(WorkerRow.state.in_((WorkerState.ACTIVE, WorkerState.DRAINING)))
         .order_by(WorkerRow.worker_id)
     )
     workers = (await session.execute(stmt.with_for_update() if lock else stmt)).all()
-    members = {
-        w.worker_id: Member(w.worker_id, w.capacity, w.state, labels=w.labels or {})
-        for w in workers
-    }
+    members = {w.worker_id: Member(w.worker_id, w.capacity, w.state) for w in workers}
     # Two queries, each answered from an index: every stream's owner, and the few revoked.
     loads = await session.execute(
         select(StreamRow.owner_id, func.count())
@@ -663,36 +680,70 @@ def _favour(counts: Mapping[str, int], members: Mapping[str, Member]) -> dict[st
 
 async def _demand(
     session: AsyncSession, total: int
-) -> tuple[dict[str, int], dict[str, list[str] | None], dict[str, int]]:
+) -> tuple[dict[str, int], dict[str, list[str] | None], dict[str, int], dict[str, float]]:
     """Active streams per eligibility class, the placement keys of each class (None:
-    every stream is unconstrained, so the queries need no filter at all), and the active
-    streams per ruled placement key.
+    every stream is unconstrained, so the queries need no filter at all), the active
+    streams per ruled placement key, and the classes the last pass found unplaceable
+    (with since when).
 
-    Ruled streams are found through the partial index ``ix_streams_placement``; the rest
-    of the active streams are unconstrained.
+    One round trip: the ruled streams from the partial index ``ix_streams_placement``
+    (status tested here, so the index alone answers), and the small table of unplaceable
+    classes. The rest of the active streams are unconstrained.
     """
-    rows = [(key, n) for key, (n, _) in (await ruled_keys(session)).items()]
+    ruled = (
+        select(
+            StreamRow.placement_key,
+            StreamRow.status,
+            func.count(),
+            literal(None, Float()),
+        )
+        .where(RULED)
+        .group_by(StreamRow.placement_key, StreamRow.status)
+    )
+    stored_classes = select(
+        UnplaceableClassRow.requires_key,
+        literal(_STORED, String()),
+        literal(0, BigInteger()),
+        UnplaceableClassRow.since,
+    )
+    rows: list[tuple[str, int]] = []
+    stored: dict[str, float] = {}
+    for key, status, n, since in (await session.execute(union_all(ruled, stored_classes))).all():
+        if status == _STORED:
+            stored[key] = since
+        elif status == StreamStatus.ACTIVE:
+            rows.append((key, int(n)))
     if not rows:
-        return {UNCONSTRAINED: total}, {UNCONSTRAINED: None}, {}
+        return {UNCONSTRAINED: total}, {UNCONSTRAINED: None}, {}, stored
     demand: dict[str, int] = {UNCONSTRAINED: total}
     keys: dict[str, list[str] | None] = {UNCONSTRAINED: [""]}
-    counts = {key: int(n) for key, n in rows}
+    counts = dict(rows)
     for key, n in rows:
         c = parse_key(key).class_key
         if c != UNCONSTRAINED:
-            demand[UNCONSTRAINED] -= int(n)
-            demand[c] = demand.get(c, 0) + int(n)
+            demand[UNCONSTRAINED] -= n
+            demand[c] = demand.get(c, 0) + n
         cast(list[str], keys.setdefault(c, [])).append(key)
-    return demand, keys, counts
+    return demand, keys, counts, stored
 
 
 async def _class_loads(
     session: AsyncSession, members: Mapping[str, Member], *, ruled: bool
 ) -> None:
-    """Fill each member's per-class counts (with no ruled stream at all: one query less,
-    everything is unconstrained and ``Member.settled_in`` falls back to the totals)."""
+    """Fill each member's labels and per-class counts (with no ruled stream at all: none
+    of it, everything is unconstrained and ``Member.settled_in`` falls back to the totals).
+    """
     if not ruled:
         return
+    # Labels only now: decoding a thousand workers' JSON is most of a pass without rules.
+    labelled = await session.execute(
+        select(WorkerRow.worker_id, WorkerRow.labels).where(
+            WorkerRow.state.in_((WorkerState.ACTIVE, WorkerState.DRAINING))
+        )
+    )
+    for wid, labels in labelled.all():
+        if wid in members:
+            members[wid].labels = labels or {}
     for m in members.values():
         m.class_load = {UNCONSTRAINED: m.load}
         m.class_leaving = {UNCONSTRAINED: m.leaving}
@@ -730,7 +781,11 @@ async def _class_loads(
 
 
 async def _track_unplaceable(
-    session: AsyncSession, demand: Mapping[str, int], members: Mapping[str, Member], now: float
+    session: AsyncSession,
+    demand: Mapping[str, int],
+    members: Mapping[str, Member],
+    stored: Mapping[str, float],
+    now: float,
 ) -> None:
     """Record which ruled classes with active streams no live worker may take, with an
     event when a class becomes unplaceable and when it is placeable again (or empty)."""
@@ -744,10 +799,6 @@ async def _track_unplaceable(
         and n > 0
         and not any(satisfies(m.labels, parse_class(c)) for m in live)
     }
-    found = await session.execute(
-        select(UnplaceableClassRow.requires_key, UnplaceableClassRow.since)
-    )
-    stored = {k: since for k, since in found.all()}
     appeared = sorted(now_unplaceable - stored.keys())
     gone = sorted(stored.keys() - now_unplaceable)
     if not appeared and not gone:

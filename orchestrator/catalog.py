@@ -72,13 +72,17 @@ def stream_out(row: StreamRow, eligibility: Eligibility | None = None) -> m.Stre
     )
 
 
-async def eligibility(session: AsyncSession) -> Eligibility:
-    """The labels of every worker that may be given streams now (active, with capacity)."""
-    rows = await session.execute(
-        select(WorkerRow.labels).where(
-            WorkerRow.state == WorkerState.ACTIVE, WorkerRow.capacity > 0
-        )
-    )
+async def eligibility(session: AsyncSession, *, ruled: bool = True) -> Eligibility:
+    """The labels of every worker that may be given streams now (active, with capacity).
+
+    ``ruled=False`` (nothing to be judged has rules): only whether there is any such
+    worker, without reading and decoding a thousand workers' labels.
+    """
+    live = (WorkerRow.state == WorkerState.ACTIVE, WorkerRow.capacity > 0)
+    if not ruled:
+        anyone = await session.execute(select(WorkerRow.worker_id).where(*live).limit(1))
+        return Eligibility.of([{}] if anyone.first() is not None else [])
+    rows = await session.execute(select(WorkerRow.labels).where(*live))
     return Eligibility.of(labels or {} for labels in rows.scalars())
 
 
@@ -351,8 +355,8 @@ class Catalog:
                     for r in rows
                 ),
             )
-            # Whether each is placeable: one look at the labels of the workers.
-            return rows, await eligibility(session)
+            # Whether each is placeable: one look at the workers.
+            return rows, await eligibility(session, ruled=any(r.requires for r in rows))
 
         with stream_id_conflicts():
             rows, who = await self.ctx.db.write(work)
@@ -385,11 +389,13 @@ class Catalog:
                 stmt = stmt.where(StreamRow.owner_id == owner)
             if q:
                 stmt = stmt.where(_matches(q))
-            who = await eligibility(session)
             if placeable is not None:
+                who = await eligibility(session)
                 keys = await unplaceable_keys(session, who)
                 stmt = stmt.where(_placeable_filter(keys, placeable))
             rows = (await session.execute(stmt)).scalars().all()
+            if placeable is None:
+                who = await eligibility(session, ruled=any(r.requires for r in rows))
         next_cursor = str(rows[-1].id) if len(rows) == limit else None
         return m.StreamPage(items=[stream_out(r, who) for r in rows], next_cursor=next_cursor)
 
@@ -398,7 +404,7 @@ class Catalog:
             row = await session.get(StreamRow, stream_id)
             if row is None:
                 raise NotFound(f"no stream {stream_id}")
-            who = await eligibility(session)
+            who = await eligibility(session, ruled=bool(row.requires))
         return stream_out(row, who)
 
     async def patch_stream(self, stream_id: int, req: m.StreamPatch) -> m.Stream:
@@ -441,7 +447,7 @@ class Catalog:
                     )
             row.updated_at = now
             await ev.record_one(session, ev.STREAM_UPDATED, now, stream_id=stream_id, **changes)
-            return row, await eligibility(session)
+            return row, await eligibility(session, ruled=bool(row.requires))
 
         row, who = await self.ctx.db.write(work)
         self.ctx.signal.changed()

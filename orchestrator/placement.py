@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from shared.models import WorkerState, canonical_labels
+from shared.models import canonical_labels
 
 UNCONSTRAINED = ""
 
@@ -67,11 +67,6 @@ def satisfies(labels: Mapping[str, str], requires: Mapping[str, str]) -> bool:
 def preference(labels: Mapping[str, str], prefers: Mapping[str, str]) -> int:
     """How many preferred labels the worker carries (more wins a tie)."""
     return sum(1 for k, v in prefers.items() if labels.get(k) == v)
-
-
-def takes_streams(state: str, capacity: int) -> bool:
-    """A worker that may be given streams at all: active, with capacity."""
-    return state == WorkerState.ACTIVE and capacity > 0
 
 
 @dataclass(frozen=True)
