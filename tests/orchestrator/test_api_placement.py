@@ -124,8 +124,8 @@ async def test_bad_rules_are_a_validation_error(
 
 
 async def test_every_grant_path_respects_requires(db_url: str, clock: FakeClock) -> None:
-    """streams/request, the balancing pass and the register hand-back give a ruled stream
-    only to a worker carrying its labels, whatever else it would do."""
+    """streams/request, the balancing pass and the register and reconcile hand-backs give
+    a ruled stream only to a worker carrying its labels, whatever else it would do."""
     async with running(db_url, clock) as h:
         ruled = await create(h, *({"name": f"br-{i}", "requires": BR} for i in range(3)))
         ids = [s["id"] for s in ruled]
@@ -141,6 +141,14 @@ async def test_every_grant_path_respects_requires(db_url: str, clock: FakeClock)
         again = await h.register("us-1", capacity=10, labels={"region": "us"}, held=ghost)
         assert sorted(d["stream_id"] for d in again.answer["dropped"]) == ids
         assert {d["reason"] for d in again.answer["dropped"]} == {"not_owned"}
+        r = await h.client.post(
+            f"{API}/workers/us-1/reconcile",
+            json={"epoch": again.epoch, "held": ghost},
+            headers=again.headers,
+        )
+        assert r.status_code == 200, r.text
+        assert sorted(d["stream_id"] for d in r.json()["drop"]) == ids
+        assert not {a["stream_id"] for a in r.json()["assign"]} & set(ids)
         br = await h.register("br-1", capacity=10, labels={**BR, "gpu": "yes"}, held=ghost[:1])
         assert [a["stream_id"] for a in br.answer["assignments"]] == ids[:1]
         granted = await h.grant_streams(br, 10)

@@ -187,3 +187,16 @@ def test_satisfies(labels: dict[str, str], requires: dict[str, str], ok: bool) -
 
 def test_preference_counts_matching_labels() -> None:
     assert preference({"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(capacity=st.integers(1, 9), workers=st.integers(2, 6), liked=st.integers(0, 5))
+def test_prefers_wins_a_tie(capacity: int, workers: int, liked: int) -> None:
+    """Equal workers, one stream preferring a label one of them carries: it gets it."""
+    liked %= workers
+    members = [
+        Member(f"w{i}", capacity, "active", labels={"disk": "ssd"} if i == liked else {})
+        for i in range(workers)
+    ]
+    goal = class_targets({"": 1}, members, {"": {f"w{liked}": 1}})
+    assert goal[""] == {m.worker_id: int(m.worker_id == f"w{liked}") for m in members}
