@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, case, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, case, delete, false, func, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,11 +23,13 @@ from orchestrator.errors import Conflict, NotFound, ValidationFailed, stream_id_
 from orchestrator.heartbeats import LeaseBook
 from orchestrator.models import (
     LEASED_STATES,
+    RULED,
     StreamFailureRow,
     StreamRow,
     StreamTokenFloorRow,
     WorkerRow,
 )
+from orchestrator.placement import Eligibility, placement_key
 from orchestrator.reaper import LOST_DECLARED_FAILED, mark_lost
 from orchestrator.write_context import write_context
 from shared import models as m
@@ -57,7 +59,7 @@ def _matches(q: str) -> ColumnElement[bool]:
     )
 
 
-def stream_out(row: StreamRow) -> m.Stream:
+def stream_out(row: StreamRow, eligibility: Eligibility | None = None) -> m.Stream:
     return m.Stream(
         id=row.id,
         name=row.name,
@@ -67,10 +69,13 @@ def stream_out(row: StreamRow) -> m.Stream:
         owner=row.owner_id,
         token=row.token,
         failures=row.failures,
+        requires=row.requires or {},
+        prefers=row.prefers or {},
+        placeable=True if eligibility is None else eligibility.placeable(row.placement_key or ""),
     )
 
 
-def created_out(row: dict[str, Any]) -> dict[str, Any]:
+def created_out(row: dict[str, Any], who: Eligibility | None = None) -> dict[str, Any]:
     """A row ``insert_streams`` wrote, as the wire's ``Stream`` (JSON-ready): the answer to
     a create of 10,000 streams, built as pydantic models and validated again by FastAPI,
     cost more than inserting them. Its values were validated on the way in
@@ -85,6 +90,9 @@ def created_out(row: dict[str, Any]) -> dict[str, Any]:
         "owner": None,
         "token": row["token"],
         "failures": 0,
+        "requires": row["requires"],
+        "prefers": row["prefers"],
+        "placeable": True if who is None else who.placeable(row["placement_key"]),
     }
 
 
@@ -94,12 +102,17 @@ _CREATE_COLUMNS: Final = (
     "name",
     "url",
     "metadata",
+    "requires",
+    "prefers",
+    "placement_key",
     "status",
     "token",
     "failures",
     "created_at",
     "updated_at",
 )
+
+_JSON_COLUMNS: Final = frozenset({"metadata", "requires", "prefers"})
 
 
 async def _new_stream_ids(session: AsyncSession, count: int) -> list[int]:
@@ -144,12 +157,55 @@ async def insert_streams(session: AsyncSession, rows: list[dict[str, Any]]) -> N
     sql = f"INSERT INTO streams ({', '.join(_CREATE_COLUMNS)}) VALUES ({marks})"
     params = [
         tuple(
-            (json.dumps(r[c]) if r[c] else "{}") if c == "metadata" else r[c]
+            (json.dumps(r[c]) if r[c] else "{}") if c in _JSON_COLUMNS else r[c]
             for c in _CREATE_COLUMNS
         )
         for r in rows
     ]
     await conn.exec_driver_sql(sql, params)
+
+
+async def eligibility(session: AsyncSession, *, ruled: bool = True) -> Eligibility:
+    """The labels of every worker that may be given streams now (active, with capacity).
+
+    ``ruled=False`` (nothing to be judged has rules): only whether there is any such
+    worker, without reading and decoding a thousand workers' labels.
+    """
+    live = (WorkerRow.state == WorkerState.ACTIVE, WorkerRow.capacity > 0)
+    if not ruled:
+        anyone = await session.execute(select(WorkerRow.worker_id).where(*live).limit(1))
+        return Eligibility.of([{}] if anyone.first() is not None else [])
+    rows = await session.execute(select(WorkerRow.labels).where(*live))
+    return Eligibility.of(labels or {} for labels in rows.scalars())
+
+
+async def unplaceable_keys(session: AsyncSession, who: Eligibility) -> list[str] | None:
+    """The placement keys of streams no live worker may take (None: every stream, as no
+    worker may take any). Ruled keys come from the partial index ``ix_streams_placement``."""
+    if not who.anyone:
+        return None
+    keys = (
+        await session.execute(select(StreamRow.placement_key).where(RULED).distinct())
+    ).scalars()
+    return sorted(k for k in keys if not who.placeable(k))
+
+
+def _rule_data(row: dict[str, Any]) -> dict[str, Any]:
+    """A created stream's rules, for its event (nothing for a stream without any)."""
+    data: dict[str, Any] = {}
+    if row["requires"]:
+        data["requires"] = dict(row["requires"])
+    if row["prefers"]:
+        data["prefers"] = dict(row["prefers"])
+    return data
+
+
+def _placeable_filter(keys: list[str] | None, placeable: bool) -> ColumnElement[bool]:
+    if keys is None:
+        return true() if not placeable else false()
+    if placeable:
+        return StreamRow.placement_key.not_in(keys) if keys else true()
+    return StreamRow.placement_key.in_(keys) if keys else false()
 
 
 def _rebalance_answer(
@@ -383,7 +439,7 @@ class Catalog:
         if len(explicit) != len(set(explicit)):
             raise ValidationFailed("the same stream id appears twice in one request")
 
-        async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        async def work(session: AsyncSession) -> tuple[list[dict[str, Any]], Eligibility]:
             now = self.ctx.clock.wall()
             if explicit:
                 taken = (
@@ -401,6 +457,9 @@ class Catalog:
                     "name": spec.name,
                     "url": spec.url,
                     "metadata": dict(spec.metadata),
+                    "requires": dict(spec.requires),
+                    "prefers": dict(spec.prefers),
+                    "placement_key": placement_key(spec.requires, spec.prefers),
                     "status": StreamStatus.ACTIVE.value,
                     "token": 0,
                     "failures": 0,
@@ -425,14 +484,24 @@ class Catalog:
             await _apply_floors(session, rows)
             await ev.record(
                 session,
-                (ev.event(ev.STREAM_CREATED, now, stream_id=r["id"], name=r["name"]) for r in rows),
+                (
+                    ev.event(
+                        ev.STREAM_CREATED,
+                        now,
+                        stream_id=r["id"],
+                        name=r["name"],
+                        **_rule_data(r),
+                    )
+                    for r in rows
+                ),
             )
-            return rows
+            # Whether each is placeable: one look at the workers.
+            return rows, await eligibility(session, ruled=any(r["requires"] for r in rows))
 
         with stream_id_conflicts():
-            rows = await self.ctx.db.write(work)
+            rows, who = await self.ctx.db.write(work)
         self.ctx.signal.changed()
-        return [created_out(r) for r in rows]
+        return [created_out(r, who) for r in rows]
 
     async def list_streams(
         self,
@@ -442,6 +511,7 @@ class Catalog:
         limit: int,
         cursor: str | None,
         q: str | None = None,
+        placeable: bool | None = None,
     ) -> m.StreamPage:
         after = 0
         if cursor:
@@ -459,22 +529,29 @@ class Catalog:
                 stmt = stmt.where(StreamRow.owner_id == owner)
             if q:
                 stmt = stmt.where(_matches(q))
+            if placeable is not None:
+                who = await eligibility(session)
+                keys = await unplaceable_keys(session, who)
+                stmt = stmt.where(_placeable_filter(keys, placeable))
             rows = (await session.execute(stmt)).scalars().all()
+            if placeable is None:
+                who = await eligibility(session, ruled=any(r.requires for r in rows))
         next_cursor = str(rows[-1].id) if len(rows) == limit else None
-        return m.StreamPage(items=[stream_out(r) for r in rows], next_cursor=next_cursor)
+        return m.StreamPage(items=[stream_out(r, who) for r in rows], next_cursor=next_cursor)
 
     async def get_stream(self, stream_id: int) -> m.Stream:
         async with self.ctx.db.read() as session:
             row = await session.get(StreamRow, stream_id)
-        if row is None:
-            raise NotFound(f"no stream {stream_id}")
-        return stream_out(row)
+            if row is None:
+                raise NotFound(f"no stream {stream_id}")
+            who = await eligibility(session, ruled=bool(row.requires))
+        return stream_out(row, who)
 
     async def patch_stream(self, stream_id: int, req: m.StreamPatch) -> m.Stream:
         if req.status == StreamStatus.QUARANTINED:
             raise ValidationFailed("status may be set to active or disabled only")
 
-        async def work(session: AsyncSession) -> StreamRow:
+        async def work(session: AsyncSession) -> tuple[StreamRow, Eligibility]:
             now = self.ctx.clock.wall()
             row = await _lock_stream(session, stream_id)
             changes: dict[str, Any] = {}
@@ -485,6 +562,16 @@ class Catalog:
             if req.metadata is not None:
                 row.meta = dict(req.metadata)
                 changes["metadata"] = True
+            if req.requires is not None or req.prefers is not None:
+                # A new rule moves nothing here: the balancing pass woken after the commit
+                # moves the stream if its owner no longer qualifies, as a planned move.
+                requires = row.requires or {} if req.requires is None else dict(req.requires)
+                prefers = row.prefers or {} if req.prefers is None else dict(req.prefers)
+                if (requires, prefers) != (row.requires or {}, row.prefers or {}):
+                    changes["requires"] = requires
+                    changes["prefers"] = prefers
+                row.requires, row.prefers = requires, prefers
+                row.placement_key = placement_key(requires, prefers)
             if req.status is not None and req.status.value != row.status:
                 changes["status"] = {"from": row.status, "to": req.status.value}
                 row.status = req.status.value
@@ -501,11 +588,11 @@ class Catalog:
                     )
             row.updated_at = now
             await ev.record_one(session, ev.STREAM_UPDATED, now, stream_id=stream_id, **changes)
-            return row
+            return row, await eligibility(session, ruled=bool(row.requires))
 
-        row = await self.ctx.db.write(work)
+        row, who = await self.ctx.db.write(work)
         self.ctx.signal.changed()
-        return stream_out(row)
+        return stream_out(row, who)
 
     async def delete_stream(self, stream_id: int) -> m.Stream:
         async def work(session: AsyncSession) -> StreamRow:
@@ -580,6 +667,26 @@ class Catalog:
                 by_status[status] = int(count)
                 if status == StreamStatus.ACTIVE.value:
                     assigned = int(owned)
+            unassigned = by_status[StreamStatus.ACTIVE.value] - assigned
+            unplaceable = unassigned
+            keys = await unplaceable_keys(session, await eligibility(session))
+            if keys is not None:
+                unplaceable = 0
+                for chunk in ownership.chunks(keys, ownership.OWNER_CHUNK):
+                    unplaceable += int(
+                        (
+                            await session.execute(
+                                select(func.count())
+                                .select_from(StreamRow)
+                                .where(
+                                    RULED,
+                                    StreamRow.placement_key.in_(chunk),
+                                    StreamRow.owner_id.is_(None),
+                                    StreamRow.status == StreamStatus.ACTIVE,
+                                )
+                            )
+                        ).scalar_one()
+                    )
         by_state = {s.value: 0 for s in WorkerState}
         capacity = 0
         for row in workers:
@@ -591,8 +698,9 @@ class Catalog:
             workers=by_state,
             streams=by_status,
             assigned=assigned,
-            unassigned=by_status[StreamStatus.ACTIVE.value] - assigned,
+            unassigned=unassigned,
             capacity=capacity,
+            unplaceable=unplaceable,
         )
 
     async def list_events(self, *, after: int, limit: int) -> m.EventPage:

@@ -125,6 +125,11 @@ class OrchestratorMetrics:
         self.streams_unassigned = Gauge(
             "streamherd_streams_unassigned", "Active streams without an owner.", registry=r
         )
+        self.streams_unplaceable = Gauge(
+            "streamherd_streams_unplaceable",
+            "Active unowned streams that no live worker may take (placement rules).",
+            registry=r,
+        )
         self.event_clients = Gauge(
             "streamherd_event_clients", "Live event WebSocket clients.", registry=r
         )
@@ -151,6 +156,7 @@ class OrchestratorMetrics:
             self.streams.labels(status=status).set(n)
         self.streams_assigned.set(answer.assigned)
         self.streams_unassigned.set(answer.unassigned)
+        self.streams_unplaceable.set(answer.unplaceable)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -90,9 +90,25 @@ class StreamRow(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # Placement rules (``placement.py``): labels a worker must carry, labels it would rather.
+    requires: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, server_default=text("'{}'")
+    )
+    prefers: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
+    # Both rules in one canonical string ("" for a stream without any): what the balancer
+    # groups streams by, found through a partial index that holds only ruled streams.
+    placement_key: Mapped[str] = mapped_column(String(2048), default="", server_default=text("''"))
 
     __table_args__ = (
         Index("ix_streams_status_owner", "status", "owner_id"),
+        Index(
+            "ix_streams_placement",
+            "placement_key",
+            "status",
+            "owner_id",
+            sqlite_where=text("placement_key <> ''"),
+            postgresql_where=text("placement_key <> ''"),
+        ),
         # The few streams being revoked, which every reaper pass looks up: without it each
         # pass scans the whole table (tens of ms at 100,000 streams).
         Index(
@@ -122,6 +138,21 @@ class StreamTokenFloorRow(Base):
     stream_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     token: Mapped[int] = mapped_column(BigInteger)
     deleted_at: Mapped[float] = mapped_column(Float)
+
+
+# The condition of ``ix_streams_placement``, spelled as its WHERE is: a query must carry
+# it literally (not as a bound parameter) for SQLite and PostgreSQL to use that index.
+RULED = text("streams.placement_key <> ''")
+
+
+class UnplaceableClassRow(Base):
+    """Eligibility classes (canonical ``requires``) that no live worker may take, as the
+    last balancing pass found them: what tells it a class has just become (un)placeable."""
+
+    __tablename__ = "unplaceable_classes"
+
+    requires_key: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    since: Mapped[float] = mapped_column(Float)
 
 
 class StreamFailureRow(Base):

@@ -18,7 +18,8 @@ from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator import events as ev
-from orchestrator.models import StreamRow, WorkerRow
+from orchestrator.models import RULED, StreamRow, WorkerRow
+from orchestrator.placement import parse_key, preference, satisfies
 from orchestrator.view_sync import touch
 from shared.models import (
     Assignment,
@@ -172,13 +173,90 @@ async def unowned_ids(session: AsyncSession, limit: int, *, lock: bool = True) -
     return list((await session.execute(stmt)).scalars())
 
 
+async def unowned_keyed(
+    session: AsyncSession, limit: int, keys: Sequence[str], *, lock: bool = True
+) -> list[tuple[int, str]]:
+    """Up to ``limit`` active unowned streams with one of the placement ``keys``, in id
+    order, each with its key; locked unless ``lock=False``."""
+    if limit <= 0 or not keys:
+        return []
+    found: list[tuple[int, str]] = []
+    for chunk in chunks(sorted(keys), OWNER_CHUNK):
+        stmt = (
+            select(StreamRow.id, StreamRow.placement_key)
+            .where(
+                StreamRow.owner_id.is_(None),
+                StreamRow.status == StreamStatus.ACTIVE,
+                StreamRow.placement_key.in_(chunk),
+            )
+            .order_by(StreamRow.id)
+            .limit(limit)
+        )
+        if "" not in chunk:
+            stmt = stmt.where(RULED)  # then the partial index serves it
+        if lock:
+            stmt = stmt.with_for_update(skip_locked=True)
+        found.extend((sid, key) for sid, key in (await session.execute(stmt)).all())
+    found.sort()
+    return found[:limit]
+
+
+async def ruled_keys(session: AsyncSession) -> dict[str, tuple[int, int]]:
+    """Per placement key of active streams with rules: (streams, of those unowned).
+
+    One walk of the partial index ``ix_streams_placement``, which covers the query; the
+    status and owner are tested here, not in SQL, or the planner would prefer an index
+    over every stream (the owner's, or the status's).
+    """
+    found = await session.execute(
+        select(
+            StreamRow.placement_key,
+            StreamRow.status,
+            func.count(),
+            func.count(StreamRow.owner_id),
+        )
+        .where(RULED)
+        .group_by(StreamRow.placement_key, StreamRow.status)
+    )
+    return {
+        key: (int(n), int(n) - int(owned))
+        for key, status, n, owned in found.all()
+        if status == StreamStatus.ACTIVE
+    }
+
+
+async def eligible_unowned(session: AsyncSession, labels: dict[str, str], limit: int) -> list[int]:
+    """Up to ``limit`` active unowned streams a worker with ``labels`` may take: those it
+    alone (or few) may take first (most required labels, then most preferred labels it
+    carries), then the unconstrained ones. Without any ruled stream: the plain query."""
+    ruled = [key for key, (_, unowned) in (await ruled_keys(session)).items() if unowned]
+    if not ruled:
+        return await unowned_ids(session, limit)
+    usable = [k for k in ruled if satisfies(labels, parse_key(k).requires)]
+    usable.sort(
+        key=lambda k: (
+            -len(parse_key(k).requires),
+            -preference(labels, parse_key(k).prefers),
+            k,
+        )
+    )
+    picked: list[int] = []
+    for key in [*usable, ""]:
+        if len(picked) >= limit:
+            break
+        picked.extend(sid for sid, _ in await unowned_keyed(session, limit - len(picked), [key]))
+    return picked
+
+
 async def grant(session: AsyncSession, worker: WorkerRow, count: int, now: float) -> list[Row[Any]]:
-    """Up to ``count`` unowned streams for a locked worker, never past capacity or fair share."""
+    """Up to ``count`` unowned streams for a locked worker, never past capacity or fair
+    share, and only streams whose ``requires`` its labels satisfy."""
     held = await owned_count(session, worker.worker_id)
     room = min(count, worker.capacity - held, await fair_quota(session, worker) - held)
     if room <= 0:
         return []
-    rows = await _take(session, await unowned_ids(session, room), worker.worker_id, now)
+    ids = await eligible_unowned(session, dict(worker.labels or {}), room)
+    rows = await _take(session, ids, worker.worker_id, now)
     await ev.record(
         session,
         (
@@ -317,6 +395,7 @@ async def _rows_by_id(session: AsyncSession, ids: Sequence[int], *, lock: bool) 
             StreamRow.status,
             StreamRow.revoke_at,
             StreamRow.handoff_from,
+            StreamRow.placement_key,
         ).where(StreamRow.id.in_(chunk))
         if lock:
             stmt = stmt.with_for_update()
@@ -330,7 +409,8 @@ async def settle_held(
     """Keep what the worker still owns, drop what it lost, hand back unowned streams it held.
 
     The orchestrator's current owner always wins; an unowned active stream goes back to the
-    worker with a new fencing token while its capacity allows.
+    worker with a new fencing token while its capacity allows and its labels satisfy the
+    stream's ``requires`` (else it is dropped ``not_owned``).
     """
     ids = sorted({h.stream_id for h in held})
     rows = await _rows_by_id(session, ids, lock=True)
@@ -345,6 +425,10 @@ async def settle_held(
         reason = drop_reason(row, worker.worker_id)
         if reason is None:
             settled.keep.append(row)
+        elif reason.reason == DropReason.NOT_OWNED and not satisfies(
+            worker.labels or {}, parse_key(row.placement_key).requires
+        ):
+            settled.drop.append(reason)
         elif (
             reason.reason == DropReason.NOT_OWNED
             and worker.state == WorkerState.ACTIVE

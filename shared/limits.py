@@ -26,6 +26,11 @@ MAX_REQUEST_COUNT: Final = MAX_CAPACITY
 MAX_LABELS: Final = 64
 MAX_LABEL_KEY_LEN: Final = 128
 MAX_LABEL_VALUE_LEN: Final = 1_024
+# Placement rules of a stream (``requires``, ``prefers``): each at most this many labels,
+# each label within the worker-label bounds, and each at most this long as canonical JSON
+# (ASCII-escaped, sorted keys): the two together form an indexed column (``placement_key``).
+MAX_RULE_LABELS: Final = 16
+MAX_RULE_BYTES: Final = 1_000
 MAX_NAME_LEN: Final = 512
 # GET /streams?q=: a substring of a name or url; longer than any name is no search.
 MAX_STREAM_SEARCH_LEN: Final = MAX_NAME_LEN

@@ -106,6 +106,27 @@ LabelValue = Annotated[Text, StringConstraints(max_length=limits.MAX_LABEL_VALUE
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=limits.MAX_LABELS)]
 
 
+def canonical_labels(value: dict[str, str]) -> str:
+    """One spelling of a label set: sorted keys, ASCII-escaped, no spaces ("" when empty)."""
+    if not value:
+        return ""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _bounded_rule(value: dict[str, str]) -> dict[str, str]:
+    if len(canonical_labels(value)) > limits.MAX_RULE_BYTES:
+        raise ValueError(f"at most {limits.MAX_RULE_BYTES} bytes when encoded as JSON")
+    return value
+
+
+# A stream's placement rule (``requires``, ``prefers``): labels as a worker carries them.
+RuleLabels = Annotated[
+    dict[LabelKey, LabelValue],
+    Field(max_length=limits.MAX_RULE_LABELS),
+    AfterValidator(_bounded_rule),
+]
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -297,6 +318,8 @@ class StreamSpec(Request):
     name: Name
     url: Url | None = None
     metadata: Metadata = Field(default_factory=dict)
+    requires: RuleLabels = Field(default_factory=dict)
+    prefers: RuleLabels = Field(default_factory=dict)
 
 
 class CreateStreamsRequest(Request):
@@ -314,6 +337,10 @@ class Stream(Answer):
     owner: str | None = None
     token: int
     failures: int = 0
+    # v1.1: placement rules, and whether any live worker may take the stream now.
+    requires: dict[str, str] = Field(default_factory=dict)
+    prefers: dict[str, str] = Field(default_factory=dict)
+    placeable: bool = True
 
 
 class CreateStreamsAnswer(Answer):
@@ -340,6 +367,8 @@ class StreamPatch(Request):
     name: Name | None = None
     url: Url | None = None
     metadata: Metadata | None = None
+    requires: RuleLabels | None = None
+    prefers: RuleLabels | None = None
 
 
 class Worker(Answer):
@@ -408,6 +437,8 @@ class ClusterAnswer(Answer):
     assigned: int
     unassigned: int
     capacity: int = 0
+    # v1.1: active unowned streams no live worker may take (their ``requires``).
+    unplaceable: int = 0
 
 
 class Event(Answer):

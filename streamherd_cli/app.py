@@ -345,11 +345,15 @@ def streams_ls(
             help="Only those whose name or url contains TEXT (any case).",
         ),
     ] = None,
+    unplaceable: Annotated[
+        bool,
+        typer.Option("--unplaceable", help="Only those no live worker may take (their requires)."),
+    ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most streams shown.")] = 100,
     all_: Annotated[bool, typer.Option("--all", help="Every stream (pages through).")] = False,
     json_: JsonFlag = False,
 ) -> None:
-    """Streams in id order: status, owner, fencing token, failures."""
+    """Streams in id order: status, owner, fencing token, failures (and placement rules)."""
     items: list[dict[str, Any]] = []
     more = False
     with _client(ctx) as client:
@@ -357,7 +361,12 @@ def streams_ls(
         while True:
             want = limits.MAX_PAGE_LIMIT if all_ else min(limits.MAX_PAGE_LIMIT, limit - len(items))
             page = client.streams_page(
-                status=status_, owner=owner, limit=want, cursor=cursor, q=search or None
+                status=status_,
+                owner=owner,
+                limit=want,
+                cursor=cursor,
+                q=search or None,
+                placeable=False if unplaceable else None,
             )
             items.extend(page["items"])
             cursor = page.get("next_cursor")

@@ -190,11 +190,14 @@ class Client:
         limit: int = limits.MAX_PAGE_LIMIT,
         cursor: str | None = None,
         q: str | None = None,
+        placeable: bool | None = None,
     ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
         for key, value in (("status", status), ("owner", owner), ("cursor", cursor), ("q", q)):
             if value is not None:
                 params[key] = value
+        if placeable is not None:
+            params["placeable"] = "true" if placeable else "false"
         return dict(self.request("GET", "/streams", params=params))
 
     def iter_streams(

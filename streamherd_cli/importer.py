@@ -114,6 +114,9 @@ def changes(stream: dict[str, Any], row: Row) -> dict[str, Any]:
         patch["url"] = row.spec.get("url")
     if "metadata" in row.fields and (stream.get("metadata") or {}) != row.spec["metadata"]:
         patch["metadata"] = row.spec["metadata"]
+    for rule in ("requires", "prefers"):
+        if rule in row.fields and (stream.get(rule) or {}) != row.spec[rule]:
+            patch[rule] = row.spec[rule]
     return patch
 
 

@@ -113,9 +113,12 @@ def workers(items: Sequence[dict[str, Any]]) -> None:
 
 def streams(items: Sequence[dict[str, Any]], *, more: bool) -> None:
     title = f"{len(items)} streams" + (" (more: raise --limit, or --all)" if more else "")
+    # Placement rules get a column only when a listed stream has one.
+    ruled = any(s.get("requires") for s in items)
     table(
         title,
-        ("id", "name", "status", "owner", "token", "failures", "url"),
+        ("id", "name", "status", "owner", "token", "failures", "url")
+        + (("requires", "placeable") if ruled else ()),
         (
             (
                 s["id"],
@@ -126,6 +129,7 @@ def streams(items: Sequence[dict[str, Any]], *, more: bool) -> None:
                 s.get("failures"),
                 s.get("url"),
             )
+            + ((s.get("requires") or {}, s.get("placeable", True)) if ruled else ())
             for s in items
         ),
     )

@@ -2,9 +2,10 @@
 wire contract (``shared.models.StreamSpec``) before anything is sent.
 
 Columns: ``id`` (optional), ``name``, ``url``, ``metadata`` (a JSON object), ``labels`` (a
-JSON object or ``k=v,k=v``; kept as ``metadata.labels``, where placement rules can read
-them). Any other column is copied into ``metadata`` under its own name, except the
-read-only columns an export writes (``status``, ``owner``, ``token``, ``failures``).
+JSON object or ``k=v,k=v``; kept as ``metadata.labels``), ``requires`` and ``prefers``
+(the stream's placement rules, written as ``labels`` is). Any other column is copied into
+``metadata`` under its own name, except the read-only columns an export writes
+(``status``, ``owner``, ``token``, ``failures``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from streamherd_cli.errors import UsageError
 # later pass knows which streams are its own (and may be disabled when their row goes).
 SOURCE_KEY: Final = "streamherd_source"
 READ_ONLY_COLUMNS: Final = frozenset({"status", "owner", "token", "failures", "placeable"})
+# Placement rules: sent only when the input has the column (an orchestrator older than
+# v1.1 refuses the fields).
+RULE_COLUMNS: Final = ("requires", "prefers")
 EXPORT_COLUMNS: Final = ("id", "name", "url", "metadata", "status", "owner", "token", "failures")
 
 Format = Literal["csv", "jsonl"]
@@ -43,7 +47,7 @@ class ColumnMap:
 
     @property
     def mapped(self) -> frozenset[str]:
-        return frozenset((self.id, self.name, self.url, self.metadata, self.labels))
+        return frozenset((self.id, self.name, self.url, self.metadata, self.labels, *RULE_COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,10 @@ def to_row(
             labels = _labels(raw_labels)
             if labels:
                 metadata["labels"] = labels
+        for rule in RULE_COLUMNS:
+            if rule in record:
+                given.add(rule)
+                spec[rule] = {} if _blank(record[rule]) else _labels(record[rule])
         for key, value in record.items():
             if key in columns.mapped or key in READ_ONLY_COLUMNS or key is None or _blank(value):
                 continue
@@ -146,6 +154,9 @@ def to_row(
     except (ValueError, TypeError) as exc:
         return Row(where=where, spec=_partial(record, columns), refused=str(exc))
     wire = model.model_dump(mode="json", exclude_none=True)
+    for rule in RULE_COLUMNS:
+        if rule not in given:
+            wire.pop(rule, None)
     return Row(where=where, spec=wire, fields=frozenset(given))
 
 

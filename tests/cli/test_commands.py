@@ -303,3 +303,17 @@ def test_the_cli_imports_neither_service() -> None:
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in ("orchestrator", "worker"), (path, name)
+
+
+def test_streams_ls_unplaceable(cli: Cli) -> None:
+    """streams ls --unplaceable: the streams no live worker may take, with their rules."""
+    created = cli.api(
+        "POST", "/streams", json={"streams": [{"name": "br-only", "requires": {"region": "br"}}]}
+    )
+    sid = created["created"][0]["id"]
+    found = json.loads(cli("streams", "ls", "--unplaceable", "--all", "--json").stdout)
+    assert sid in [s["id"] for s in found["items"]]
+    assert all(s["placeable"] is False for s in found["items"])
+    table = cli("streams", "ls", "--unplaceable", "--all")
+    assert table.exit_code == 0, table.output
+    assert "requires" in table.stdout and "br-only" in table.stdout

@@ -224,3 +224,25 @@ def test_stream_sends_json_lines_to_the_import_endpoint(cli: Cli, tmp_path: Path
     csv.write_text("name\nradio\n")
     refused = cli("streams", "import", str(csv), "--stream")
     assert refused.exit_code == errors.USAGE, refused.output
+
+
+def test_requires_and_prefers_columns_become_placement_rules(cli: Cli, tmp_path: Path) -> None:
+    """requires/prefers columns (k=v or JSON) are the streams' placement rules; a bad one
+    is refused with its reason; a file without them sends no rules at all."""
+    source = tmp_path / "ruled.csv"
+    source.write_text(
+        "name,url,requires,prefers\n"
+        'br,http://br,region=br,"{""disk"": ""ssd""}"\n'
+        "plain,http://plain,,\n"
+        "bad,http://bad,region,\n"
+    )
+    result = cli("streams", "import", str(source), "--json")
+    assert result.exit_code == errors.PARTIAL, result.output
+    report = json.loads(result.stdout)
+    assert len(report["created"]) == 2
+    assert "k=v" in report["refused"][0]["reason"]
+    by_name = {s["name"]: s for s in cli.api("GET", "/streams")["items"]}
+    assert by_name["br"]["requires"] == {"region": "br"}
+    assert by_name["br"]["prefers"] == {"disk": "ssd"}
+    assert by_name["br"]["placeable"] is False  # no worker carries region=br
+    assert (by_name["plain"]["requires"], by_name["plain"]["prefers"]) == ({}, {})

@@ -115,9 +115,15 @@ async def list_streams(
     limit: Limit = limits.DEFAULT_PAGE_LIMIT,
     cursor: Annotated[str | None, Query(max_length=32)] = None,
     q: Annotated[str | None, Query(max_length=limits.MAX_STREAM_SEARCH_LEN)] = None,
+    placeable: bool | None = None,
 ) -> Any:
     return await catalog.list_streams(
-        status=status.value if status else None, owner=owner, limit=limit, cursor=cursor, q=q
+        status=status.value if status else None,
+        owner=owner,
+        limit=limit,
+        cursor=cursor,
+        q=q,
+        placeable=placeable,
     )
 
 
