@@ -181,8 +181,9 @@ async def test_prefers_wins_ties(db_url: str, clock: FakeClock) -> None:
 
 
 async def test_a_rule_change_moves_only_what_it_must(db_url: str, clock: FakeClock) -> None:
-    """PATCHing one stream's requires revokes that stream alone, towards a qualifying
-    worker; the new owner gets it on the hand-back; nothing else moves."""
+    """PATCHing one stream's requires hands that stream alone to a qualifying worker
+    (make-before-break: new owner and token at once, the old owner told to stop once the
+    new one runs it); nothing else moves."""
     async with running(db_url, clock) as h:
         a = await h.register("a", capacity=10, labels={"region": "us"})
         b = await h.register("b", capacity=10, labels=BR)
@@ -191,30 +192,34 @@ async def test_a_rule_change_moves_only_what_it_must(db_url: str, clock: FakeClo
         before = await h.owners()
         assert sorted(before.values()) == ["a"] * 4 + ["b"] * 4
         moved = min(sid for sid, o in before.items() if o == "a")
+        running_on_a = await held_by(h, "a")
+        old_token = next(x["token"] for x in running_on_a if x["stream_id"] == moved)
         mark = (await events(h))[-1]["id"]
 
         shown = await patch(h, moved, requires=BR)
         assert shown["requires"] == BR and shown["placeable"] is True
         report = await h.reap()
         assert report.moves == 1
-        revokes = [e for e in await events(h, mark) if e["type"] == "stream_revoked"]
-        assert [(e["stream_id"], e["worker_id"], e["data"]["to"]) for e in revokes] == [
-            (moved, "a", "b")
+        moves = [e for e in await events(h, mark) if e["type"] == "stream_reassigned"]
+        assert [(e["stream_id"], e["worker_id"], e["data"]["from"]) for e in moves] == [
+            (moved, "b", "a")
         ]
-        running_on_a = await held_by(h, "a")
-        hb = (await h.heartbeat(a, running_on_a)).json()
-        assert hb["revoke"] == [moved]
-        # It stops the stream: its next beat, without it, hands it back.
-        held = [x for x in running_on_a if x["stream_id"] != moved]
-        assert held == held_of(hb["assignments"])
-        assert (await h.heartbeat(a, held)).status_code == 200
-        await h.reap()
         after = await h.owners()
         assert after[moved] == "b"
         assert {sid: o for sid, o in after.items() if sid != moved} == {
             sid: o for sid, o in before.items() if sid != moved
         }
-        assert (await h.heartbeat(b)).status_code == 200
+        on_b = await held_by(h, "b")
+        assert next(x["token"] for x in on_b if x["stream_id"] == moved) > old_token
+        # Until b runs it, a may too: its beats name the stream nowhere.
+        hb = (await h.heartbeat(a, running_on_a)).json()
+        assert moved not in hb["revoke"]
+        assert moved not in {d["stream_id"] for d in hb["dropped"]}
+        assert (await h.heartbeat(b, on_b)).status_code == 200
+        hb = (await h.heartbeat(a, running_on_a)).json()
+        assert hb["revoke"] == [moved]
+        held = [x for x in running_on_a if x["stream_id"] != moved]
+        assert (await h.heartbeat(a, held)).status_code == 200
 
         # A rule its owner already meets moves nothing.
         kept = min(sid for sid, o in after.items() if o == "b" and sid != moved)
@@ -227,8 +232,8 @@ async def test_new_labels_at_register_lose_only_what_no_longer_qualifies(
     db_url: str, clock: FakeClock
 ) -> None:
     """A worker back with other labels keeps what it still qualifies for; each stream it
-    does not is revoked (to a qualifying worker) as a planned move; with nowhere to go it
-    is handed back and shows as unplaceable, with an event."""
+    does not is handed to a qualifying worker as a planned move; with nowhere to go it is
+    revoked, handed back and shows as unplaceable, with an event."""
     async with running(db_url, clock) as h:
         await h.register("a", capacity=10, labels={**BR, "gpu": "yes"})
         plain = await h.create_streams(2)
@@ -245,12 +250,12 @@ async def test_new_labels_at_register_lose_only_what_no_longer_qualifies(
         again = await h.register("a", capacity=10, labels={"gpu": "yes"}, held=held)
         assert again.answer["dropped"] == []  # nothing taken away at register itself
         await h.reap()
-        revokes = {
-            e["stream_id"]: e["data"]["to"]
+        handed = {
+            e["stream_id"]: e["worker_id"]
             for e in await events(h, mark)
-            if e["type"] == "stream_revoked"
+            if e["type"] == "stream_reassigned" and e["data"].get("from") == "a"
         }
-        assert revokes == {br[0]["id"]: "b"}
+        assert handed == {br[0]["id"]: "b"}
         now = await h.owners()
         assert now[gpu[0]["id"]] == "a"
         assert all(before[s["id"]] == now[s["id"]] for s in plain)
