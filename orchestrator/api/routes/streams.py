@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
-from orchestrator.api.deps import CatalogDep
+from orchestrator.api.deps import AuditDep, CatalogDep
 from orchestrator.auth import AdminDep
 from shared import limits
 from shared import models as m
@@ -15,11 +15,19 @@ router = APIRouter(tags=["admin"])
 
 StreamIdPath = Annotated[int, Path(ge=1, le=limits.MAX_STREAM_ID)]
 Limit = Annotated[int, Query(ge=1, le=limits.MAX_PAGE_LIMIT)]
+# A created batch's ids are listed in its audit event up to this many.
+AUDIT_MAX_IDS = 100
 
 
 @router.post("/streams", status_code=201, response_model=m.CreateStreamsAnswer)
-async def create_streams(req: m.CreateStreamsRequest, _: AdminDep, catalog: CatalogDep) -> Any:
-    return await catalog.create_streams(req)
+async def create_streams(req: m.CreateStreamsRequest, audit: AuditDep, catalog: CatalogDep) -> Any:
+    answer = await catalog.create_streams(req)
+    ids = [s.id for s in answer.created]
+    # A batch may hold thousands: the count, and the ids of a small one.
+    await audit.record(
+        "stream_create", count=len(ids), stream_ids=ids if len(ids) <= AUDIT_MAX_IDS else None
+    )
+    return answer
 
 
 @router.get("/streams", response_model=m.StreamPage)
@@ -44,11 +52,16 @@ async def get_stream(stream_id: StreamIdPath, _: AdminDep, catalog: CatalogDep) 
 
 @router.patch("/streams/{stream_id}", response_model=m.Stream)
 async def patch_stream(
-    stream_id: StreamIdPath, req: m.StreamPatch, _: AdminDep, catalog: CatalogDep
+    stream_id: StreamIdPath, req: m.StreamPatch, audit: AuditDep, catalog: CatalogDep
 ) -> Any:
-    return await catalog.patch_stream(stream_id, req)
+    stream = await catalog.patch_stream(stream_id, req)
+    fields = sorted(req.model_dump(exclude_unset=True))
+    await audit.record("stream_patch", stream_id=stream_id, fields=fields)
+    return stream
 
 
 @router.delete("/streams/{stream_id}", response_model=m.Stream)
-async def delete_stream(stream_id: StreamIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
-    return await catalog.delete_stream(stream_id)
+async def delete_stream(stream_id: StreamIdPath, audit: AuditDep, catalog: CatalogDep) -> Any:
+    stream = await catalog.delete_stream(stream_id)
+    await audit.record("stream_delete", stream_id=stream_id)
+    return stream
