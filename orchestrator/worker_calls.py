@@ -129,6 +129,7 @@ class WorkerCalls:
                 handed_back=len(settled.assign),
                 dropped=len(settled.drop),
                 local_mode_since=req.local_mode_since.isoformat() if req.local_mode_since else None,
+                credential=caller.credential,
             )
             self.ctx.metrics.assignments.inc(len(settled.assign))
             return m.RegisterAnswer(
