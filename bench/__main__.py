@@ -22,7 +22,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import assignment, client_overhead, failover, growth, heartbeat, machine, outage
+from bench import (
+    assignment,
+    auth_flood,
+    client_overhead,
+    failover,
+    growth,
+    heartbeat,
+    machine,
+    outage,
+)
 from bench.context import FULL, SIZES, Context, Sizes
 from bench.rawhttp import LoadPool
 from bench.report import Section, Table, verdict
@@ -38,6 +47,7 @@ BENCHMARKS: dict[str, tuple[str, Benchmark]] = {
     "failover": ("3. Failover latency", failover.run),
     "outage": ("4. Orchestrator outage", outage.run),
     "client": ("5. Client overhead", client_overhead.run),
+    "auth_flood": ("7. Failed-authentication flood", auth_flood.run),
 }
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
 # The sizes take most of an hour: their figures are kept in a file of their own.

@@ -50,6 +50,12 @@ class Sizes:
     # 5. client overhead
     client_calls: int = 200
     client_rounds: int = 15
+    # 7. failed-auth flood: honest beats alone vs under a paced bad-token flood
+    flood_workers: int = 100
+    flood_connections: int = 16
+    flood_rate: float = 1000.0
+    flood_pairs: int = 3
+    flood_duration_s: float = 4.0
 
 
 # The issue's sizes: 100,000 streams over 1,000 workers and growth to 10,000 workers. On
@@ -110,6 +116,11 @@ TOY = Sizes(
     outage_breaker_variant=False,
     client_calls=20,
     client_rounds=1,
+    flood_workers=8,
+    flood_connections=4,
+    flood_rate=200.0,
+    flood_pairs=1,
+    flood_duration_s=0.3,
 )
 SIZES = {s.name: s for s in (FULL, QUICK, TOY, ISSUE)}
 

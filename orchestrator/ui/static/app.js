@@ -930,7 +930,7 @@ function summary(event) {
   const parts = [];
   if (event.worker_id) parts.push(event.worker_id);
   if (event.stream_id !== null && event.stream_id !== undefined) parts.push(`stream ${event.stream_id}`);
-  for (const key of ["from", "to", "owner", "reason", "token", "count", "moves", "cause", "message"]) {
+  for (const key of ["action", "caller", "from", "to", "owner", "reason", "token", "count", "moves", "cause", "message"]) {
     if (d[key] === undefined || d[key] === null) continue;
     const value = Array.isArray(d[key]) ? d[key].length : typeof d[key] === "object" ? "…" : d[key];
     parts.push(`${key}=${value}`);
