@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from orchestrator.api import fast_heartbeat
+from orchestrator.api.auth_guard import AuthFloodGuard
 from orchestrator.api.routes import cluster, events, health, streams, tokens, workers
 from orchestrator.audit import AuditLog
 from orchestrator.catalog import Catalog
@@ -78,9 +80,7 @@ def create_app(
         app.state.views = views
         ctx = Context(settings, db, signal, metrics, clock)
         sessions = SessionGuard(outage_gap=settings.outage_gap_s)
-        app.state.heartbeats = Heartbeats(
-            ctx, book=book, views=views, sessions=sessions, limiter=limiter
-        )
+        app.state.heartbeats = Heartbeats(ctx, book=book, views=views, sessions=sessions)
         app.state.credentials = Credentials(ctx)
         app.state.audit = AuditLog(ctx)
         app.state.workers = WorkerCalls(ctx, book=book, sessions=sessions)
@@ -146,4 +146,11 @@ def create_app(
     # The last added is the outermost: metrics see every answer, the body limit's too.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # Outermost: a limited address's certainly-bad call costs no routing, body or database.
+    doubtful = AuthFailureLimiter(
+        burst=max(1, math.ceil(settings.auth_fail_per_s)),
+        per_s=settings.auth_fail_per_s,
+        clock=clock,
+    )
+    app.add_middleware(AuthFloodGuard, settings=settings, limiter=limiter, doubtful=doubtful)
     return app

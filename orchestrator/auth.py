@@ -29,8 +29,17 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+SESSION_PREFIX = "sh_"
+SESSION_TOKEN_LEN = len(SESSION_PREFIX) + len(secrets.token_urlsafe(SESSION_TOKEN_BYTES))
+
+
 def new_session_token() -> str:
-    return "sh_" + secrets.token_urlsafe(SESSION_TOKEN_BYTES)
+    return SESSION_PREFIX + secrets.token_urlsafe(SESSION_TOKEN_BYTES)
+
+
+def may_be_session(token: str) -> bool:
+    """Shaped like a session token (a cheap filter, not a check: only the hash proves it)."""
+    return len(token) == SESSION_TOKEN_LEN and token.startswith(SESSION_PREFIX)
 
 
 def same_secret(presented: str | None, expected: SecretStr | None) -> bool:
@@ -83,15 +92,13 @@ class Caller:
     """Who is calling: the admin, or the holder of some bearer token (maybe a session).
 
     ``credential`` names what authenticated the call (for audit events); ``worker_scope``
-    is set for a per-worker token, which may register that worker only; ``address`` is
-    the source address, filled in only while some address is being rate-limited.
+    is set for a per-worker token, which may register that worker only.
     """
 
     is_admin: bool
     token: str | None
     credential: str = SESSION
     worker_scope: str | None = None
-    address: str | None = None
 
     @property
     def token_hash(self) -> str | None:
@@ -154,13 +161,6 @@ def session_caller(request: Request) -> Caller:
         label = admin_match(settings, token)
         if label is not None:
             return Caller(is_admin=True, token=token, credential=label)
-    limiter = getattr(request.app.state, "auth_limiter", None)
-    if limiter is not None and limiter.tracking:
-        # Only while some address failed: the heartbeat then refuses a limited address's
-        # doubtful token without asking the database (``Heartbeats.beat``).
-        peer = request.client.host if request.client is not None else None
-        forwarded = request.headers.get("x-forwarded-for") if limiter.trusted_proxies else None
-        return Caller(is_admin=False, token=token, address=limiter.address(peer, forwarded))
     return Caller(is_admin=False, token=token)
 
 

@@ -24,9 +24,8 @@ from orchestrator import ownership
 from orchestrator.auth import Caller, same_hash
 from orchestrator.context import Context
 from orchestrator.db import Database
-from orchestrator.errors import RateLimited, StaleEpoch, ValidationFailed
+from orchestrator.errors import StaleEpoch, ValidationFailed
 from orchestrator.models import LEASED_STATES, StreamRow, WorkerRow
-from orchestrator.ratelimit import AuthFailureLimiter
 from orchestrator.sessions import SessionGuard
 from orchestrator.view_sync import scoped
 from orchestrator.views import ViewCache, WorkerView
@@ -297,27 +296,18 @@ class Heartbeats:
     """``POST /workers/{id}/heartbeat``: answered from a cached view, renewal buffered."""
 
     def __init__(
-        self,
-        ctx: Context,
-        *,
-        book: LeaseBook,
-        views: ViewCache,
-        sessions: SessionGuard,
-        limiter: AuthFailureLimiter | None = None,
+        self, ctx: Context, *, book: LeaseBook, views: ViewCache, sessions: SessionGuard
     ) -> None:
         self.ctx = ctx
         self.book = book
         self.views = views
         self.sessions = sessions
-        self.limiter = limiter
 
     async def beat(self, caller: Caller, worker_id: str, req: m.HeartbeatRequest) -> bytes:
         """Renew the lease; the answer already encoded as JSON (a ``HeartbeatAnswer``)."""
         now = self.ctx.clock.wall()
         view = self.views.get(worker_id)
         if view is None or not self._view_accepts(view, caller, req.epoch, now):
-            if view is not None and caller.address is not None:
-                self._refuse_if_limited(view, caller)
             view = await self._load_view(caller, worker_id, req.epoch, now)
         # Only now is the capacity known; the body's parse is bounded by MAX_HELD.
         check_held_length(len(req.held), view.capacity)
@@ -381,19 +371,6 @@ class Heartbeats:
         if now <= judged + HINT_RETRIES * HINT_PASS_ALLOWANCE_S:
             return HINT_PASS_ALLOWANCE_S  # the pass is late: look again shortly
         return None
-
-    def _refuse_if_limited(self, view: WorkerView, caller: Caller) -> None:
-        """A rate-limited address presenting a token that is not this worker's session:
-        429 without the database (a flood would otherwise cost a lookup per call). A token
-        that is the session but doubtful otherwise (epoch, lease) still goes to the database."""
-        if self.limiter is None or caller.address is None or caller.is_admin:
-            return
-        token_hash = caller.token_hash
-        if token_hash is not None and same_hash(token_hash, view.session_hash):
-            return
-        wait = self.limiter.retry_after(caller.address)
-        if wait is not None:
-            raise RateLimited(wait)
 
     def _view_accepts(self, view: WorkerView, caller: Caller, epoch: int, now: float) -> bool:
         """Can the cached view vouch for this call? Anything doubtful goes to the database."""

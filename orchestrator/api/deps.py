@@ -24,7 +24,7 @@ from orchestrator.auth import (
 from orchestrator.catalog import Catalog
 from orchestrator.credentials import Credentials
 from orchestrator.db import Database
-from orchestrator.errors import RateLimited, Unauthorized, request_address
+from orchestrator.errors import Unauthorized
 from orchestrator.heartbeats import Heartbeats
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.worker_calls import WorkerCalls
@@ -56,12 +56,6 @@ async def register_caller(request: Request) -> Caller:
     if caller is not None:
         return caller
     if token is not None:
-        limiter = request.app.state.auth_limiter
-        if limiter.enabled and limiter.tracking:
-            # A limited address's unknown token is refused without the database lookup.
-            wait = limiter.retry_after(request_address(request, limiter))
-            if wait is not None:
-                raise RateLimited(wait)
         credentials: Credentials = request.app.state.credentials
         found = await credentials.authenticate(token)
         if found is not None:

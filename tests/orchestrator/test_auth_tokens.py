@@ -213,6 +213,7 @@ async def test_failures_past_the_burst_get_429_with_retry_after(
     the same address are served meanwhile; after the wait, a failure is a 401 again."""
     async with running(sqlite_url_migrated, clock, auth_fail_burst=5, auth_fail_per_s=0.5) as h:
         s = await h.register("a")
+        assert (await h.heartbeat(s)).status_code == 200  # its session is known from here
         bad = bearer("not-a-token")
         for _ in range(5):
             assert_error(await h.client.get(f"{API}/workers", headers=bad), 401, "UNAUTHORIZED")
@@ -235,9 +236,42 @@ async def test_failures_past_the_burst_get_429_with_retry_after(
         r = await h.client.post(f"{API}/workers/register", json=register_body("b"), headers=CLUSTER)
         assert r.status_code == 200, r.text
 
+        # A worker registered now (no view yet) beats: one of the few the address may still
+        # have checked in the database.
+        c = await h.register("c")
+        assert (await h.heartbeat(c)).status_code == 200
+        # Refused before routing: a body that would be a 422 is not even read.
+        r = await h.client.post(f"{API}/streams", content=b"{not json", headers=bad)
+        assert_error(r, 429, "RATE_LIMITED")
+
         clock.advance(2.0)
         assert_error(await h.client.get(f"{API}/workers", headers=bad), 401, "UNAUTHORIZED")
         assert_error(await h.client.get(f"{API}/workers", headers=bad), 429, "RATE_LIMITED")
+
+
+async def test_a_limited_address_gets_few_database_checks_but_its_workers_beat(
+    sqlite_url_migrated: str, clock: FakeClock
+) -> None:
+    """Session-shaped tokens for workers without a cached view cost a database read: a
+    limited address gets ORCH_AUTH_FAIL_PER_S of those; its own workers, known by their
+    last session, beat on even after a change dropped their views."""
+    async with running(sqlite_url_migrated, clock, auth_fail_burst=2, auth_fail_per_s=1) as h:
+        s = await h.register("a")
+        assert (await h.heartbeat(s)).status_code == 200  # view built: session known
+        for _ in range(2):
+            await h.client.get(f"{API}/workers", headers=bearer("bad"))
+        views = h.app.state.views
+        forged = bearer("sh_" + "A" * 43)
+        beat = {"epoch": 1, "held": []}
+        misses = views.misses
+        for _ in range(5):
+            r = await h.client.post(f"{API}/workers/ghost/heartbeat", json=beat, headers=forged)
+            assert_error(r, 429, "RATE_LIMITED")
+        # Five lookups by the guard, and one by the heartbeat of the one call let through to
+        # the database (the budget: 1 a second); the other four never reached the app.
+        assert views.misses - misses == 6
+        h.app.state.views.invalidate(["a"])
+        assert (await h.heartbeat(s)).status_code == 200
 
 
 async def test_behind_a_trusted_proxy_each_client_has_its_own_bucket(
