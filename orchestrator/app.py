@@ -152,5 +152,7 @@ def create_app(
         per_s=settings.auth_fail_per_s,
         clock=clock,
     )
-    app.add_middleware(AuthFloodGuard, settings=settings, limiter=limiter, doubtful=doubtful)
+    app.add_middleware(
+        AuthFloodGuard, settings=settings, limiter=limiter, doubtful=doubtful, metrics=metrics
+    )
     return app

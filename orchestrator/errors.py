@@ -260,6 +260,7 @@ def install_error_handlers(app: FastAPI) -> None:
             if limiter is not None and limiter.enabled:
                 wait = limiter.charge(request_address(request, limiter))
                 if wait is not None:
+                    request.app.state.metrics.auth_rate_limited.inc()
                     return error_response(RateLimited(wait))
         return error_response(exc)
 

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orchestrator.auth import admin_match, hash_token, may_be_session, rotated_match, same_hash
 from orchestrator.config import Settings
 from orchestrator.errors import RateLimited, error_body
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.ratelimit import AuthFailureLimiter
 from orchestrator.views import ViewCache
 
@@ -68,8 +69,10 @@ class AuthFloodGuard:
         settings: Settings,
         limiter: AuthFailureLimiter,
         doubtful: AuthFailureLimiter,
+        metrics: OrchestratorMetrics,
     ) -> None:
         self.app = app
+        self.metrics = metrics
         self.settings = settings
         self.limiter = limiter
         # How many calls a limited address may still have judged by the database.
@@ -103,6 +106,7 @@ class AuthFloodGuard:
         if verdict:
             await self.app(scope, receive, send)
             return
+        self.metrics.auth_rate_limited.inc()
         await _answer(send, RateLimited(wait))
 
     def _may_be_good(self, scope: Scope, path: str, token: str | None) -> bool | object:

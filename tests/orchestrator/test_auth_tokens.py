@@ -244,6 +244,9 @@ async def test_failures_past_the_burst_get_429_with_retry_after(
         r = await h.client.post(f"{API}/streams", content=b"{not json", headers=bad)
         assert_error(r, 429, "RATE_LIMITED")
 
+        registry = h.app.state.metrics.registry
+        assert registry.get_sample_value("streamherd_auth_rate_limited_total") == 7
+
         clock.advance(2.0)
         assert_error(await h.client.get(f"{API}/workers", headers=bad), 401, "UNAUTHORIZED")
         assert_error(await h.client.get(f"{API}/workers", headers=bad), 429, "RATE_LIMITED")
