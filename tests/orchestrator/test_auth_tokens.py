@@ -90,6 +90,22 @@ async def test_dropping_the_previous_value_refuses_it(
         assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("dropped", ["admin", "worker"])
+async def test_either_previous_value_can_be_dropped_alone(
+    sqlite_url_migrated: str, clock: FakeClock, dropped: str
+) -> None:
+    """The two rotations are independent: closing one window leaves the other open."""
+    previous = {"admin_token_previous": ADMIN_TOKEN, "worker_token_previous": WORKER_TOKEN}
+    del previous[f"{dropped}_token_previous"]
+    async with running(
+        sqlite_url_migrated, clock, admin_token=NEW_ADMIN, worker_token=NEW_WORKER, **previous
+    ) as h:
+        admin = (await h.client.get(f"{API}/workers", headers=ADMIN)).status_code
+        r = await h.client.post(f"{API}/workers/register", json=register_body("a"), headers=CLUSTER)
+        expected = (401, 200) if dropped == "admin" else (200, 401)
+        assert (admin, r.status_code) == expected
+
+
 async def test_a_session_outlives_a_rotation_of_the_cluster_token(
     sqlite_url_migrated: str, clock: FakeClock
 ) -> None:
