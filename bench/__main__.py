@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench import (
     assignment,
+    auth_flood,
     client_overhead,
     dbwork,
     failover,
@@ -50,6 +51,7 @@ BENCHMARKS: dict[str, tuple[str, Benchmark]] = {
     "client": ("5. Client overhead", client_overhead.run),
     "handoff": ("7. Planned moves: hand-off gap and overlap", handoff.run),
     "dbwork": ("8. Database work, memory and bulk creation", dbwork.run),
+    "auth_flood": ("9. Failed-authentication flood", auth_flood.run),
 }
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
 # The sizes take most of an hour: their figures are kept in a file of their own.

@@ -54,10 +54,16 @@ class Sizes:
     # 5. client overhead
     client_calls: int = 200
     client_rounds: int = 15
-    # 7. database work per unit, memory, bulk creation (fleet: hb_workers)
+    # 8. database work per unit, memory, bulk creation (fleet: hb_workers)
     dbw_beats: int = 2_000
     dbw_catalogue: int = 100_000  # imported (streamed JSON lines)
     dbw_create: int = 30_000  # then created through POST /streams, 10,000 a call
+    # 9. failed-auth flood: honest beats alone vs under a paced bad-token flood
+    flood_workers: int = 100
+    flood_connections: int = 16
+    flood_rate: float = 1000.0
+    flood_pairs: int = 3
+    flood_duration_s: float = 4.0
 
 
 # The issue's sizes: 100,000 streams over 1,000 workers and growth to 10,000 workers. On
@@ -126,6 +132,11 @@ TOY = Sizes(
     dbw_beats=20,
     dbw_catalogue=2_000,
     dbw_create=1_000,
+    flood_workers=8,
+    flood_connections=4,
+    flood_rate=200.0,
+    flood_pairs=1,
+    flood_duration_s=0.3,
 )
 SIZES = {s.name: s for s in (FULL, QUICK, TOY, ISSUE)}
 

@@ -12,16 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from orchestrator.api import fast_heartbeat
-from orchestrator.api.routes import cluster, events, health, streams, workers
+from orchestrator.api.auth_guard import AuthFloodGuard
+from orchestrator.api.routes import cluster, events, health, streams, tokens, workers
+from orchestrator.audit import AuditLog
 from orchestrator.catalog import Catalog
 from orchestrator.config import Settings
 from orchestrator.context import Context
+from orchestrator.credentials import Credentials
 from orchestrator.db import Database
 from orchestrator.errors import install_error_handlers
 from orchestrator.heartbeats import Heartbeats, LeaseBook
@@ -29,6 +33,7 @@ from orchestrator.live import LiveHub
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.middleware import BodyLimitMiddleware, MetricsMiddleware
 from orchestrator.migrations import upgrade_to_head
+from orchestrator.ratelimit import AuthFailureLimiter
 from orchestrator.reaper import Reaper
 from orchestrator.sessions import SessionGuard
 from orchestrator.signals import ChangeSignal
@@ -53,6 +58,12 @@ def create_app(
     settings = settings or Settings()
     metrics = OrchestratorMetrics()
     live = LiveHub.for_settings(settings, metrics)
+    limiter = AuthFailureLimiter(
+        burst=settings.auth_fail_burst,
+        per_s=settings.auth_fail_per_s,
+        clock=clock,
+        trusted_proxies=settings.trusted_proxy_networks,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,6 +81,8 @@ def create_app(
         ctx = Context(settings, db, signal, metrics, clock)
         sessions = SessionGuard(outage_gap=settings.outage_gap_s)
         app.state.heartbeats = Heartbeats(ctx, book=book, views=views, sessions=sessions)
+        app.state.credentials = Credentials(ctx)
+        app.state.audit = AuditLog(ctx)
         app.state.workers = WorkerCalls(ctx, book=book, sessions=sessions)
         app.state.catalog = Catalog(ctx, book=book)
         app.state.reaper = reaper = Reaper(ctx, book=book)
@@ -117,6 +130,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.live = live
+    app.state.auth_limiter = limiter
     install_error_handlers(app)
     app.include_router(health.router)
     # The worker calls (the heartbeat above all) are matched before the probes' aliases.
@@ -125,6 +139,7 @@ def create_app(
     app.include_router(health.router, prefix=API_PREFIX, include_in_schema=False)
     app.include_router(streams.router, prefix=API_PREFIX)
     app.include_router(workers.admin_router, prefix=API_PREFIX)
+    app.include_router(tokens.router, prefix=API_PREFIX)
     app.include_router(cluster.router, prefix=API_PREFIX)
     app.include_router(events.router, prefix=API_PREFIX)
     mount_ui(app)
@@ -135,4 +150,13 @@ def create_app(
         unlimited_paths=frozenset({f"{API_PREFIX}{streams.IMPORT_PATH}"}),
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # Outermost: a limited address's certainly-bad call costs no routing, body or database.
+    doubtful = AuthFailureLimiter(
+        burst=max(1, math.ceil(settings.auth_fail_per_s)),
+        per_s=settings.auth_fail_per_s,
+        clock=clock,
+    )
+    app.add_middleware(
+        AuthFloodGuard, settings=settings, limiter=limiter, doubtful=doubtful, metrics=metrics
+    )
     return app

@@ -18,6 +18,11 @@ from shared.limits import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./streamherd.db"
 SUPPORTED_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+# A client may fail to authenticate this many times in a burst, then this many per second.
+DEFAULT_AUTH_FAIL_BURST = 100
+DEFAULT_AUTH_FAIL_PER_S = 10.0
+
+
 # A hand-off times out after this many heartbeat intervals unless configured
 # (capped by the lease TTL): enough for the new owner's first beat and its confirming one.
 DEFAULT_HANDOFF_INTERVALS = 2.0
@@ -48,6 +53,16 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     admin_token: SecretStr | None = None
     worker_token: SecretStr | None = None
+    # Rotation: the value being replaced, still accepted until it is dropped.
+    admin_token_previous: SecretStr | None = None
+    worker_token_previous: SecretStr | None = None
+    # Register only with a per-worker token (or the admin token): the cluster token is refused.
+    worker_credentials_only: bool = False
+    # Failed authentications per source address: a token bucket (0 burst: no limit).
+    auth_fail_burst: int = Field(default=DEFAULT_AUTH_FAIL_BURST, ge=0)
+    auth_fail_per_s: float = Field(default=DEFAULT_AUTH_FAIL_PER_S, gt=0)
+    # Proxies whose X-Forwarded-For names the client: addresses or networks, comma-separated.
+    trusted_proxies: str = ""
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     lease_ttl_s: float = Field(default=15.0, gt=0)
     reaper_interval_s: float = Field(default=1.0, gt=0)
@@ -110,7 +125,17 @@ class Settings(BaseSettings):
             raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return value.upper()
 
-    @field_validator("admin_token", "worker_token")
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
+
+    @field_validator("admin_token", "worker_token", "admin_token_previous", "worker_token_previous")
     @classmethod
     def _usable_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and value.get_secret_value() == "":
@@ -142,7 +167,12 @@ class Settings(BaseSettings):
 
         Not refused: the contract sets no minimum, and a test cluster may use short ones.
         """
-        tokens = {"ORCH_ADMIN_TOKEN": self.admin_token, "ORCH_WORKER_TOKEN": self.worker_token}
+        tokens = {
+            "ORCH_ADMIN_TOKEN": self.admin_token,
+            "ORCH_WORKER_TOKEN": self.worker_token,
+            "ORCH_ADMIN_TOKEN_PREVIOUS": self.admin_token_previous,
+            "ORCH_WORKER_TOKEN_PREVIOUS": self.worker_token_previous,
+        }
         return [
             name
             for name, token in tokens.items()
@@ -163,6 +193,11 @@ class Settings(BaseSettings):
                 f"({self.handoff_timeout_s} > {self.lease_ttl_s}): a hand-off's overlap is "
                 "bounded by a lease"
             )
+        # A previous value alone would leave the current one open to anyone.
+        if self.admin_token_previous is not None and self.admin_token is None:
+            raise ValueError("ORCH_ADMIN_TOKEN_PREVIOUS needs ORCH_ADMIN_TOKEN (the new value)")
+        if self.worker_token_previous is not None and self.worker_token is None:
+            raise ValueError("ORCH_WORKER_TOKEN_PREVIOUS needs ORCH_WORKER_TOKEN (the new value)")
         if not self.is_loopback_host and not (self.admin_token and self.worker_token):
             raise ValueError(
                 f"ORCH_HOST={self.host} is not a loopback address: set ORCH_ADMIN_TOKEN and "
@@ -204,6 +239,11 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        parts = (part.strip() for part in self.trusted_proxies.split(","))
+        return tuple(ipaddress.ip_network(p, strict=False) for p in parts if p)
 
     @property
     def is_sqlite(self) -> bool:

@@ -7,6 +7,7 @@
     ├── ValidationFailed         422 VALIDATION_ERROR
     ├── StaleEpoch               409 STALE_EPOCH
     ├── Conflict                 409 CONFLICT
+    ├── RateLimited              429 RATE_LIMITED (+ Retry-After)
     └── Unavailable              503 UNAVAILABLE (+ Retry-After)
 
 Database failures that go away when the database comes back (SQLite busy, PostgreSQL
@@ -15,7 +16,8 @@ restarting, any failure to open a connection: ``db.py`` marks those as disconnec
 ``map_httpcore_exceptions``), which ``Database.read``/``write`` and the reaper run inside.
 ``install_error_handlers`` maps FastAPI's validation errors, Starlette's HTTP errors and
 anything that escaped that boundary onto the tree; anything else is a bare 500 INTERNAL
-without a traceback in the answer.
+without a traceback in the answer. Every ``Unauthorized`` is charged to its source address
+here (``ratelimit``): past the address's burst it is answered as ``RateLimited`` instead.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.ratelimit import AuthFailureLimiter, retry_after_header
 from shared.errors import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,18 @@ class StaleEpoch(ApiError):
 
 class Conflict(ApiError):
     code = ErrorCode.CONFLICT
+
+
+class RateLimited(ApiError):
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, retry_after_s: float) -> None:
+        retry_after = retry_after_header(retry_after_s)
+        super().__init__(
+            "too many failed authentications from this address; retry later",
+            details={"retry_after_s": retry_after},
+            headers={"Retry-After": str(retry_after)},
+        )
 
 
 class Unavailable(ApiError):
@@ -230,9 +245,23 @@ def _validation_details(exc: RequestValidationError) -> dict[str, Any]:
     return {"errors": problems}
 
 
+def request_address(request: Request, limiter: AuthFailureLimiter) -> str:
+    """The source address a failed authentication is charged to."""
+    peer = request.client.host if request.client is not None else None
+    forwarded = request.headers.get("x-forwarded-for") if limiter.trusted_proxies else None
+    return limiter.address(peer, forwarded)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if isinstance(exc, Unauthorized):
+            limiter: AuthFailureLimiter | None = getattr(request.app.state, "auth_limiter", None)
+            if limiter is not None and limiter.enabled:
+                wait = limiter.charge(request_address(request, limiter))
+                if wait is not None:
+                    request.app.state.metrics.auth_rate_limited.inc()
+                    return error_response(RateLimited(wait))
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -53,6 +53,8 @@ REBALANCE: Final = "rebalance"
 RECONCILED: Final = "reconciled"
 LEASE_GRACE: Final = "lease_grace"
 ERROR: Final = "error"
+# Who did what as the admin (drain, fail, rebalance, stream and token changes): ``audit``.
+ADMIN_ACTION: Final = "admin_action"
 
 
 def event(

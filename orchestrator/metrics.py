@@ -26,6 +26,11 @@ class OrchestratorMetrics:
             ["route", "method", "status"],
             registry=r,
         )
+        self.auth_rate_limited = Counter(
+            "streamherd_auth_rate_limited",
+            "Calls answered 429 RATE_LIMITED: an address over its failed-authentication limit.",
+            registry=r,
+        )
         self.latency = Histogram(
             "streamherd_http_request_duration_seconds",
             "Time to answer, by route.",

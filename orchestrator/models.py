@@ -66,6 +66,20 @@ class WorkerSessionRow(Base):
     issued_at: Mapped[float] = mapped_column(Float)
 
 
+class WorkerCredentialRow(Base):
+    """A per-worker register token, hashed: it registers ``worker_id`` only, until revoked."""
+
+    __tablename__ = "worker_credentials"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    worker_id: Mapped[str] = mapped_column(String(63), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+    revoked_at: Mapped[float | None] = mapped_column(Float)
+    revoked_by: Mapped[str | None] = mapped_column(String(200))
+
+
 class StreamRow(Base):
     __tablename__ = "streams"
 

@@ -59,6 +59,9 @@ class ViewCache:
         self._dropped: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
+        # Each worker's newest session seen in a view, kept when the view is dropped: lets
+        # the flood guard (``api.auth_guard``) tell a known worker's session from memory.
+        self._sessions: dict[str, str] = {}
         self.remote_seen = 0  # the newest view change read (``view_sync.apply_remote``)
 
     def invalidate(self, workers: Collection[str] | None = None) -> None:
@@ -89,8 +92,13 @@ class ViewCache:
     def put(self, view: WorkerView, generation: int) -> None:
         """Store a view whose load began at ``generation``, unless it went stale meanwhile."""
         wid = view.worker_id
+        self._sessions[wid] = view.session_hash
         if self._cleared <= generation and self._dropped.get(wid, 0) <= generation:
             self._views[wid] = view
+
+    def known_session(self, worker_id: str) -> str | None:
+        """The session hash of the newest view built for this worker, even if dropped since."""
+        return self._sessions.get(worker_id)
 
     def now(self) -> float:
         return self._clock.monotonic()

@@ -138,6 +138,7 @@ class WorkerCalls:
                 instance=req.instance_id,
                 address=address,
                 previous_instance=took_over,
+                credential=caller.credential,
             )
             self.ctx.metrics.assignments.inc(len(settled.assign))
             return m.RegisterAnswer(

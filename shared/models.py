@@ -467,3 +467,27 @@ class ErrorBody(Answer):
 
 class Health(Answer):
     status: str
+
+
+# --- per-worker register tokens (admin) -------------------------------------------------
+
+
+class WorkerToken(Answer):
+    """A per-worker register token as listed: never its secret."""
+
+    token_id: int
+    worker_id: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
+
+
+class IssuedWorkerToken(WorkerToken):
+    """The answer to issuing one: the only time ``token`` (the secret) is shown."""
+
+    token: str
+
+
+class WorkerTokenList(Answer):
+    items: list[WorkerToken]

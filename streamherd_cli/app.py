@@ -127,7 +127,9 @@ app = typer.Typer(
 workers_app = typer.Typer(help="Workers: list, show, drain, declare failed.")
 streams_app = typer.Typer(help="The stream catalogue: list, show, enable, import, export.")
 app.add_typer(workers_app, name="workers")
+tokens_app = typer.Typer(help="Per-worker register tokens: issue, list, revoke.")
 app.add_typer(streams_app, name="streams")
+app.add_typer(tokens_app, name="tokens")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="JSON for scripts instead of a table.")]
 
@@ -315,6 +317,55 @@ def workers_fail(ctx: typer.Context, worker_id: str, json_: JsonFlag = False) ->
         output.emit_json(answer)
     else:
         output.say(f"worker {worker_id} is {answer.get('state')}; its streams move now")
+
+
+# --- per-worker tokens --------------------------------------------------------------------
+
+
+@tokens_app.command("issue")
+def tokens_issue(ctx: typer.Context, worker_id: str, json_: JsonFlag = False) -> None:
+    """Issue a register token for this worker id only; the secret is printed once."""
+    with _client(ctx) as client:
+        answer = client.issue_token(worker_id)
+    if _json(ctx, json_):
+        output.emit_json(answer)
+        return
+    output.note(
+        f"token {answer.get('token_id')} for worker {worker_id}: set it as that worker's "
+        "WORKER_TOKEN now; it is not shown again"
+    )
+    output.say(str(answer.get("token")))
+
+
+@tokens_app.command("list")
+def tokens_list(ctx: typer.Context, worker_id: str, json_: JsonFlag = False) -> None:
+    """The worker's tokens (never their secrets): when issued, by whom, whether revoked."""
+    with _client(ctx) as client:
+        answer = client.worker_tokens(worker_id)
+    if _json(ctx, json_):
+        output.emit_json(answer)
+        return
+    output.table(
+        f"tokens of {worker_id}",
+        ["token", "created", "by", "revoked"],
+        [
+            [t["token_id"], t["created_at"], t["created_by"], t.get("revoked_at") or "-"]
+            for t in answer["items"]
+        ],
+    )
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    ctx: typer.Context, worker_id: str, token_id: int, json_: JsonFlag = False
+) -> None:
+    """Revoke one of the worker's tokens: registering with it is refused from now on."""
+    with _client(ctx) as client:
+        answer = client.revoke_token(worker_id, token_id)
+    if _json(ctx, json_):
+        output.emit_json(answer)
+    else:
+        output.say(f"token {token_id} of worker {worker_id} revoked at {answer.get('revoked_at')}")
 
 
 # --- streams ------------------------------------------------------------------------------

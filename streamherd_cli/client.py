@@ -164,6 +164,18 @@ class Client:
         self.require("post", "/workers/{worker_id}/fail", what="declaring a worker failed")
         return dict(self.request("POST", f"/workers/{_segment(worker_id)}/fail"))
 
+    def issue_token(self, worker_id: str) -> dict[str, Any]:
+        self.require("post", "/workers/{worker_id}/tokens", what="per-worker tokens")
+        return dict(self.request("POST", f"/workers/{_segment(worker_id)}/tokens"))
+
+    def worker_tokens(self, worker_id: str) -> dict[str, Any]:
+        self.require("get", "/workers/{worker_id}/tokens", what="per-worker tokens")
+        return dict(self.request("GET", f"/workers/{_segment(worker_id)}/tokens"))
+
+    def revoke_token(self, worker_id: str, token_id: int) -> dict[str, Any]:
+        self.require("delete", "/workers/{worker_id}/tokens/{token_id}", what="per-worker tokens")
+        return dict(self.request("DELETE", f"/workers/{_segment(worker_id)}/tokens/{token_id}"))
+
     def rebalance(self, *, dry_run: bool = False) -> dict[str, Any]:
         if not dry_run:
             return dict(self.request("POST", "/rebalance"))

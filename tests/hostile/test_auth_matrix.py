@@ -47,11 +47,14 @@ def _endpoints(document: dict[str, Any]) -> list[tuple[str, str]]:
 def _is_session_endpoint(method: str, path: str) -> bool:
     if not path.startswith(f"{API}/workers/{{worker_id}}"):
         return False
-    return path.endswith(SESSION_SUFFIXES) or (method == "DELETE" and path.endswith("}"))
+    return path.endswith(SESSION_SUFFIXES) or (
+        method == "DELETE" and path == f"{API}/workers/{{worker_id}}"
+    )
 
 
 def _url(path: str, worker_id: str) -> str:
     path = path.replace("{worker_id}", worker_id).replace("{stream_id}", "1")
+    path = path.replace("{token_id}", "1")
     return path
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from orchestrator.api.deps import CatalogDep
+from orchestrator.api.deps import AuditDep, CatalogDep
 from orchestrator.auth import AdminDep
 from shared import models as m
 
@@ -20,8 +20,11 @@ DryRun = Annotated[
 
 
 @router.post("/rebalance", response_model=m.RebalanceAnswer)
-async def rebalance(_: AdminDep, catalog: CatalogDep, dry_run: DryRun = False) -> Any:
-    return await catalog.rebalance(dry_run=dry_run)
+async def rebalance(audit: AuditDep, catalog: CatalogDep, dry_run: DryRun = False) -> Any:
+    answer = await catalog.rebalance(dry_run=dry_run)
+    if not dry_run:
+        await audit.record("rebalance", moves=len(answer.moves))
+    return answer
 
 
 @router.get("/cluster", response_model=m.ClusterAnswer)

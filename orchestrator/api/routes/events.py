@@ -22,7 +22,7 @@ from fastapi import APIRouter, Query, WebSocket
 from fastapi.responses import JSONResponse
 
 from orchestrator.api.deps import CatalogDep
-from orchestrator.auth import AdminDep, same_secret
+from orchestrator.auth import AdminDep, admin_match
 from orchestrator.errors import error_body
 from orchestrator.live import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_UNAUTHORIZED, LiveHub
 from shared import limits
@@ -122,9 +122,7 @@ async def _refuse(
 async def events_ws(websocket: WebSocket) -> None:
     settings = websocket.app.state.settings
     hub: LiveHub = websocket.app.state.live
-    if settings.admin_token is not None and not same_secret(
-        _presented_token(websocket), settings.admin_token
-    ):
+    if admin_match(settings, _presented_token(websocket)) is None:
         await _refuse(
             websocket,
             ErrorCode.UNAUTHORIZED,

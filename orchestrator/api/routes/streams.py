@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import ValidationError
 from pydantic_core import to_json
 
-from orchestrator.api.deps import CatalogDep
+from orchestrator.api.deps import AuditDep, CatalogDep
 from orchestrator.auth import AdminDep
 from orchestrator.errors import ApiError, ValidationFailed
 from shared import limits
@@ -21,20 +21,27 @@ IMPORT_PATH = "/streams/import"
 
 StreamIdPath = Annotated[int, Path(ge=1, le=limits.MAX_STREAM_ID)]
 Limit = Annotated[int, Query(ge=1, le=limits.MAX_PAGE_LIMIT)]
+# A created batch's ids are listed in its audit event up to this many.
+AUDIT_MAX_IDS = 100
 
 
 @router.post("/streams", status_code=201, response_model=m.CreateStreamsAnswer)
-async def create_streams(req: m.CreateStreamsRequest, _: AdminDep, catalog: CatalogDep) -> Any:
+async def create_streams(req: m.CreateStreamsRequest, audit: AuditDep, catalog: CatalogDep) -> Any:
     # Encoded here, not by FastAPI: validating 10,000 answers again cost more than the
     # insert (``Catalog.create_streams`` builds them from validated values).
     created = await catalog.create_streams(req)
+    ids = [s["id"] for s in created]
+    # A batch may hold thousands: the count, and the ids of a small one.
+    await audit.record(
+        "stream_create", count=len(ids), stream_ids=ids if len(ids) <= AUDIT_MAX_IDS else None
+    )
     return Response(to_json({"created": created}), status_code=201, media_type="application/json")
 
 
 @router.post(IMPORT_PATH, status_code=201, response_model=m.ImportAnswer)
 async def import_streams(
     request: Request,
-    _: AdminDep,
+    audit: AuditDep,
     catalog: CatalogDep,
     batch: Annotated[int, Query(ge=1, le=limits.MAX_STREAMS_PER_CREATE)] = (
         limits.MAX_STREAMS_PER_CREATE
@@ -56,6 +63,14 @@ async def import_streams(
     except ApiError as exc:
         exc.details = {**exc.details, "created": answer.created, "batches": answer.batches}
         raise
+    finally:
+        if answer.created:
+            await audit.record(
+                "stream_import",
+                count=answer.created,
+                first_id=answer.first_id,
+                last_id=answer.last_id,
+            )
     return answer
 
 
@@ -134,11 +149,16 @@ async def get_stream(stream_id: StreamIdPath, _: AdminDep, catalog: CatalogDep) 
 
 @router.patch("/streams/{stream_id}", response_model=m.Stream)
 async def patch_stream(
-    stream_id: StreamIdPath, req: m.StreamPatch, _: AdminDep, catalog: CatalogDep
+    stream_id: StreamIdPath, req: m.StreamPatch, audit: AuditDep, catalog: CatalogDep
 ) -> Any:
-    return await catalog.patch_stream(stream_id, req)
+    stream = await catalog.patch_stream(stream_id, req)
+    fields = sorted(req.model_dump(exclude_unset=True))
+    await audit.record("stream_patch", stream_id=stream_id, fields=fields)
+    return stream
 
 
 @router.delete("/streams/{stream_id}", response_model=m.Stream)
-async def delete_stream(stream_id: StreamIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
-    return await catalog.delete_stream(stream_id)
+async def delete_stream(stream_id: StreamIdPath, audit: AuditDep, catalog: CatalogDep) -> Any:
+    stream = await catalog.delete_stream(stream_id)
+    await audit.record("stream_delete", stream_id=stream_id)
+    return stream

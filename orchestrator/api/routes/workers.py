@@ -9,8 +9,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 
 from orchestrator import tls
-from orchestrator.api.deps import CatalogDep, IdempotencyKey, WorkerCallsDep
-from orchestrator.auth import AdminDep, ClusterDep, WorkerCallerDep
+from orchestrator.api.deps import (
+    AuditDep,
+    CatalogDep,
+    IdempotencyKey,
+    RegisterCallerDep,
+    WorkerCallsDep,
+)
+from orchestrator.auth import AdminDep, WorkerCallerDep
+from orchestrator.errors import Forbidden
 from shared import limits
 from shared import models as m
 
@@ -24,8 +31,10 @@ StreamIdPath = Annotated[int, Path(ge=1, le=limits.MAX_STREAM_ID)]
 
 @router.post("/register", response_model=m.RegisterAnswer)
 async def register(
-    req: m.RegisterRequest, caller: ClusterDep, calls: WorkerCallsDep, request: Request
+    req: m.RegisterRequest, caller: RegisterCallerDep, calls: WorkerCallsDep, request: Request
 ) -> Any:
+    if caller.worker_scope is not None and caller.worker_scope != req.worker_id:
+        raise Forbidden(f"this token registers worker {caller.worker_scope!r} only")
     tls.check_worker_binding(request, req.worker_id, is_admin=caller.is_admin)
     return await calls.register(caller, req, address=client_address(request))
 
@@ -98,11 +107,15 @@ async def get_worker(worker_id: WorkerIdPath, _: AdminDep, catalog: CatalogDep) 
 
 
 @admin_router.post("/workers/{worker_id}/drain", response_model=m.Worker)
-async def drain(worker_id: WorkerIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
-    return await catalog.drain(worker_id)
+async def drain(worker_id: WorkerIdPath, audit: AuditDep, catalog: CatalogDep) -> Any:
+    worker = await catalog.drain(worker_id)
+    await audit.record("drain", worker_id=worker_id)
+    return worker
 
 
 @admin_router.post("/workers/{worker_id}/fail", response_model=m.Worker)
-async def declare_failed(worker_id: WorkerIdPath, _: AdminDep, catalog: CatalogDep) -> Any:
+async def declare_failed(worker_id: WorkerIdPath, audit: AuditDep, catalog: CatalogDep) -> Any:
     """Declare the worker lost now, as if its lease had run out (v1.1)."""
-    return await catalog.declare_failed(worker_id)
+    worker = await catalog.declare_failed(worker_id)
+    await audit.record("fail", worker_id=worker_id)
+    return worker

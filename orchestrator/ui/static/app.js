@@ -946,7 +946,7 @@ function summary(event) {
     // Two hosts share one WORKER_ID: say which two, the fenced one first.
     parts.push(`two processes share this id: ${d.previous_address || "?"} fenced by ${d.address || "?"}`);
   }
-  for (const key of ["from", "to", "owner", "reason", "token", "count", "moves", "cause", "message"]) {
+  for (const key of ["action", "caller", "from", "to", "owner", "reason", "token", "count", "moves", "cause", "message"]) {
     if (d[key] === undefined || d[key] === null) continue;
     const value = Array.isArray(d[key]) ? d[key].length : typeof d[key] === "object" ? "…" : d[key];
     parts.push(`${key}=${value}`);

@@ -6,8 +6,8 @@ when the previous owner was told to stop (the new owner reported it running, or 
 hand-off timed out). Nullable and unread by older replicas: additive within the major
 version. A partial index finds the few pending hand-offs (views and reaper passes).
 
-Revision ID: 0007
-Revises: 0005
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-03
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007"
-down_revision: str | None = "0008"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
