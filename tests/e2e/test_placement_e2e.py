@@ -95,13 +95,20 @@ async def test_unplaceable_until_a_qualifying_worker_starts_and_a_rule_change_mo
                         before[sid]["owner"],
                         before[sid]["token"],
                     )
-                # The old owner was asked to stop it and handed it back.
+                # Handed over (make-before-break): br-1 got it from any-1, and any-1 was
+                # told to stop once br-1 ran it.
+                events = await _events(orch)
                 handed = [
-                    (e["worker_id"], e["data"].get("reason"))
-                    for e in await _events(orch)
-                    if e["type"] == "stream_released" and e["stream_id"] == moving
+                    e["data"].get("from")
+                    for e in events
+                    if e["type"] == "stream_reassigned" and e["stream_id"] == moving
                 ]
-                assert handed and handed[-1][0] == "any-1", handed
+                assert handed and handed[-1] == "any-1", handed
+                await eventually(
+                    lambda: _handoff_completed(orch, moving),
+                    timeout=DEADLINE,
+                    what="any-1 stopped the stream once br-1 ran it",
+                )
             finally:
                 await brazil.kill()
         finally:
@@ -125,3 +132,10 @@ async def _events(orch: Orchestrator) -> list[dict[str, Any]]:
 
 async def _event_types(orch: Orchestrator) -> list[str]:
     return [e["type"] for e in await _events(orch)]
+
+
+async def _handoff_completed(orch: Orchestrator, stream_id: int) -> bool:
+    return any(
+        e["type"] == "handoff_completed" and e["stream_id"] == stream_id
+        for e in await _events(orch)
+    )

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from devkit.procs import OrchestratorProcess
+from shared import limits
 from shared.limits import DEFAULT_MAX_BODY_BYTES, MAX_STREAM_IDS_PER_CALL
 from tests.hostile.conftest import ADMIN, ADMIN_TOKEN, API, register
 
@@ -164,7 +165,10 @@ BAD_BODIES: dict[str, tuple[str, bytes]] = {
         STREAMS,
         b'{"streams":[{"name":"x","metadata":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}]}",
     ),
-    "huge-list": (STREAMS, json.dumps({"streams": [{"name": "x"}] * 5000}).encode()),
+    "huge-list": (
+        STREAMS,
+        json.dumps({"streams": [{"name": "x"}] * (limits.MAX_STREAMS_PER_CREATE + 1)}).encode(),
+    ),
     "wrong-types": (STREAMS, b'{"streams": [{"name": 7, "id": "seven", "metadata": []}]}'),
     "unknown-field": (STREAMS, b'{"streams": [{"name": "x"}], "owner": "me", "admin": true}'),
     "not-json": (STREAMS, b"streams=1&name=x"),

@@ -46,6 +46,7 @@ def test_documented_metrics_exist() -> None:
     orchestrator.streams.labels(status="active").set(0)
     orchestrator.requests.labels("/x", "GET", "200").inc(0)
     orchestrator.latency.labels("/x", "GET").observe(0)
+    orchestrator.tls_reloads.labels(outcome="ok").inc(0)
     worker = WorkerMetrics()
     worker.requests_total.labels(operation="heartbeat", outcome="ok").inc(0)
     worker.request_duration_seconds.labels(operation="heartbeat").observe(0)
