@@ -18,11 +18,15 @@ install: $(STAMP)
 run: install
 	$(PY) -m scripts.demo
 
+# Two test processes (pytest-xdist, one file per process at a time): the suite waits on
+# real processes and databases more than it computes, and alone it took ~17 min of CI's
+# 20. The PostgreSQL restart test stops the server every other test uses: it runs alone.
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not pg_restart"
+	$(PY) -m pytest -q -p no:cacheprovider -m pg_restart
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow and not e2e"
