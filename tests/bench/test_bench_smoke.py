@@ -19,7 +19,7 @@ from bench.context import TOY, Context
 from bench.rawhttp import LoadPool
 from devkit.procs import no_orphans
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(360)]
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ async def test_every_benchmark_runs_at_toy_size_and_renders(tmp_path: Path) -> N
     with LoadPool(1) as pool:
         ctx = Context(workdir=tmp_path, sizes=TOY, pool=pool, pg=None, load_processes=1)
         sections = await asyncio.wait_for(
-            asyncio.gather(*(bench(ctx) for _title, bench in BENCHMARKS.values())), timeout=100
+            asyncio.gather(*(bench(ctx) for _title, bench in BENCHMARKS.values())), timeout=300
         )
 
     text = render(

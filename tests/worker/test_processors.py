@@ -225,8 +225,10 @@ async def test_failing_command_is_restarted_with_backoff_and_reported(tmp_path: 
         processor,
         worker_id="w1",
         capacity=1,
-        restart_base=0.01,
-        restart_max=0.04,
+        # Restart sleeps return at once (RuntimeClock); a run must last restart_max to
+        # count as healthy, which a failing shell never does, however loaded the machine.
+        restart_base=1.0,
+        restart_max=4.0,
         clock=clock,
     )
     stop = asyncio.Event()
@@ -237,7 +239,7 @@ async def test_failing_command_is_restarted_with_backoff_and_reported(tmp_path: 
         stop.set()
         await asyncio.wait_for(task, 10)
     assert runs.read_text().count("run") == 4
-    assert clock.delays == [0.01, 0.02, 0.04]
+    assert clock.delays == [1.0, 2.0, 4.0]
     assert (
         client.failures[11]
         == ["ProcessorError: command exited with status 1: cannot open stream"] * 4
