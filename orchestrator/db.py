@@ -2,7 +2,10 @@
 
 SQLite: WAL, a busy timeout, and writers serialised in-process and opened with
 ``BEGIN IMMEDIATE`` so a transaction never has to upgrade a read lock (the source of
-"database is locked" under load). PostgreSQL: row locks and conditional updates; a
+"database is locked" under load). Writes that queue for the lock are committed together
+(group commit): each runs in a SAVEPOINT of one transaction, so one that fails loses only
+its own changes, and a busy fleet pays one BEGIN/COMMIT and one lock hand-over per group
+instead of per call. PostgreSQL: row locks and conditional updates; a
 deadlock or serialisation failure is retried a few times before it becomes a 503. What a
 write means beyond its rows (cached views to drop) is left to commit hooks, so the store
 imports nothing above it.
@@ -14,8 +17,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from threading import Thread
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import event, make_url
 from sqlalchemy import exc as sa_exc
@@ -143,6 +147,21 @@ def _sqlstate(exc: BaseException) -> str | None:
     return None
 
 
+@dataclass(slots=True)
+class _QueuedWrite:
+    """A write waiting for SQLite's lock, and where its outcome goes."""
+
+    work: Callable[[AsyncSession], Awaitable[Any]]
+    changes: bool
+    done: asyncio.Future[Any]
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """The outcome of a write whose caller went away is nobody's: not an error to log."""
+    if not future.cancelled():
+        future.exception()
+
+
 class CommitHook(Protocol):
     """Code run by every write: ``before_commit`` as the transaction's closing statements
     (before its events are inserted), ``after_commit`` once it committed. Both read what
@@ -177,6 +196,9 @@ class Database:
         # Only one writer at a time can hold SQLite's lock; queueing here is cheaper than
         # spinning in busy_timeout on a worker thread.
         self._sqlite_write_lock = asyncio.Lock() if self.is_sqlite else None
+        # SQLite's group commit: the group still taking writes, the tasks writing groups.
+        self._open_group: list[_QueuedWrite] | None = None
+        self._group_tasks: set[asyncio.Task[None]] = set()
         # Run by every write around its commit (``view_sync.ViewSync`` is one).
         self.commit_hooks: list[CommitHook] = []
 
@@ -200,11 +222,10 @@ class Database:
         claims), so cached worker views stay valid.
         """
         with database_errors():
+            if self._sqlite_write_lock is not None:
+                return cast(T, await self._write_grouped(work, changes))
             for attempt in range(1, WRITE_RETRIES + 1):
                 try:
-                    if self._sqlite_write_lock is not None:
-                        async with self._sqlite_write_lock:
-                            return await self._write_once(work, changes)
                     return await self._write_once(work, changes)
                 except sa_exc.DBAPIError as exc:
                     if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
@@ -213,6 +234,91 @@ class Database:
                         continue
                     raise
         raise AssertionError("unreachable")
+
+    # --- SQLite: group commit ---------------------------------------------------------
+
+    async def _write_grouped(
+        self, work: Callable[[AsyncSession], Awaitable[Any]], changes: bool
+    ) -> Any:
+        """Queue ``work`` in the open group (opening one if none is), await its outcome.
+
+        The group is written by a task of its own once the lock is free; writes that
+        arrive meanwhile join it. Shielded: a caller that goes away leaves the others'
+        commit alone (its work still runs, as a request whose client hung up would).
+        """
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieved)
+        group = self._open_group
+        if group is None:
+            group = self._open_group = []
+            task = asyncio.create_task(self._write_group(group))
+            self._group_tasks.add(task)
+            task.add_done_callback(self._group_tasks.discard)
+        group.append(_QueuedWrite(work, changes, done))
+        return await asyncio.shield(done)
+
+    async def _write_group(self, group: list[_QueuedWrite]) -> None:
+        assert self._sqlite_write_lock is not None
+        async with self._sqlite_write_lock:
+            if self._open_group is group:
+                self._open_group = None  # closed: later writes open the next group
+            try:
+                outcomes = await self._write_together(group)
+            except BaseException as exc:
+                failure = exc if isinstance(exc, Exception) else asyncio.CancelledError()
+                for queued in group:
+                    if not queued.done.done():
+                        queued.done.set_exception(failure)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+        for queued, (ok, value) in zip(group, outcomes, strict=True):
+            if queued.done.done():
+                continue
+            if ok:
+                queued.done.set_result(value)
+            else:
+                queued.done.set_exception(value)
+
+    async def _write_together(self, group: list[_QueuedWrite]) -> list[tuple[bool, Any]]:
+        """One transaction for the group; each write in a SAVEPOINT of its own when there
+        is more than one, and what it declared (events, views) kept only if it succeeded.
+        In arrival order, each seeing the ones before it: as if run one after the other."""
+        if len(group) == 1:
+            only = group[0]
+            return [(True, await self._write_once(only.work, only.changes))]
+        outcomes: list[tuple[bool, Any]] = []
+        async with self._writes() as session:
+            context = write_context(session)
+            quiet, scoped = True, True
+            async with session.begin():
+                for queued in group:
+                    events, touched = len(context.events), set(context.touched)
+                    context.quiet, context.scoped = not queued.changes, False
+                    try:
+                        async with session.begin_nested():
+                            value = await queued.work(session)
+                    except Exception as exc:  # noqa: BLE001 - that write's outcome
+                        del context.events[events:]
+                        context.touched = touched
+                        outcomes.append((False, exc))
+                        continue
+                    finally:
+                        # Flushed by the savepoint's end: the next write starts with no
+                        # objects loaded, as in a session of its own (an object loaded
+                        # before a Core UPDATE would otherwise come back stale).
+                        session.expunge_all()
+                    if not context.quiet:
+                        quiet = False
+                        scoped = scoped and context.scoped
+                    outcomes.append((True, value))
+                context.quiet, context.scoped = quiet, scoped
+                for hook in self.commit_hooks:
+                    await hook.before_commit(session, context)
+                await event_log.write_pending(session, ordered=False)
+            for hook in self.commit_hooks:
+                await hook.after_commit(session, context)
+        return outcomes
 
     async def _write_once(self, work: Callable[[AsyncSession], Awaitable[T]], changes: bool) -> T:
         async with self._writes() as session:

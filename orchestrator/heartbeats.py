@@ -11,10 +11,11 @@ encoded here, the owned streams' part once per view (one concept, so one module)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import Row, Table, bindparam, case, select, update
@@ -24,7 +25,7 @@ from orchestrator import handoff, identity, ownership
 from orchestrator.auth import Caller, same_hash
 from orchestrator.context import Context
 from orchestrator.db import Database
-from orchestrator.errors import StaleEpoch, ValidationFailed
+from orchestrator.errors import StaleEpoch, Unavailable, ValidationFailed
 from orchestrator.models import LEASED_STATES, StreamRow, WorkerRow
 from orchestrator.sessions import SessionGuard
 from orchestrator.view_sync import scoped
@@ -319,6 +320,66 @@ HINT_RETRIES = 3
 LATE_BEAT_MARGIN_S = 0.1
 
 
+@dataclass(frozen=True)
+class _Settlement:
+    """What one beat settles (``Heartbeats._settle``)."""
+
+    worker_id: str
+    handed_back: list[int]
+    confirmed: list[int]
+    stopped: list[int]
+    now: float
+
+
+@dataclass
+class _SettleGroup:
+    items: list[tuple[_Settlement, asyncio.Future[None]]] = field(default_factory=list)
+
+
+async def _settle_all(session: AsyncSession, items: Sequence[_Settlement]) -> handoff.Finished:
+    """Every settlement of a group, in arrival order, in one transaction."""
+    scoped(session)  # release and the hand-off steps touch every view they change
+    finished = handoff.Finished()
+    for item in items:
+        if item.handed_back:
+            await ownership.release(
+                session, item.worker_id, item.handed_back, item.now, reason="revoked"
+            )
+        if item.confirmed:
+            await handoff.confirm(session, item.worker_id, item.confirmed, item.now)
+        if item.stopped:
+            ended = await handoff.finish(session, item.worker_id, item.stopped, item.now)
+            finished.overlaps.extend(ended.overlaps)
+            finished.abandoned += ended.abandoned
+    return finished
+
+
+def _settling(
+    items: Sequence[_Settlement],
+) -> Callable[[AsyncSession], Awaitable[handoff.Finished]]:
+    async def work(session: AsyncSession) -> handoff.Finished:
+        return await _settle_all(session, items)
+
+    return work
+
+
+def _worth_retrying_alone(exc: Exception) -> bool:
+    """A database that is away fails every item alike: no point in one by one."""
+    return not isinstance(exc, Unavailable)
+
+
+def _deliver(
+    items: Sequence[tuple[_Settlement, asyncio.Future[None]]], exc: Exception | None
+) -> None:
+    for _item, done in items:
+        if done.done():
+            continue
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+
 class Heartbeats:
     """``POST /workers/{id}/heartbeat``: answered from a cached view, renewal buffered."""
 
@@ -329,6 +390,11 @@ class Heartbeats:
         self.book = book
         self.views = views
         self.sessions = sessions
+        # Beats' settlements, written in groups (``_settle``): the one still taking items,
+        # the lock that writes one group at a time, the tasks writing them.
+        self._settle_open: _SettleGroup | None = None
+        self._settle_lock = asyncio.Lock()
+        self._settle_tasks: set[asyncio.Task[None]] = set()
 
     async def beat(self, caller: Caller, worker_id: str, req: m.HeartbeatRequest) -> bytes:
         """Renew the lease; the answer already encoded as JSON (a ``HeartbeatAnswer``)."""
@@ -391,19 +457,52 @@ class Heartbeats:
         now: float,
     ) -> None:
         """What a beat's ``held`` settles: revoked streams handed back (its release), and
-        the hand-offs it confirms (as new owner) or completes (as previous owner)."""
+        hand-offs confirmed by their new owner or ended by their previous one.
 
-        async def write(session: AsyncSession) -> handoff.Finished:
-            scoped(session)  # release and the hand-off steps touch every view they change
-            if handed_back:
-                await ownership.release(session, worker_id, handed_back, now, reason="revoked")
-            if confirmed:
-                await handoff.confirm(session, worker_id, confirmed, now)
-            if stopped:
-                return await handoff.finish(session, worker_id, stopped, now)
-            return handoff.Finished()
+        Committed before the beat answers (the caller's next call sees it), but in a
+        group: every beat that has something to settle while a group is being written
+        joins the next one, so a fleet settling a rebalance's hand-offs takes a few write
+        transactions instead of one per beat (on SQLite they all queue on one lock).
+        """
+        item = _Settlement(worker_id, handed_back, confirmed, stopped, now)
+        group = self._settle_open
+        if group is None:
+            group = self._settle_open = _SettleGroup()
+            task = asyncio.create_task(self._write_group(group))
+            self._settle_tasks.add(task)
+            task.add_done_callback(self._settle_tasks.discard)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        group.items.append((item, done))
+        # Shielded: a beat whose client went away must not cancel the others' commit.
+        await asyncio.shield(done)
 
-        finished = await self.ctx.db.write(write)
+    async def _write_group(self, group: _SettleGroup) -> None:
+        """Write one group of settlements once the previous group is written; items that
+        arrive meanwhile join it. Run as a task of its own, whoever started it."""
+        async with self._settle_lock:
+            if self._settle_open is group:
+                self._settle_open = None  # closed: later beats start the next group
+            items = group.items
+            try:
+                finished = await self.ctx.db.write(_settling([i for i, _ in items]))
+            except Exception as exc:  # noqa: BLE001 - delivered to the beats that wait
+                if len(items) == 1 or not _worth_retrying_alone(exc):
+                    _deliver(items, exc)
+                    return
+                # One item's trouble must not fail the others' beats: each alone.
+                for item, done in items:
+                    try:
+                        one = await self.ctx.db.write(_settling([item]))
+                    except Exception as one_exc:  # noqa: BLE001 - that beat's answer
+                        _deliver([(item, done)], one_exc)
+                    else:
+                        self._settled(one)
+                        _deliver([(item, done)], None)
+                return
+            self._settled(finished)
+            _deliver(items, None)
+
+    def _settled(self, finished: handoff.Finished) -> None:
         metrics = self.ctx.metrics
         for _sid, overlap in finished.overlaps:
             metrics.handoffs_completed.inc()
