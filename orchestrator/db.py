@@ -2,9 +2,10 @@
 
 SQLite: WAL, a busy timeout, and writers serialised in-process and opened with
 ``BEGIN IMMEDIATE`` so a transaction never has to upgrade a read lock (the source of
-"database is locked" under load). Writes that queue for the lock are committed together
-(group commit): each runs in a SAVEPOINT of one transaction, so one that fails loses only
-its own changes, and a busy fleet pays one BEGIN/COMMIT and one lock hand-over per group
+"database is locked" under load). On both databases, writes that queue behind the one
+being written are committed together (group commit): each runs in a SAVEPOINT of one
+transaction, so one that fails loses only its own changes, and a busy fleet pays one
+BEGIN/COMMIT, one lock hand-over (SQLite's, or PostgreSQL's commit-order lock) per group
 instead of per call. PostgreSQL: row locks and conditional updates; a
 deadlock or serialisation failure is retried a few times before it becomes a 503. What a
 write means beyond its rows (cached views to drop) is left to commit hooks, so the store
@@ -162,6 +163,14 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _retry(exc: sa_exc.DBAPIError, attempt: int) -> bool:
+    """A PostgreSQL deadlock or serialisation failure, with attempts left: run it again."""
+    if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
+        log.info("orchestrator.write_retried", extra={"attempt": attempt})
+        return True
+    return False
+
+
 class CommitHook(Protocol):
     """Code run by every write: ``before_commit`` as the transaction's closing statements
     (before its events are inserted), ``after_commit`` once it committed. Both read what
@@ -193,10 +202,11 @@ class Database:
             self.statements.attach(engine.sync_engine)
         self._writes = async_sessionmaker(self.write_engine, expire_on_commit=False)
         self._reads = async_sessionmaker(self.read_engine, expire_on_commit=False)
-        # Only one writer at a time can hold SQLite's lock; queueing here is cheaper than
-        # spinning in busy_timeout on a worker thread.
-        self._sqlite_write_lock = asyncio.Lock() if self.is_sqlite else None
-        # SQLite's group commit: the group still taking writes, the tasks writing groups.
+        # One group of writes at a time: on SQLite only one writer can hold its lock, and
+        # queueing here is cheaper than spinning in busy_timeout on a worker thread; on
+        # PostgreSQL writes that change views queue on the commit-order lock anyway.
+        self._write_lock = asyncio.Lock()
+        # Group commit: the group still taking writes, the tasks writing groups.
         self._open_group: list[_QueuedWrite] | None = None
         self._group_tasks: set[asyncio.Task[None]] = set()
         # Run by every write around its commit (``view_sync.ViewSync`` is one).
@@ -222,20 +232,20 @@ class Database:
         claims), so cached worker views stay valid.
         """
         with database_errors():
-            if self._sqlite_write_lock is not None:
-                return cast(T, await self._write_grouped(work, changes))
-            for attempt in range(1, WRITE_RETRIES + 1):
-                try:
-                    return await self._write_once(work, changes)
-                except sa_exc.DBAPIError as exc:
-                    if _sqlstate(exc) in _RETRYABLE_SQLSTATES and attempt < WRITE_RETRIES:
-                        log.info("orchestrator.write_retried", extra={"attempt": attempt})
-                        await asyncio.sleep(WRITE_RETRY_PAUSE_S * attempt)
-                        continue
-                    raise
+            return cast(T, await self._write_grouped(work, changes))
+
+    async def _write_alone(self, work: Callable[[AsyncSession], Awaitable[T]], changes: bool) -> T:
+        for attempt in range(1, WRITE_RETRIES + 1):
+            try:
+                return await self._write_once(work, changes)
+            except sa_exc.DBAPIError as exc:
+                if _retry(exc, attempt):
+                    await asyncio.sleep(WRITE_RETRY_PAUSE_S * attempt)
+                    continue
+                raise
         raise AssertionError("unreachable")
 
-    # --- SQLite: group commit ---------------------------------------------------------
+    # --- group commit -----------------------------------------------------------------
 
     async def _write_grouped(
         self, work: Callable[[AsyncSession], Awaitable[Any]], changes: bool
@@ -258,8 +268,7 @@ class Database:
         return await asyncio.shield(done)
 
     async def _write_group(self, group: list[_QueuedWrite]) -> None:
-        assert self._sqlite_write_lock is not None
-        async with self._sqlite_write_lock:
+        async with self._write_lock:
             if self._open_group is group:
                 self._open_group = None  # closed: later writes open the next group
             try:
@@ -286,39 +295,53 @@ class Database:
         In arrival order, each seeing the ones before it: as if run one after the other."""
         if len(group) == 1:
             only = group[0]
-            return [(True, await self._write_once(only.work, only.changes))]
+            return [(True, await self._write_alone(only.work, only.changes))]
         outcomes: list[tuple[bool, Any]] = []
         async with self._writes() as session:
             context = write_context(session)
             quiet, scoped = True, True
             async with session.begin():
                 for queued in group:
-                    events, touched = len(context.events), set(context.touched)
-                    context.quiet, context.scoped = not queued.changes, False
-                    try:
-                        async with session.begin_nested():
-                            value = await queued.work(session)
-                    except Exception as exc:  # noqa: BLE001 - that write's outcome
-                        del context.events[events:]
-                        context.touched = touched
-                        outcomes.append((False, exc))
-                        continue
-                    finally:
-                        # Flushed by the savepoint's end: the next write starts with no
-                        # objects loaded, as in a session of its own (an object loaded
-                        # before a Core UPDATE would otherwise come back stale).
-                        session.expunge_all()
-                    if not context.quiet:
+                    ok, value = await self._write_saved(session, context, queued)
+                    if ok and not context.quiet:
                         quiet = False
                         scoped = scoped and context.scoped
-                    outcomes.append((True, value))
+                    outcomes.append((ok, value))
                 context.quiet, context.scoped = quiet, scoped
                 for hook in self.commit_hooks:
                     await hook.before_commit(session, context)
-                await event_log.write_pending(session, ordered=False)
+                await event_log.write_pending(
+                    session, ordered=not self.is_sqlite and not context.order_locked
+                )
             for hook in self.commit_hooks:
                 await hook.after_commit(session, context)
         return outcomes
+
+    async def _write_saved(
+        self, session: AsyncSession, context: WriteContext, queued: _QueuedWrite
+    ) -> tuple[bool, Any]:
+        """One write of a group in its SAVEPOINT (run again on a PostgreSQL deadlock or
+        serialisation failure, as a write alone would be); what it declared is undone
+        with it if it fails."""
+        for attempt in range(1, WRITE_RETRIES + 1):
+            events, touched = len(context.events), set(context.touched)
+            order_locked = context.order_locked  # a lock taken in a savepoint ends with it
+            context.quiet, context.scoped = not queued.changes, False
+            try:
+                async with session.begin_nested():
+                    return True, await queued.work(session)
+            except Exception as exc:  # noqa: BLE001 - that write's outcome
+                del context.events[events:]
+                context.touched, context.order_locked = touched, order_locked
+                if isinstance(exc, sa_exc.DBAPIError) and _retry(exc, attempt):
+                    await asyncio.sleep(WRITE_RETRY_PAUSE_S * attempt)
+                    continue
+                return False, exc
+            finally:
+                # Flushed by the savepoint's end: the next write starts with no objects
+                # loaded, as in a session of its own.
+                session.expunge_all()
+        raise AssertionError("unreachable")
 
     async def _write_once(self, work: Callable[[AsyncSession], Awaitable[T]], changes: bool) -> T:
         async with self._writes() as session:

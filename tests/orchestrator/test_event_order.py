@@ -1,11 +1,15 @@
 """Event ids become visible in id order, so a reader paging ``GET /events?after=`` by id
 never skips an event that a slower transaction commits later (PostgreSQL: concurrent
-writers; SQLite has one writer at a time)."""
+writers; SQLite has one writer at a time).
+
+One process writes one group of writes at a time (``Database.write``'s group commit), so
+the concurrent writer is a second ``Database`` on the same database: another replica."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -15,7 +19,17 @@ from devkit.harness import Harness, running
 from devkit.pg import PgDatabases
 from devkit.poll import eventually
 from orchestrator import events as ev
+from orchestrator.db import Database
 from shared.models import Event
+
+
+@contextlib.asynccontextmanager
+async def another_replica(db: Database) -> AsyncIterator[Database]:
+    other = Database(db.settings)
+    try:
+        yield other
+    finally:
+        await other.dispose()
 
 
 def codes(items: Sequence[Event]) -> list[str]:
@@ -40,7 +54,8 @@ async def test_an_event_committed_late_is_not_skipped_by_a_reader_paging_by_id(
 
         slow_write = asyncio.create_task(db.write(slow, changes=False))
         await recorded.wait()
-        await db.write(fast, changes=False)
+        async with another_replica(db) as other:
+            await other.write(fast, changes=False)
         seen = (await h.app.state.catalog.list_events(after=0, limit=100)).items
         assert codes(seen) == ["fast"]
         finish.set()
@@ -69,11 +84,13 @@ async def test_a_writer_waits_while_another_holds_event_ids_it_has_not_committed
 
         first_write = asyncio.create_task(db.write(first, changes=False))
         await drawn.wait()
-        second_write = asyncio.create_task(db.write(second, changes=False))
+        other = Database(db.settings)
+        second_write = asyncio.create_task(other.write(second, changes=False))
         await eventually(lambda: waiting_for_advisory_lock(h), what="the second writer waiting")
         assert not second_write.done()
         finish.set()
         await asyncio.gather(first_write, second_write)
+        await other.dispose()
         items = (await h.app.state.catalog.list_events(after=0, limit=100)).items
         assert codes(items) == ["first", "second"]
 

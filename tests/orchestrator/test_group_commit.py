@@ -1,16 +1,15 @@
-"""SQLite's group commit (``Database.write``): writes that queue for the lock share one
-transaction, each in a SAVEPOINT, and behave as if run one after the other.
+"""Group commit (``Database.write``): writes that queue behind the one being written share
+one transaction, each in a SAVEPOINT, and behave as if run one after the other.
 
-On a real SQLite file: concurrent writes land in fewer transactions than writes; one that
-fails loses its rows and its events and nothing else; each write sees the ones before it,
-including a Core UPDATE of a row an earlier write had loaded as an object.
+On a real SQLite file and a real PostgreSQL database: concurrent writes land in fewer
+transactions than writes; one that fails loses its rows and its events and nothing else;
+each write sees the ones before it, including a Core UPDATE of a row an earlier write
+had loaded as an object.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,10 +23,8 @@ from orchestrator.models import EventRow, StreamRow, WorkerRow
 
 
 @pytest.fixture
-async def db(tmp_path: Path, _sqlite_template: Path) -> Any:
-    target = tmp_path / "streamherd.db"
-    shutil.copyfile(_sqlite_template, target)
-    database = Database(Settings(database_url=f"sqlite+aiosqlite:///{target}"))
+async def db(db_url: str) -> Any:
+    database = Database(Settings(database_url=db_url))
     yield database
     await database.dispose()
 
