@@ -18,7 +18,7 @@ RUN python -m venv /opt/venv \
  && rm /tmp/requirements.txt
 
 # The orchestrator finds alembic.ini and alembic/ beside its package
-# (orchestrator/migrations.py, _project_root), so the package is installed editable
+# (orchestrator/migrations.py, project_root), so the package is installed editable
 # from /app rather than copied into site-packages, where our alembic/ would also
 # collide with the alembic library.
 COPY alembic.ini ./

@@ -218,11 +218,11 @@ class PgDatabases:
     def _ensure_template(self) -> None:
         if self._template_ready:
             return
-        from orchestrator.migrations import _upgrade
+        from orchestrator.migrate import upgrade
 
         asyncio.run(_execute(f'CREATE DATABASE "{self.template}"', admin=admin_url(), attempts=1))
         self.created.append(self.template)
-        _upgrade(with_database(admin_url(), self.template))
+        upgrade(with_database(admin_url(), self.template))
         self._template_ready = True
 
     def new(self, *, migrated: bool = True) -> str:

@@ -3,7 +3,9 @@
 Every ``ORCH_*`` setting is also a flag (``ORCH_LEASE_TTL_S`` is ``--lease-ttl-s``); flags
 win over the environment. A setting that makes no sense ends the start with one line that
 names it and exit status 2, never a traceback; so does a database that cannot be opened
-(or, with ``ORCH_AUTO_MIGRATE``, migrated) before the server starts. With
+(or, with ``ORCH_AUTO_MIGRATE``, migrated) before the server starts. A database already at
+head is not migrated at all; one behind is, by ``python -m orchestrator.migrate`` in a
+child process, so this one never loads Alembic (``orchestrator.migrations``). With
 ``ORCH_DB_STARTUP_TIMEOUT_S`` a database that does not answer yet is waited for that long
 (``orchestrator.startup``: one log line per attempt, ``/health`` answering meanwhile).
 With ``ORCH_TLS_CERT``/``ORCH_TLS_KEY`` it serves HTTPS (``orchestrator.tls``); certificate
@@ -83,7 +85,7 @@ def prepare_database(
 async def _prepare(
     settings: Settings, sock: socket.socket | None, ssl_context: ssl.SSLContext | None = None
 ) -> str | None:
-    from orchestrator.migrations import check_connection, upgrade_to_head
+    from orchestrator.migrations import MigrationFailed, check_connection, upgrade_to_head
     from orchestrator.startup import wait_for_database
 
     url = settings.database_url
@@ -114,6 +116,8 @@ async def _prepare(
     if settings.auto_migrate:
         try:
             await upgrade_to_head(url)
+        except MigrationFailed as exc:  # the child's own line: the reason and its type
+            return f"cannot migrate the database {where} (ORCH_AUTO_MIGRATE): {exc}"
         except Exception as exc:  # noqa: BLE001 - as above
             return f"cannot migrate the database {where} (ORCH_AUTO_MIGRATE): {_reason(exc)}"
     return None
@@ -159,9 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandLineError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    # Imported before logging is set up: alembic announces its plugins at INFO on import.
-    import orchestrator.migrations  # noqa: F401
-
     configure_logging(level=settings.log_level, json_format=settings.log_json)
     tls = None
     if settings.serves_tls:

@@ -45,14 +45,23 @@ class Renewal:
     stats: dict[str, Any] | None
 
 
-class LeaseBook:
-    """Lease renewals accepted by this replica and not yet written."""
+# How long after its lease ended a worker's last renewal is still remembered (``prune``),
+# and how often renewals look for such entries.
+DEFAULT_FORGET_AFTER_S = 60.0
+PRUNE_EVERY_S = 30.0
 
-    def __init__(self) -> None:
+
+class LeaseBook:
+    """Lease renewals accepted by this replica and not yet written, and the newest one
+    per worker while its lease may still matter."""
+
+    def __init__(self, *, forget_after_s: float = DEFAULT_FORGET_AFTER_S) -> None:
         self._pending: dict[str, Renewal] = {}
         # The newest renewal per worker, kept after it was flushed: cached views hold the
         # lease as it was when they were built, this holds it as it is now.
         self._latest: dict[str, tuple[int, float]] = {}
+        self._forget_after = forget_after_s
+        self._next_prune = 0.0
 
     def renew(
         self, worker_id: str, epoch: int, now: float, ttl: float, stats: dict[str, Any] | None
@@ -62,7 +71,35 @@ class LeaseBook:
             stats = previous.stats
         self._pending[worker_id] = Renewal(epoch, now, now + ttl, stats)
         self._latest[worker_id] = (epoch, now + ttl)
+        if now >= self._next_prune:  # amortised: a pass over the book every PRUNE_EVERY_S
+            self.prune(now)
         return now + ttl
+
+    def prune(self, now: float) -> int:
+        """Forget the newest renewals of leases that ended ``forget_after_s`` before
+        ``now`` and have nothing left to write; how many were forgotten.
+
+        Without this the book kept one entry per worker id ever seen (ids churn with
+        hosts and pods). Such an entry adds nothing: its renewal was written (pending
+        ones are kept, and a failed flush puts them back), and the stored lease never
+        shrinks, so a row's lease is at least as long; a view's is past anyway, so the
+        heartbeat reloads the row. The delay covers a flush still in flight.
+        """
+        self._next_prune = now + PRUNE_EVERY_S
+        cutoff = now - self._forget_after
+        ended = [
+            wid
+            for wid, (_, expires) in self._latest.items()
+            if expires < cutoff and wid not in self._pending
+        ]
+        for wid in ended:
+            del self._latest[wid]
+        return len(ended)
+
+    @property
+    def remembered(self) -> int:
+        """Workers whose newest renewal this book holds (pending or written)."""
+        return len(self._latest)
 
     def latest_expiry(self, worker_id: str, epoch: int) -> float | None:
         """The lease this replica last granted the worker in ``epoch``, if any."""

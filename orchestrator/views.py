@@ -19,6 +19,10 @@ from shared.models import WorkerState
 DEFAULT_MAX_AGE_S = 120.0
 # Invalidations remembered per worker id before they are forgotten all at once (``invalidate``).
 MAX_DROPPED = 10_000
+# How long a worker's session is remembered after the last view built for it (``prune``):
+# a worker beating through this replica rebuilds its view at least every max age.
+DEFAULT_SESSION_MEMORY_S = 600.0
+PRUNE_EVERY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +51,17 @@ class ViewCache:
     it loaded; ``view_sync`` invalidates them."""
 
     def __init__(
-        self, *, max_age_s: float = DEFAULT_MAX_AGE_S, clock: Clock = SYSTEM_CLOCK
+        self,
+        *,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        session_memory_s: float = DEFAULT_SESSION_MEMORY_S,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._views: dict[str, WorkerView] = {}
         self._max_age = max_age_s
+        self._session_memory = max(session_memory_s, max_age_s)
         self._clock = clock
+        self._next_prune = 0.0
         # Bumped on every invalidation. A view is stored only if neither it (``_dropped``)
         # nor all views (``_cleared``) were invalidated after its load began.
         self.generation = 0
@@ -61,7 +71,8 @@ class ViewCache:
         self.misses = 0
         # Each worker's newest session seen in a view, kept when the view is dropped: lets
         # the flood guard (``api.auth_guard``) tell a known worker's session from memory.
-        self._sessions: dict[str, str] = {}
+        # Worker id -> (session hash, when a view last carried it).
+        self._sessions: dict[str, tuple[str, float]] = {}
         self.remote_seen = 0  # the newest view change read (``view_sync.apply_remote``)
 
     def invalidate(self, workers: Collection[str] | None = None) -> None:
@@ -92,13 +103,44 @@ class ViewCache:
     def put(self, view: WorkerView, generation: int) -> None:
         """Store a view whose load began at ``generation``, unless it went stale meanwhile."""
         wid = view.worker_id
-        self._sessions[wid] = view.session_hash
+        now = self._clock.monotonic()
+        self._sessions[wid] = (view.session_hash, now)
         if self._cleared <= generation and self._dropped.get(wid, 0) <= generation:
             self._views[wid] = view
+        if now >= self._next_prune:  # amortised: a pass over the cache every PRUNE_EVERY_S
+            self.prune()
+
+    def prune(self) -> int:
+        """Drop views past their max age and sessions no view carried for
+        ``session_memory_s``; how many entries went.
+
+        Both grew with every worker id ever seen (an old view was only skipped, never
+        dropped, and a session was never forgotten). Neither costs anything: an old view
+        is a miss already, and a worker beating here rebuilds its view (and refreshes its
+        session) at least every max age; one that comes back after longer is checked by
+        the database, as any caller the guard does not know.
+        """
+        now = self._clock.monotonic()
+        self._next_prune = now + PRUNE_EVERY_S
+        old_views = [w for w, v in self._views.items() if now - v.built_at > self._max_age]
+        for wid in old_views:
+            del self._views[wid]
+        old_sessions = [
+            w for w, (_, seen) in self._sessions.items() if now - seen > self._session_memory
+        ]
+        for wid in old_sessions:
+            del self._sessions[wid]
+        return len(old_views) + len(old_sessions)
+
+    @property
+    def remembered(self) -> int:
+        """Workers this cache holds anything for (a view or a remembered session)."""
+        return len(self._views.keys() | self._sessions.keys())
 
     def known_session(self, worker_id: str) -> str | None:
         """The session hash of the newest view built for this worker, even if dropped since."""
-        return self._sessions.get(worker_id)
+        known = self._sessions.get(worker_id)
+        return known[0] if known is not None else None
 
     def now(self) -> float:
         return self._clock.monotonic()

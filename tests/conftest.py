@@ -43,10 +43,10 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from orchestrator.migrations import _upgrade
+    from orchestrator.migrate import upgrade
 
     path = tmp_path_factory.mktemp("template") / "template.db"
-    _upgrade(f"sqlite+aiosqlite:///{path}")
+    upgrade(f"sqlite+aiosqlite:///{path}")
     return path
 
 

@@ -444,9 +444,9 @@ async def test_no_hint_for_a_live_lease_read_a_reaper_interval_ago(
 ) -> None:
     """With a short lease for its beat (10 s for 5 s), a live worker's lease as last read
     (up to a reaper interval and a flush old) still ends later than any silent one's."""
-    from orchestrator.migrations import _upgrade
+    from orchestrator.migrate import upgrade
 
-    await asyncio.to_thread(_upgrade, sqlite_url)
+    await asyncio.to_thread(upgrade, sqlite_url)
     async with running(
         sqlite_url, clock, heartbeat_interval_s=5.0, lease_ttl_s=10.0, reaper_interval_s=1.0
     ) as h:
@@ -483,9 +483,9 @@ async def test_a_freeze_inside_a_pass_makes_the_next_pass_grant_grace(
 async def test_the_loop_watcher_measures_how_long_the_event_loop_stood_still(
     sqlite_url: str, clock: FakeClock
 ) -> None:
-    from orchestrator.migrations import _upgrade
+    from orchestrator.migrate import upgrade
 
-    await asyncio.to_thread(_upgrade, sqlite_url)
+    await asyncio.to_thread(upgrade, sqlite_url)
     async with running(sqlite_url, clock) as h:
         reaper = h.app.state.reaper
         stop = asyncio.Event()

@@ -21,7 +21,7 @@ from devkit.poll import eventually
 from orchestrator.heartbeats import assignment_json
 from orchestrator.ownership import to_assignment
 from orchestrator.view_sync import LegacyWriters, apply_remote
-from orchestrator.views import MAX_DROPPED, ViewCache, WorkerView
+from orchestrator.views import MAX_DROPPED, PRUNE_EVERY_S, ViewCache, WorkerView
 from shared.models import WorkerState
 
 
@@ -106,6 +106,34 @@ def test_views_expire_after_max_age() -> None:
     assert cache.get("a") is not None
     clock.now = 221.0
     assert cache.get("a") is None
+
+
+def test_old_views_and_forgotten_sessions_leave_the_cache() -> None:
+    """A worker gone for good leaves nothing behind: its view goes once past max age, its
+    session once no view carried it for ``session_memory_s``; a beating worker stays."""
+    clock = FakeClock(0.0)
+    cache = ViewCache(max_age_s=120.0, session_memory_s=600.0, clock=clock)
+    cache.put(view("gone", built_at=0.0), cache.generation)
+    for now in range(0, 700, 60):  # "live" rebuilds its view each minute
+        clock.now = float(now)
+        cache.put(view("live", built_at=clock.now), cache.generation)
+        if now == 180:
+            assert cache.known_session("gone") == "h", "remembered past its view's max age"
+    assert cache.get("live") is not None and cache.known_session("live") == "h"
+    assert cache.known_session("gone") is None
+    assert "gone" not in cache._views and cache.remembered == 1
+
+
+def test_worker_churn_leaves_the_cache_bounded() -> None:
+    """10,000 worker ids each seen once, a second apart: only the last session memory's
+    worth of them is held, not every id ever seen."""
+    clock = FakeClock(0.0)
+    cache = ViewCache(max_age_s=120.0, session_memory_s=600.0, clock=clock)
+    for i in range(10_000):
+        clock.now = float(i)
+        cache.put(view(f"w-{i}", built_at=clock.now), cache.generation)
+    assert cache.remembered <= 600 + PRUNE_EVERY_S + 1
+    assert len(cache._views) <= 120 + PRUNE_EVERY_S + 1
 
 
 def test_changes_announced_by_other_replicas_drop_the_views_they_name() -> None:
