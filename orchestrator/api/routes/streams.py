@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
 from pydantic import ValidationError
 from pydantic_core import to_json
 
@@ -26,10 +26,14 @@ AUDIT_MAX_IDS = 100
 
 
 @router.post("/streams", status_code=201, response_model=m.CreateStreamsAnswer)
-async def create_streams(req: m.CreateStreamsRequest, audit: AuditDep, catalog: CatalogDep) -> Any:
-    # Encoded here, not by FastAPI: validating 10,000 answers again cost more than the
-    # insert (``Catalog.create_streams`` builds them from validated values).
-    created = await catalog.create_streams(req)
+async def create_streams(
+    specs: Annotated[m.CreateStreamsBody, Body()], audit: AuditDep, catalog: CatalogDep
+) -> Any:
+    # The body is a ``CreateStreamsRequest``, validated without a model per stream
+    # (``shared.models.stream_specs``). The answer is encoded here, not by FastAPI:
+    # validating 10,000 answers again cost more than the insert (``Catalog.create_streams``
+    # builds them from validated values).
+    created = await catalog.create_streams(specs)
     ids = [s["id"] for s in created]
     # A batch may hold thousands: the count, and the ids of a small one.
     await audit.record(
@@ -54,8 +58,7 @@ async def import_streams(
     answer = m.ImportAnswer(created=0, batches=0)
     try:
         async for specs in ndjson_batches(request.stream(), batch):
-            request_ = m.CreateStreamsRequest.model_construct(streams=specs)
-            created = await catalog.create_streams(request_)
+            created = await catalog.create_streams(specs)
             answer.created += len(created)
             answer.batches += 1
             answer.first_id = answer.first_id or created[0]["id"]
@@ -76,10 +79,11 @@ async def import_streams(
 
 async def ndjson_batches(
     chunks: AsyncIterator[bytes], size: int
-) -> AsyncIterator[list[m.StreamSpec]]:
-    """``StreamSpec`` lists of ``size`` from a body of JSON lines, as its chunks arrive
-    (blank lines skipped); a line that is not one is a ``ValidationFailed`` naming it."""
-    batch: list[m.StreamSpec] = []
+) -> AsyncIterator[list[m.StreamSpecFields]]:
+    """Lists of ``size`` streams from a body of JSON lines (each a ``StreamSpec``), as its
+    chunks arrive (blank lines skipped); a line that is not one is a ``ValidationFailed``
+    naming it."""
+    batch: list[m.StreamSpecFields] = []
     pending = b""
     number = 0
 
@@ -94,7 +98,7 @@ async def ndjson_batches(
         if not line.strip():
             return
         try:
-            batch.append(m.StreamSpec.model_validate_json(line))
+            batch.append(m.stream_spec_json(line))
         except ValidationError as exc:
             errors = [
                 {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
