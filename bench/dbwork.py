@@ -275,7 +275,7 @@ async def create_seconds(client: httpx.AsyncClient) -> float:
     text = (await client.get("/metrics")).text
     for line in text.splitlines():
         if line.startswith("streamherd_http_request_duration_seconds_sum{") and (
-            'route="/api/v1/streams"' in line and 'method="POST"' in line
+            'route="/streams"' in line and 'method="POST"' in line
         ):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
