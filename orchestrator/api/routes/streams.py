@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response
 from pydantic import ValidationError
-from pydantic_core import to_json
 
 from orchestrator.api.deps import AuditDep, CatalogDep
 from orchestrator.auth import AdminDep
@@ -30,16 +29,16 @@ async def create_streams(
     specs: Annotated[m.CreateStreamsBody, Body()], audit: AuditDep, catalog: CatalogDep
 ) -> Any:
     # The body is a ``CreateStreamsRequest``, validated without a model per stream
-    # (``shared.models.stream_specs``). The answer is encoded here, not by FastAPI:
-    # validating 10,000 answers again cost more than the insert (``Catalog.create_streams``
-    # builds them from validated values).
+    # (``shared.models.stream_specs``). The answer is written by the catalogue from the
+    # values it inserted, not by FastAPI: validating 10,000 answers again cost more than
+    # the insert.
     created = await catalog.create_streams(specs)
-    ids = [s["id"] for s in created]
+    ids = created.ids
     # A batch may hold thousands: the count, and the ids of a small one.
     await audit.record(
         "stream_create", count=len(ids), stream_ids=ids if len(ids) <= AUDIT_MAX_IDS else None
     )
-    return Response(to_json({"created": created}), status_code=201, media_type="application/json")
+    return Response(created.answer_json(), status_code=201, media_type="application/json")
 
 
 @router.post(IMPORT_PATH, status_code=201, response_model=m.ImportAnswer)
@@ -59,10 +58,10 @@ async def import_streams(
     try:
         async for specs in ndjson_batches(request.stream(), batch):
             created = await catalog.create_streams(specs)
-            answer.created += len(created)
+            answer.created += created.count
             answer.batches += 1
-            answer.first_id = answer.first_id or created[0]["id"]
-            answer.last_id = created[-1]["id"]
+            answer.first_id = answer.first_id or created.ids[0]
+            answer.last_id = created.ids[-1]
     except ApiError as exc:
         exc.details = {**exc.details, "created": answer.created, "batches": answer.batches}
         raise
