@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from itertools import repeat
-from typing import Any, Final
+from itertools import groupby, repeat
+from typing import Any, Final, cast
 
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -116,37 +116,29 @@ async def write_pending(session: AsyncSession, *, ordered: bool) -> None:
     conn = await session.connection()
     postgres = conn.dialect.name == "postgresql"
     single = _INSERT_EVENTS_SQL.format("$1, $2, $3, $4, $5" if postgres else "?, ?, ?, ?, ?")
-    rows: list[tuple[Any, ...]] = []
-    for item in [*pending, None]:
-        if isinstance(item, dict):
-            rows.append(
-                (
-                    item["type"],
-                    item["at"],
-                    item["worker_id"],
-                    item["stream_id"],
-                    json.dumps(item["data"]),
+    for batched, run in groupby(pending, key=lambda item: isinstance(item, EventBatch)):
+        if not batched:
+            rows = cast(list[dict[str, Any]], list(run))
+            await conn.exec_driver_sql(
+                single,
+                [
+                    (r["type"], r["at"], r["worker_id"], r["stream_id"], json.dumps(r["data"]))
+                    for r in rows
+                ],
+            )
+            continue
+        for batch in cast(list[EventBatch], list(run)):
+            if not batch.stream_ids:
+                continue
+            if postgres:
+                await conn.exec_driver_sql(
+                    _INSERT_BATCH_PG, (batch.type, batch.at, batch.stream_ids, batch.data)
                 )
-            )
-            continue
-        if rows:
-            await conn.exec_driver_sql(single, rows)
-            rows = []
-        if item is None or not item.stream_ids:
-            continue
-        if postgres:
-            await conn.exec_driver_sql(
-                _INSERT_BATCH_PG, (item.type, item.at, item.stream_ids, item.data)
-            )
-        else:
-            await conn.exec_driver_sql(
-                _INSERT_EVENTS_SQL.format("?, ?, NULL, ?, ?"),
-                list(
-                    zip(
-                        repeat(item.type), repeat(item.at), item.stream_ids, item.data, strict=False
-                    )
-                ),
-            )
+            else:
+                await conn.exec_driver_sql(
+                    _INSERT_EVENTS_SQL.format("?, ?, NULL, ?, ?"),
+                    list(zip(repeat(batch.type), repeat(batch.at), batch.stream_ids, batch.data)),
+                )
 
 
 async def record_one(

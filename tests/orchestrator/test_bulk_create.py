@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from devkit.clock import FakeClock
 from devkit.harness import ADMIN, API, Harness, assert_error, running
+from orchestrator import events as ev
+from orchestrator.db import Database
 from orchestrator.db_stats import StatementCounter
 from shared import limits
 
@@ -191,3 +195,28 @@ async def test_rules_are_stored_and_told_in_the_created_events(
             {"name": "eu", "requires": {"zone": "eu"}, "prefers": {"disk": "ssd"}},
             {"name": "ssd", "prefers": {"disk": "ssd"}},
         ]
+
+
+async def test_batched_and_single_events_keep_the_order_they_were_recorded(
+    db_url: str, clock: FakeClock
+) -> None:
+    """A single event, a batch of three, another single: ids in that order, data intact."""
+    async with running(db_url, clock) as h:
+        db: Database = h.app.state.db
+
+        async def work(session: AsyncSession) -> None:
+            await ev.record_one(session, "first", 1.0, stream_id=1, n=1)
+            await ev.record_batch(session, "batch", 2.0, [2, 3, 4], ['{"k": 2}', "{}", "{}"])
+            await ev.record_one(session, "last", 3.0, worker_id="w", n=5)
+
+        await db.write(work)
+        page = await h.client.get(f"{API}/events", params={"limit": 100}, headers=ADMIN)
+        items = page.json()["items"]
+        assert [(e["type"], e.get("stream_id"), e["data"]) for e in items] == [
+            ("first", 1, {"n": 1}),
+            ("batch", 2, {"k": 2}),
+            ("batch", 3, {}),
+            ("batch", 4, {}),
+            ("last", None, {"n": 5}),
+        ]
+        assert [e["id"] for e in items] == sorted(e["id"] for e in items)
