@@ -63,7 +63,7 @@ def _check_tree(value: Any, depth: int) -> None:
         raise ValueError("integers must fit in 64 bits")
 
 
-def check_bounded_json(value: dict[str, Any], max_keys: int, max_bytes: int) -> dict[str, Any]:
+def _check_bounded_json(value: dict[str, Any], max_keys: int, max_bytes: int) -> dict[str, Any]:
     if len(value) > max_keys:
         raise ValueError(f"at most {max_keys} keys")
     _check_tree(value, 1)
@@ -73,7 +73,7 @@ def check_bounded_json(value: dict[str, Any], max_keys: int, max_bytes: int) -> 
 
 
 def _bounded_json(max_keys: int, max_bytes: int) -> AfterValidator:
-    return AfterValidator(lambda value: check_bounded_json(value, max_keys, max_bytes))
+    return AfterValidator(lambda value: _check_bounded_json(value, max_keys, max_bytes))
 
 
 def _wire_time(value: datetime) -> datetime:
@@ -381,7 +381,7 @@ def _passes_python_checks(specs: list[StreamSpecFields]) -> bool:
     try:
         for spec in [s for s in specs if "metadata" in s or "requires" in s or "prefers" in s]:
             if spec.get("metadata"):
-                check_bounded_json(
+                _check_bounded_json(
                     spec["metadata"], limits.MAX_METADATA_KEYS, limits.MAX_METADATA_BYTES
                 )
             for rule in (spec.get("requires"), spec.get("prefers")):
