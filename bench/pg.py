@@ -10,8 +10,10 @@ import asyncio
 from devkit.pg import ScratchDatabases, dsn
 
 
-async def bare_insert_seconds(rows: int) -> float:
-    """A bare executemany of ``rows`` stream-shaped rows into an unlogged-free scratch table."""
+async def bare_insert_seconds(rows: int, *, unnest: bool = False) -> float:
+    """A bare executemany of ``rows`` stream-shaped rows into an unlogged-free scratch table
+    (``unnest``: one ``INSERT ... SELECT FROM unnest`` of arrays per 1,000 instead, the
+    statement the orchestrator's bulk create uses)."""
     import asyncpg
 
     scratch = ScratchDatabases()
@@ -24,7 +26,11 @@ async def bare_insert_seconds(rows: int) -> float:
             started = asyncio.get_running_loop().time()
             for start in range(0, rows, 1000):
                 async with conn.transaction():
-                    await conn.executemany(BARE_INSERT_PG, data[start : start + 1000])
+                    if unnest:
+                        columns = [list(c) for c in zip(*data[start : start + 1000], strict=True)]
+                        await conn.execute(BARE_UNNEST_PG, *columns)
+                    else:
+                        await conn.executemany(BARE_INSERT_PG, data[start : start + 1000])
             return asyncio.get_running_loop().time() - started
         finally:
             await conn.close()
@@ -42,6 +48,11 @@ CREATE TABLE streams (
 BARE_INSERT_PG = (
     "INSERT INTO streams (name, url, meta, status, token, failures, created_at, updated_at) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+BARE_UNNEST_PG = (
+    "INSERT INTO streams (name, url, meta, status, token, failures, created_at, updated_at) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], "
+    "$6::integer[], $7::float8[], $8::float8[])"
 )
 BARE_INSERT_SQLITE = BARE_INSERT_PG.replace("$1, $2, $3, $4, $5, $6, $7, $8", "?,?,?,?,?,?,?,?")
 

@@ -10,9 +10,23 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Final
+from collections.abc import Iterable, Sequence
+from itertools import repeat
+from json.encoder import encode_basestring_ascii
+from typing import Any, Final, cast
 
-from sqlalchemy import ColumnElement, case, delete, false, func, or_, select, true, update
+from pydantic_core import to_json
+from sqlalchemy import (
+    ColumnElement,
+    case,
+    delete,
+    false,
+    func,
+    literal_column,
+    or_,
+    select,
+    true,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -75,94 +89,216 @@ def stream_out(row: StreamRow, eligibility: Eligibility | None = None) -> m.Stre
     )
 
 
-def created_out(row: dict[str, Any], who: Eligibility | None = None) -> dict[str, Any]:
-    """A row ``insert_streams`` wrote, as the wire's ``Stream`` (JSON-ready): the answer to
-    a create of 10,000 streams, built as pydantic models and validated again by FastAPI,
-    cost more than inserting them. Its values were validated on the way in
-    (``StreamSpec``); every field ``stream_out`` sets must be here too (a test compares
-    the two: ``test_bulk_create``)."""
-    return {
-        "id": row["id"],
-        "name": row["name"],
-        "url": row["url"],
-        "metadata": row["metadata"],
-        "status": row["status"],
-        "owner": None,
-        "token": row["token"],
-        "failures": 0,
-        "requires": row["requires"],
-        "prefers": row["prefers"],
-        "placeable": True if who is None else who.placeable(row["placement_key"]),
-    }
+# --- creation in bulk -------------------------------------------------------------------
+#
+# A 10,000-stream create is a handful of statements over columns of values: no ORM object,
+# no row dict, no per-row parameter processing in SQLAlchemy. On PostgreSQL each insert is
+# one statement over arrays (``unnest``): an executemany there is a bind and an execute
+# per row, slower than the rest of the call together. On SQLite one executemany (the
+# driver's loop, in C). The values were validated by ``shared.models.stream_specs``; JSON
+# is encoded as the JSON column type would encode it (``json.dumps``).
 
-
-# The columns a create writes, in the order of the driver-level INSERT below.
-_CREATE_COLUMNS: Final = (
-    "id",
-    "name",
-    "url",
-    "metadata",
-    "requires",
-    "prefers",
-    "placement_key",
-    "status",
-    "token",
-    "failures",
-    "created_at",
-    "updated_at",
+_INSERT_STREAMS_PG: Final = (
+    "INSERT INTO streams (id, name, url, metadata, requires, prefers, placement_key, "
+    "status, token, failures, created_at, updated_at) "
+    "SELECT u.id, u.name, u.url, u.metadata::json, u.requires::json, u.prefers::json, "
+    "u.placement_key, $8, 0, 0, $9, $9 "
+    "FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], "
+    "$7::text[]) AS u(id, name, url, metadata, requires, prefers, placement_key)"
+)
+_INSERT_STREAMS_SQLITE: Final = (
+    "INSERT INTO streams (id, name, url, metadata, requires, prefers, placement_key, "
+    "status, token, failures, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)"
+)
+_TAKEN_PG: Final = "SELECT id FROM streams WHERE id = ANY($1::bigint[])"
+_TAKEN_SQLITE: Final = "SELECT id FROM streams WHERE id IN (SELECT value FROM json_each(?))"
+# New streams whose id was deleted before start at the token it had reached. Run after
+# the insert: on PostgreSQL a concurrent delete of the same id has committed by then (the
+# insert waited for it), and this statement's snapshot sees its floor.
+_FLOORS_PG: Final = (
+    "UPDATE streams SET token = f.token FROM stream_token_floors AS f "
+    "WHERE f.stream_id = streams.id AND streams.id = ANY($1::bigint[]) "
+    "AND f.token > streams.token RETURNING streams.id, streams.token"
+)
+_FLOORS_SQLITE: Final = (
+    "UPDATE streams SET token = f.token FROM stream_token_floors AS f "
+    "WHERE f.stream_id = streams.id AND streams.id IN (SELECT value FROM json_each(?)) "
+    "AND f.token > streams.token RETURNING streams.id, streams.token"
 )
 
-_JSON_COLUMNS: Final = frozenset({"metadata", "requires", "prefers"})
 
-
-async def _new_stream_ids(session: AsyncSession, count: int) -> list[int]:
-    """``count`` ids for new streams, as the database would have chosen them.
+async def _new_stream_ids(session: AsyncSession, count: int, explicit: list[int]) -> list[int]:
+    """``count`` ids for new streams, above the largest id there is or being created.
 
     SQLite (one writer, and this transaction holds the lock): the largest id plus one,
-    onwards, which is what SQLite gives a rowid table's new rows. PostgreSQL: drawn from
-    the id sequence in one statement.
+    onwards, which is what SQLite gives a rowid table's new rows. PostgreSQL: the id
+    sequence moved past the explicit ids (even when ``count`` is 0: later creates draw
+    from it), then drawn from in one statement.
     """
     if session.get_bind().dialect.name == "postgresql":
+        name = (
+            await session.execute(select(func.pg_get_serial_sequence("streams", "id")))
+        ).scalar()
+        # Named as a constant: ``nextval`` of a computed name looks the sequence up again for
+        # every row (ten times the cost of the draw itself).
+        sequence: ColumnElement[Any] = literal_column(
+            "'" + str(name).replace("'", "''") + "'::regclass"
+        )
+        if explicit:
+            highest = func.greatest(select(func.max(StreamRow.id)).scalar_subquery(), max(explicit))
+            await session.execute(select(func.setval(sequence, highest)))
+        if not count:
+            return []
+        # One array, not 10,000 rows: decoding the rows cost more than the draw.
         drawn = await session.execute(
-            select(func.nextval(func.pg_get_serial_sequence("streams", "id"))).select_from(
+            select(func.array_agg(func.nextval(sequence))).select_from(
                 func.generate_series(1, count)
             )
         )
-        return sorted(drawn.scalars())
+        return sorted(drawn.scalar_one())
+    if not count:
+        return []
     top = (await session.execute(select(func.max(StreamRow.id)))).scalar() or 0
+    top = max([top, *explicit])
     if top + count > MAX_STREAM_ID:
         raise Conflict("no stream ids are left above the largest existing id")
     return list(range(top + 1, top + count + 1))
 
 
-async def insert_streams(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-    """Insert stream rows (column keys; an ``id`` of None gets a new one, written back into
-    the row) as one executemany at the driver.
+def _json_column(values: list[dict[str, Any]]) -> list[str]:
+    return [json.dumps(v) if v else "{}" for v in values]
 
-    Below SQLAlchemy's Core on purpose: its per-row parameter processing (and the JSON
-    type's) was most of the cost of a 10,000-stream create. The values were validated by
-    ``StreamSpec``; metadata is encoded here as the JSON type would encode it.
-    """
-    if not rows:
-        return
-    missing = [r for r in rows if r["id"] is None]
-    if missing:
-        for row, new_id in zip(missing, await _new_stream_ids(session, len(missing)), strict=True):
-            row["id"] = new_id
-    conn = await session.connection()
-    if conn.dialect.name == "postgresql":
-        marks = ", ".join(f"${i}" for i in range(1, len(_CREATE_COLUMNS) + 1))
-    else:
-        marks = ", ".join("?" for _ in _CREATE_COLUMNS)
-    sql = f"INSERT INTO streams ({', '.join(_CREATE_COLUMNS)}) VALUES ({marks})"
-    params = [
-        tuple(
-            (json.dumps(r[c]) if r[c] else "{}") if c in _JSON_COLUMNS else r[c]
-            for c in _CREATE_COLUMNS
+
+def _created_data(name: str, requires: dict[str, str], prefers: dict[str, str]) -> str:
+    """A ``stream_created`` event's data as ``json.dumps`` writes it: the name, and the
+    rules of a stream that has any."""
+    if not requires and not prefers:
+        return '{"name": ' + encode_basestring_ascii(name) + "}"
+    data: dict[str, Any] = {"name": name}
+    if requires:
+        data["requires"] = dict(requires)
+    if prefers:
+        data["prefers"] = dict(prefers)
+    return json.dumps(data)
+
+
+# One created stream in the answer; the fields of ``shared.models.Stream``.
+_ANSWER_ITEM: Final = (
+    '{"id":%d,"name":%s,"url":%s,"metadata":%s,"status":"active","owner":null,'
+    '"token":%d,"failures":0,"requires":%s,"prefers":%s,"placeable":%s}'
+)
+
+
+class NewStreams:
+    """A create's streams as columns, in request order: what is inserted, and the answer."""
+
+    def __init__(self, specs: Sequence[m.StreamSpecFields]) -> None:
+        self.count = len(specs)
+        self.explicit: list[int | None] = [s.get("id") for s in specs]
+        self.ids: list[int] = []
+        self.names = [s["name"] for s in specs]
+        self.urls = [s.get("url") for s in specs]
+        self.metadata = [s.get("metadata") or {} for s in specs]
+        self.requires = [s.get("requires") or {} for s in specs]
+        self.prefers = [s.get("prefers") or {} for s in specs]
+        self.ruled = any(self.requires) or any(self.prefers)
+        self.placement_keys = (
+            [placement_key(r, p) for r, p in zip(self.requires, self.prefers, strict=True)]
+            if self.ruled
+            else [""] * self.count
         )
-        for r in rows
-    ]
-    await conn.exec_driver_sql(sql, params)
+        self.tokens: list[int] = [0] * self.count
+        self.who: Eligibility | None = None  # the workers that may take them, once created
+
+    def _placeable(self) -> Iterable[bool]:
+        who = self.who
+        if who is None:
+            return repeat(True)
+        if self.ruled:
+            return [who.placeable(k) for k in self.placement_keys]
+        return repeat(who.placeable(""))
+
+    def answer_json(self) -> bytes:
+        """The create's answer, ``{"created": [Stream]}``, from the values written.
+
+        Written item by item from a template (``_ANSWER_ITEM``): 10,000 answer models, or
+        even dicts encoded by pydantic, cost a fifth of the call. Strings are escaped by
+        the ``json`` module's own encoder; metadata and rules, where there are any, are
+        encoded by pydantic. Every field ``stream_out`` sets must be here too (a test
+        compares the two through the API: ``test_bulk_create``).
+        """
+
+        def obj(value: dict[str, Any]) -> str:
+            return to_json(value).decode() if value else "{}"
+
+        items = [
+            _ANSWER_ITEM
+            % (
+                i,
+                encode_basestring_ascii(name),
+                "null" if url is None else encode_basestring_ascii(url),
+                obj(meta),
+                token,
+                obj(req),
+                obj(pref),
+                "true" if ok else "false",
+            )
+            for i, name, url, meta, token, req, pref, ok in zip(
+                self.ids,
+                self.names,
+                self.urls,
+                self.metadata,
+                self.tokens,
+                self.requires,
+                self.prefers,
+                self._placeable(),
+                strict=False,
+            )
+        ]
+        return ('{"created":[' + ",".join(items) + "]}").encode()
+
+    async def insert(self, session: AsyncSession, now: float) -> None:
+        """Check the explicit ids, give the others new ones, insert every row, apply the
+        token floors, and record a ``stream_created`` event per stream. A taken id is a
+        ``Conflict`` naming them (and the transaction writes nothing)."""
+        conn = await session.connection()
+        postgres = conn.dialect.name == "postgresql"
+        explicit = [i for i in self.explicit if i is not None]
+        if explicit:
+            sql, ids = (_TAKEN_PG, explicit) if postgres else (_TAKEN_SQLITE, json.dumps(explicit))
+            taken = [row[0] for row in await conn.exec_driver_sql(sql, (ids,))]
+            if taken:
+                raise Conflict("stream ids already exist", details={"ids": sorted(taken)})
+        missing = self.count - len(explicit)
+        fresh = iter(await _new_stream_ids(session, missing, explicit))
+        self.ids = [next(fresh) if i is None else i for i in self.explicit]
+        columns = (
+            self.ids,
+            self.names,
+            self.urls,
+            _json_column(self.metadata),
+            _json_column(self.requires),
+            _json_column(self.prefers),
+            self.placement_keys,
+        )
+        status = StreamStatus.ACTIVE.value
+        if postgres:
+            await conn.exec_driver_sql(_INSERT_STREAMS_PG, (*columns, status, now))
+            raised = await conn.exec_driver_sql(_FLOORS_PG, (self.ids,))
+        else:
+            await conn.exec_driver_sql(
+                _INSERT_STREAMS_SQLITE,
+                list(zip(*columns, repeat(status), repeat(now), repeat(now), strict=False)),
+            )
+            raised = await conn.exec_driver_sql(_FLOORS_SQLITE, (json.dumps(self.ids),))
+        floors = dict(cast(list[tuple[int, int]], raised.all()))
+        self.tokens = [floors.get(i, 0) for i in self.ids] if floors else [0] * self.count
+        data = [
+            _created_data(name, req, pref)
+            for name, req, pref in zip(self.names, self.requires, self.prefers, strict=True)
+        ]
+        await ev.record_batch(session, ev.STREAM_CREATED, now, self.ids, data)
 
 
 async def eligibility(session: AsyncSession, *, ruled: bool = True) -> Eligibility:
@@ -188,16 +324,6 @@ async def unplaceable_keys(session: AsyncSession, who: Eligibility) -> list[str]
         await session.execute(select(StreamRow.placement_key).where(RULED).distinct())
     ).scalars()
     return sorted(k for k in keys if not who.placeable(k))
-
-
-def _rule_data(row: dict[str, Any]) -> dict[str, Any]:
-    """A created stream's rules, for its event (nothing for a stream without any)."""
-    data: dict[str, Any] = {}
-    if row["requires"]:
-        data["requires"] = dict(row["requires"])
-    if row["prefers"]:
-        data["prefers"] = dict(row["prefers"])
-    return data
 
 
 def _placeable_filter(keys: list[str] | None, placeable: bool) -> ColumnElement[bool]:
@@ -257,31 +383,6 @@ async def _raise_floor(session: AsyncSession, stream_id: int, token: int, now: f
             },
         )
     )
-
-
-async def _apply_floors(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-    """New streams whose id was deleted before start at the token it had reached.
-
-    One query for the whole batch (``MAX_STREAMS_PER_CREATE`` ids at most), read after the
-    rows are inserted: on PostgreSQL a concurrent delete of the same id has committed by
-    then (the insert waited for it), so its floor is seen. The raised rows are updated in
-    one executemany, and the row dicts (the answer) carry the new token.
-    """
-    by_id = {r["id"]: r for r in rows}
-    floors = await session.execute(
-        select(StreamTokenFloorRow.stream_id, StreamTokenFloorRow.token).where(
-            StreamTokenFloorRow.stream_id.in_(by_id)
-        )
-    )
-    raised: list[dict[str, Any]] = []
-    for stream_id, token in floors:
-        row = by_id[stream_id]
-        if token > row["token"]:
-            row["token"] = token
-            raised.append({"id": stream_id, "token": token})
-    if raised:
-        # ORM bulk UPDATE by primary key: one executemany.
-        await session.execute(update(StreamRow), raised)
 
 
 class Catalog:
@@ -432,76 +533,23 @@ class Catalog:
 
     # --- streams ---------------------------------------------------------------------------
 
-    async def create_streams(self, req: m.CreateStreamsRequest) -> list[dict[str, Any]]:
-        """Create the streams in one transaction; the answer's ``created`` items (JSON-ready
-        ``Stream`` values, in request order)."""
-        explicit = [s.id for s in req.streams if s.id is not None]
+    async def create_streams(self, specs: Sequence[m.StreamSpecFields]) -> NewStreams:
+        """Create the streams in one transaction: the batch, with its ids, tokens and the
+        workers that may take them (``NewStreams.answer_json`` is the wire's answer)."""
+        explicit = [i for s in specs if (i := s.get("id")) is not None]
         if len(explicit) != len(set(explicit)):
             raise ValidationFailed("the same stream id appears twice in one request")
+        new = NewStreams(specs)
 
-        async def work(session: AsyncSession) -> tuple[list[dict[str, Any]], Eligibility]:
-            now = self.ctx.clock.wall()
-            if explicit:
-                taken = (
-                    (await session.execute(select(StreamRow.id).where(StreamRow.id.in_(explicit))))
-                    .scalars()
-                    .all()
-                )
-                if taken:
-                    raise Conflict("stream ids already exist", details={"ids": sorted(taken)})
-            # Column values, not ORM objects: one executemany for every row
-            # (``insert_streams``) instead of one INSERT and one object per stream.
-            rows: list[dict[str, Any]] = [
-                {
-                    "id": spec.id,
-                    "name": spec.name,
-                    "url": spec.url,
-                    "metadata": dict(spec.metadata),
-                    "requires": dict(spec.requires),
-                    "prefers": dict(spec.prefers),
-                    "placement_key": placement_key(spec.requires, spec.prefers),
-                    "status": StreamStatus.ACTIVE.value,
-                    "token": 0,
-                    "failures": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for spec in req.streams
-            ]
-            # Explicit ids first: on PostgreSQL the id sequence is moved past them before
-            # any row takes an id from it.
-            await insert_streams(session, [r for r in rows if r["id"] is not None])
-            if explicit and session.get_bind().dialect.name == "postgresql":
-                await session.execute(
-                    select(
-                        func.setval(
-                            func.pg_get_serial_sequence("streams", "id"),
-                            select(func.max(StreamRow.id)).scalar_subquery(),
-                        )
-                    )
-                )
-            await insert_streams(session, [r for r in rows if r["id"] is None])
-            await _apply_floors(session, rows)
-            await ev.record(
-                session,
-                (
-                    ev.event(
-                        ev.STREAM_CREATED,
-                        now,
-                        stream_id=r["id"],
-                        name=r["name"],
-                        **_rule_data(r),
-                    )
-                    for r in rows
-                ),
-            )
+        async def work(session: AsyncSession) -> Eligibility:
+            await new.insert(session, self.ctx.clock.wall())
             # Whether each is placeable: one look at the workers.
-            return rows, await eligibility(session, ruled=any(r["requires"] for r in rows))
+            return await eligibility(session, ruled=new.ruled)
 
         with stream_id_conflicts():
-            rows, who = await self.ctx.db.write(work)
+            new.who = await self.ctx.db.write(work)
         self.ctx.signal.changed()
-        return [created_out(r, who) for r in rows]
+        return new
 
     async def list_streams(
         self,

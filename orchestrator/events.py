@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, Final
+from itertools import groupby, repeat
+from typing import Any, Final, cast
 
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.models import EventRow
-from orchestrator.write_context import write_context
+from orchestrator.write_context import EventBatch, write_context
 from shared.models import Event, EventPage
 
 # The advisory lock that orders event ids (any constant; this one spells "STHERD").
@@ -82,24 +83,62 @@ async def lock_commit_order(session: AsyncSession) -> None:
     await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ORDER_LOCK})
 
 
+async def record_batch(
+    session: AsyncSession, type_: str, at: float, stream_ids: list[int], data: list[str]
+) -> None:
+    """Add one event per stream, ``data`` its JSON text (as ``json.dumps`` writes it)."""
+    write_context(session).events.append(EventBatch(type_, at, stream_ids, data))
+
+
+_INSERT_EVENTS_SQL = "INSERT INTO events (type, at, worker_id, stream_id, data) VALUES ({})"
+# A batch on PostgreSQL: one statement with arrays, not an executemany (a row per bind).
+# Rows take their ids from the sequence in the order ``unnest`` yields them, the
+# arrays' order.
+_INSERT_BATCH_PG = (
+    "INSERT INTO events (type, at, worker_id, stream_id, data) "
+    "SELECT $1, $2, NULL, u.stream_id, u.data::json "
+    "FROM unnest($3::bigint[], $4::text[]) AS u(stream_id, data)"
+)
+
+
 async def write_pending(session: AsyncSession, *, ordered: bool) -> None:
     """Insert the transaction's events; ``ordered``: draw their ids in commit order."""
     context = write_context(session)
-    rows, context.events = context.events, []
-    if not rows:
+    pending, context.events = context.events, []
+    if not pending:
         return
     if ordered:
         await lock_commit_order(session)
-    # One executemany at the driver: neither the ORM's per-row bookkeeping nor Core's
-    # per-row parameter and JSON processing (a pass that moves 10,000 streams writes
-    # 20,000 events, a create of 10,000 streams 10,000). ``data`` is encoded as the JSON
-    # column type would (``json.dumps``).
+    # At the driver: neither the ORM's per-row bookkeeping nor Core's per-row parameter
+    # and JSON processing (a pass that moves 10,000 streams writes 20,000 events, a create
+    # of 10,000 streams 10,000). ``data`` is encoded as the JSON column type would
+    # (``json.dumps``). One statement per run of single events or per batch, in order.
     conn = await session.connection()
-    marks = "$1, $2, $3, $4, $5" if conn.dialect.name == "postgresql" else "?, ?, ?, ?, ?"
-    await conn.exec_driver_sql(
-        f"INSERT INTO events (type, at, worker_id, stream_id, data) VALUES ({marks})",
-        [(r["type"], r["at"], r["worker_id"], r["stream_id"], json.dumps(r["data"])) for r in rows],
-    )
+    postgres = conn.dialect.name == "postgresql"
+    single = _INSERT_EVENTS_SQL.format("$1, $2, $3, $4, $5" if postgres else "?, ?, ?, ?, ?")
+    for batched, run in groupby(pending, key=lambda item: isinstance(item, EventBatch)):
+        if not batched:
+            rows = cast(list[dict[str, Any]], list(run))
+            await conn.exec_driver_sql(
+                single,
+                [
+                    (r["type"], r["at"], r["worker_id"], r["stream_id"], json.dumps(r["data"]))
+                    for r in rows
+                ],
+            )
+            continue
+        for batch in cast(list[EventBatch], list(run)):
+            if not batch.stream_ids:
+                continue
+            if postgres:
+                await conn.exec_driver_sql(
+                    _INSERT_BATCH_PG, (batch.type, batch.at, batch.stream_ids, batch.data)
+                )
+            else:
+                await conn.exec_driver_sql(
+                    _INSERT_EVENTS_SQL.format("?, ?, NULL, ?, ?"),
+                    list(zip(repeat(batch.type), repeat(batch.at), batch.stream_ids, batch.data)),
+                )
 
 
 async def record_one(

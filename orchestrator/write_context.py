@@ -15,10 +15,22 @@ from sqlalchemy.ext.asyncio import AsyncSession
 _KEY = "streamherd.write_context"
 
 
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Events of one type and time, one per stream, their ``data`` already JSON text: a
+    10,000-stream create's log rows as columns (``events.record_batch``)."""
+
+    type: str
+    at: float
+    stream_ids: list[int]
+    data: list[str]
+
+
 @dataclass(slots=True)
 class WriteContext:
-    # Rows for the event log, inserted as the transaction's last statement (``events``).
-    events: list[dict[str, Any]] = field(default_factory=list)
+    # Rows for the event log, inserted as the transaction's last statements (``events``),
+    # in the order they were recorded.
+    events: list[dict[str, Any] | EventBatch] = field(default_factory=list)
     # Workers whose heartbeat answers this write changed (``view_sync.touch``).
     touched: set[str] = field(default_factory=set)
     # Every view the write changed was touched, so only those go (``view_sync.scoped``).

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
 from pydantic import ValidationError
-from pydantic_core import to_json
 
 from orchestrator.api.deps import AuditDep, CatalogDep
 from orchestrator.auth import AdminDep
@@ -26,16 +25,20 @@ AUDIT_MAX_IDS = 100
 
 
 @router.post("/streams", status_code=201, response_model=m.CreateStreamsAnswer)
-async def create_streams(req: m.CreateStreamsRequest, audit: AuditDep, catalog: CatalogDep) -> Any:
-    # Encoded here, not by FastAPI: validating 10,000 answers again cost more than the
-    # insert (``Catalog.create_streams`` builds them from validated values).
-    created = await catalog.create_streams(req)
-    ids = [s["id"] for s in created]
+async def create_streams(
+    specs: Annotated[m.CreateStreamsBody, Body()], audit: AuditDep, catalog: CatalogDep
+) -> Any:
+    # The body is a ``CreateStreamsRequest``, validated without a model per stream
+    # (``shared.models.stream_specs``). The answer is written by the catalogue from the
+    # values it inserted, not by FastAPI: validating 10,000 answers again cost more than
+    # the insert.
+    created = await catalog.create_streams(specs)
+    ids = created.ids
     # A batch may hold thousands: the count, and the ids of a small one.
     await audit.record(
         "stream_create", count=len(ids), stream_ids=ids if len(ids) <= AUDIT_MAX_IDS else None
     )
-    return Response(to_json({"created": created}), status_code=201, media_type="application/json")
+    return Response(created.answer_json(), status_code=201, media_type="application/json")
 
 
 @router.post(IMPORT_PATH, status_code=201, response_model=m.ImportAnswer)
@@ -54,12 +57,11 @@ async def import_streams(
     answer = m.ImportAnswer(created=0, batches=0)
     try:
         async for specs in ndjson_batches(request.stream(), batch):
-            request_ = m.CreateStreamsRequest.model_construct(streams=specs)
-            created = await catalog.create_streams(request_)
-            answer.created += len(created)
+            created = await catalog.create_streams(specs)
+            answer.created += created.count
             answer.batches += 1
-            answer.first_id = answer.first_id or created[0]["id"]
-            answer.last_id = created[-1]["id"]
+            answer.first_id = answer.first_id or created.ids[0]
+            answer.last_id = created.ids[-1]
     except ApiError as exc:
         exc.details = {**exc.details, "created": answer.created, "batches": answer.batches}
         raise
@@ -76,10 +78,11 @@ async def import_streams(
 
 async def ndjson_batches(
     chunks: AsyncIterator[bytes], size: int
-) -> AsyncIterator[list[m.StreamSpec]]:
-    """``StreamSpec`` lists of ``size`` from a body of JSON lines, as its chunks arrive
-    (blank lines skipped); a line that is not one is a ``ValidationFailed`` naming it."""
-    batch: list[m.StreamSpec] = []
+) -> AsyncIterator[list[m.StreamSpecFields]]:
+    """Lists of ``size`` streams from a body of JSON lines (each a ``StreamSpec``), as its
+    chunks arrive (blank lines skipped); a line that is not one is a ``ValidationFailed``
+    naming it."""
+    batch: list[m.StreamSpecFields] = []
     pending = b""
     number = 0
 
@@ -94,7 +97,7 @@ async def ndjson_batches(
         if not line.strip():
             return
         try:
-            batch.append(m.StreamSpec.model_validate_json(line))
+            batch.append(m.stream_spec_json(line))
         except ValidationError as exc:
             errors = [
                 {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
