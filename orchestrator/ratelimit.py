@@ -1,7 +1,8 @@
 """Failed authentications per source address: a token bucket each, in a bounded LRU table.
 
 Only failures are counted: a request whose token is good never touches a bucket, and an
-address that never failed costs one dict lookup. ``charge`` is called where a 401 is about
+address that never failed costs one dict lookup; every check and charge is O(1), and the
+table holds at most ``max_addresses``. ``charge`` is called where a 401 is about
 to be answered; once an address's bucket is empty its failures become 429 RATE_LIMITED with
 Retry-After, and callers that can prove a token bad only with the database skip that work
 for a limited address (``retry_after``).
@@ -86,6 +87,10 @@ class AuthFailureLimiter:
 
     def address(self, peer: str | None, forwarded_for: str | None = None) -> str:
         return client_address(peer, forwarded_for, self.trusted_proxies)
+
+    def is_trusted_proxy(self, peer: str) -> bool:
+        """Is ``peer`` one of ORCH_TRUSTED_PROXIES (its calls charged to the client it names)?"""
+        return bool(self.trusted_proxies) and _is_trusted(peer, self.trusted_proxies)
 
     def _tokens(self, bucket: list[float], now: float) -> float:
         return min(float(self.burst), bucket[0] + (now - bucket[1]) * self.per_s)
