@@ -36,8 +36,10 @@ from bench.sim import API, Cluster, SimWorker
 from devkit.procs import OrchestratorProcess, die_with_parent
 
 GOAL_MAX_LOSS = 0.10
-# Enough that 1,000/s still goes out while a saturated server answers in ~100 ms.
-FLOOD_CONNECTIONS = 256
+# Enough that 1,000/s still goes out while each call, a new TCP connection now that a
+# limited address's connections are refused, takes up to ~500 ms on a loaded machine.
+FLOOD_CONNECTIONS = 512
+FLOOD_CALLS_PER_CONNECTION_S = 2.0
 # The flood runs a little longer than the honest window on both sides.
 FLOOD_MARGIN_S = 0.5
 HONEST_SOURCE = "127.0.0.1"
@@ -241,20 +243,24 @@ async def _cpu(server_pid: int, begin_at: float, end_at: float) -> Cpu:
 
 
 async def _until_served(port: int, source: str, deadline_s: float = 30.0) -> None:
-    """Wait until a new connection from ``source`` is served again: after a flood from it,
-    the address stays limited until its bucket refills (a fraction of a second), and honest
-    connections opened meanwhile would be refused and counted against the next run."""
+    """Wait until new connections from ``source`` are served again: after a flood from it,
+    the address stays limited until its bucket refills (a fraction of a second), then gets
+    one connection per refill interval while it has a single failure to spare; honest
+    connections opened meanwhile would be refused and counted against the next run. Two
+    connections served in a row: the address is past both."""
     probe = encode_request("GET", f"{API}/health", host="127.0.0.1")
     deadline = time.monotonic() + deadline_s
     while True:
-        conn = RawConnection("127.0.0.1", port, local_host=source)
-        try:
-            status, _ = await conn.request(probe)
-        except HTTPFailure:
-            status = 0
-        finally:
-            await conn.close()
-        if status == 200:
+        statuses = []
+        for _ in range(2):
+            conn = RawConnection("127.0.0.1", port, local_host=source)
+            try:
+                statuses.append((await conn.request(probe))[0])
+            except HTTPFailure:
+                statuses.append(0)
+            finally:
+                await conn.close()
+        if statuses == [200, 200]:
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{source} still refused {deadline_s:g} s after the flood")
@@ -306,7 +312,10 @@ async def measure(ctx: Context, flooder: ProcessPoolExecutor) -> Figures:
                     orch.port,
                     bad,
                     s.flood_rate,
-                    min(FLOOD_CONNECTIONS, max(1, int(s.flood_rate // 10))),
+                    min(
+                        FLOOD_CONNECTIONS,
+                        max(1, int(s.flood_rate // FLOOD_CALLS_PER_CONNECTION_S)),
+                    ),
                     time.time() + start_delay - FLOOD_MARGIN_S,
                     warmup + s.flood_duration_s + 2 * FLOOD_MARGIN_S,
                     scenario.source,
@@ -355,8 +364,8 @@ A real orchestrator (SQLite, default limiter: burst 100, then 10 failures/s per 
 holds {s.flood_workers} workers. Honest heartbeats run closed loop on {s.flood_connections}
 keep-alive connections from the load processes (source address 127.0.0.1), alone and then
 while a separate process sends a paced flood of {s.flood_rate:,.0f} bad-token calls a
-second (open loop, {FLOOD_CONNECTIONS} connections that connect again whenever the server
-closes them; register with a wrong cluster token, heartbeats with a wrong session for a
+second (open loop, up to {FLOOD_CONNECTIONS} connections that connect again whenever the
+server closes them; register with a wrong cluster token, heartbeats with a wrong session for a
 live worker and two for an unknown one, one of them with a token shaped like a session
 that only the database can refuse, an admin read with a wrong token, register with no
 token). The flood is sent twice in each round: from an address of its own (127.0.0.2, the

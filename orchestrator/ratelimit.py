@@ -69,7 +69,8 @@ class AuthFailureLimiter:
         self.trusted_proxies = tuple(trusted_proxies)
         self._clock = clock
         self._max = max_addresses
-        # address -> [tokens left, monotonic time they were counted]
+        # address -> [tokens left, monotonic time they were counted, last connection
+        # admitted while at the limit (``admit``)]
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()
         self.limited_total = 0
 
@@ -103,6 +104,29 @@ class AuthFailureLimiter:
         tokens = self._tokens(bucket, self._clock.monotonic())
         return None if tokens >= 1.0 else (1.0 - tokens) / self.per_s
 
+    def admit(self, address: str) -> float | None:
+        """May a new connection from ``address`` be served? None if so, else the seconds
+        until one would be (refuse it with that Retry-After).
+
+        Refused while the address is limited, like its calls. With only one failure to
+        spare, one connection is admitted per refill interval (1 / per_s): a flood that
+        opens a connection a call would otherwise get every connection it opens between a
+        token coming back and its next failure being charged, each judged in full.
+        """
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            return None
+        now = self._clock.monotonic()
+        tokens = self._tokens(bucket, now)
+        if tokens < 1.0:
+            return (1.0 - tokens) / self.per_s
+        if tokens < 2.0:
+            next_admission = bucket[2] + 1.0 / self.per_s
+            if now < next_admission:
+                return next_admission - now
+            bucket[2] = now
+        return None
+
     def charge(self, address: str) -> float | None:
         """Count a failed authentication: None if it is within the limit (answer 401), else
         the seconds until the next one would be (answer 429 with that Retry-After)."""
@@ -111,13 +135,14 @@ class AuthFailureLimiter:
         now = self._clock.monotonic()
         bucket = self._buckets.pop(address, None)
         tokens = float(self.burst) if bucket is None else self._tokens(bucket, now)
+        admitted = -math.inf if bucket is None else bucket[2]
         wait: float | None = None
         if tokens >= 1.0:
             tokens -= 1.0
         else:
             wait = (1.0 - tokens) / self.per_s
             self.limited_total += 1
-        self._buckets[address] = [tokens, now]
+        self._buckets[address] = [tokens, now, admitted]
         if len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
         return wait

@@ -85,8 +85,9 @@ def rate_limited_answer(retry_after_s: int) -> bytes:
 
 class ConnectionGate:
     """Which accepted connections to refuse before any HTTP: those whose peer is over its
-    failed-authentication limit (``AuthFailureLimiter``), unless the peer is a trusted proxy
-    (its clients are judged one by one, by ``X-Forwarded-For``, in the app).
+    failed-authentication limit (``AuthFailureLimiter.admit``: at the limit, one connection
+    per refill interval), unless the peer is a trusted proxy (its clients are judged one by
+    one, by ``X-Forwarded-For``, in the app).
 
     A refusal is one dict lookup and a write of pre-built bytes: no parser, no ASGI call.
     The price is that the connection's calls are not looked at, so an honest caller sharing
@@ -107,7 +108,7 @@ class ConnectionGate:
         limiter = self.limiter
         if not limiter.tracking or not isinstance(peer, tuple) or not peer:
             return None  # nobody failed lately, or not an IP peer (a Unix socket)
-        wait = limiter.retry_after(str(peer[0]))
+        wait = limiter.admit(str(peer[0]))
         if wait is None or limiter.is_trusted_proxy(str(peer[0])):
             return None
         if self.metrics is not None:

@@ -248,6 +248,22 @@ async def test_the_address_is_served_again_once_its_limit_expires(
         assert (await call_once(run, ATTACKER, ADMIN_TOKEN)).status == 200
 
 
+async def test_at_the_limit_one_connection_is_admitted_per_refill_interval(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """With one failure to spare, the next connection is served and the one after is refused
+    until the next token is due: a flood cannot slip many connections past the gate."""
+    async with serving(sqlite_url, clock) as run:
+        await exhaust(run, ATTACKER)
+        clock.advance(1 / PER_S)  # one token back
+        assert (await call_once(run, ATTACKER, ADMIN_TOKEN)).status == 200
+        paced = await call_once(run, ATTACKER, ADMIN_TOKEN)
+        assert_rate_limited(paced)
+        assert paced.closed
+        clock.advance(1 / PER_S)
+        assert (await call_once(run, ATTACKER, ADMIN_TOKEN)).status == 200
+
+
 @pytest.mark.e2e
 async def test_the_entry_point_refuses_a_limited_address_as_it_connects(
     sqlite_url: str,
