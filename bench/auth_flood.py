@@ -485,6 +485,12 @@ orchestrator.
         "answered 401."
     )
     section.notes.append(
+        "The flood generator runs on the same machine and takes CPU from the same cores as "
+        "the server and the honest load (its column above); an attacker elsewhere would "
+        "not. The server's CPU while flooded is in the same column: a flood that costs it "
+        "nothing would leave beats/s and server CPU as they were alone."
+    )
+    section.notes.append(
         "From the honest workers' own address the honest keep-alive connections, opened "
         "before the flood, keep being served (the app judges each call by its token), but "
         "a new connection from that address is refused while the flood lasts: behind one "
