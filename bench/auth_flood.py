@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import resource
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,7 +30,13 @@ import psutil
 
 from bench.context import Context
 from bench.heartbeat import heartbeat_requests, populate, spread
-from bench.rawhttp import HTTPFailure, LoadResult, RawConnection, encode_request
+from bench.rawhttp import (
+    DEFAULT_TIMEOUT_S,
+    HTTPFailure,
+    LoadResult,
+    RawConnection,
+    encode_request,
+)
 from bench.report import Section, Table, fmt, median, percentile
 from bench.sim import API, Cluster, SimWorker
 from devkit.procs import OrchestratorProcess, die_with_parent
@@ -96,12 +102,98 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class _Link(asyncio.Protocol):
+    """One TCP connection of the flood: the answers' statuses as they arrive."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.statuses: deque[int] = deque()
+        self.lost = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = self.buffer[:end].lower()
+            at = head.find(b"\r\ncontent-length:")
+            length = 0
+            if at >= 0:
+                line_end = head.find(b"\r\n", at + 2)
+                length = int(head[at + 17 : line_end if line_end >= 0 else None])
+            if len(self.buffer) < end + 4 + length:
+                return
+            self.statuses.append(int(self.buffer[9:12]))
+            self.buffer = self.buffer[end + 4 + length :]
+            if b"\r\nconnection: close" in head and self.transport is not None:
+                self.transport.close()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class FloodConnection:
+    """A keep-alive connection that connects again whenever the server closes it.
+
+    A bare ``asyncio.Protocol`` instead of ``RawConnection``'s streams: now that a limited
+    address's every call is a new connection, the streams' set-up per connection made the
+    flood generator, which shares the server's cores, cost more than it had to.
+    """
+
+    def __init__(self, host: str, port: int, source: str) -> None:
+        self.host, self.port, self.source = host, port, source
+        self.link: _Link | None = None
+
+    async def open(self) -> None:
+        link = _Link()
+        async with asyncio.timeout(DEFAULT_TIMEOUT_S):
+            await asyncio.get_running_loop().create_connection(
+                lambda: link, self.host, self.port, local_addr=(self.source, 0)
+            )
+        self.link = link
+
+    async def request(self, raw: bytes) -> int:
+        try:
+            if self.link is None or self.link.lost:
+                await self.open()
+            link = self.link
+            assert link is not None and link.transport is not None
+            if not link.transport.is_closing():
+                link.transport.write(raw)
+            async with asyncio.timeout(DEFAULT_TIMEOUT_S):
+                while not link.statuses:
+                    if link.lost:
+                        self.link = None
+                        raise HTTPFailure("the server closed the connection unanswered")
+                    link.waiter = asyncio.get_running_loop().create_future()
+                    await link.waiter
+        except (OSError, TimeoutError) as exc:
+            self.close()
+            raise HTTPFailure(f"{type(exc).__name__}: {exc}") from exc
+        status = link.statuses.popleft()
+        if link.lost or link.transport.is_closing():
+            self.link = None
+        return status
+
+    def close(self) -> None:
+        link, self.link = self.link, None
+        if link is not None and link.transport is not None:
+            link.transport.close()
+
+
 async def _flood(job: FloodJob) -> FloodResult:
     result = FloodResult()
     statuses: Counter[int] = Counter()
-    conns = [
-        RawConnection(job.host, job.port, local_host=job.source) for _ in range(job.connections)
-    ]
+    conns = [FloodConnection(job.host, job.port, job.source) for _ in range(job.connections)]
     for conn in conns:
         await conn.open()
     await asyncio.sleep(max(0.0, job.start_at - time.time()))
@@ -110,7 +202,7 @@ async def _flood(job: FloodJob) -> FloodResult:
     end = begin + job.duration_s
     interval = job.connections / job.rate
 
-    async def one(index: int, conn: RawConnection) -> None:
+    async def one(index: int, conn: FloodConnection) -> None:
         k = 0
         due = begin + index * interval / job.connections  # staggered
         n = len(job.requests)
@@ -121,7 +213,7 @@ async def _flood(job: FloodJob) -> FloodResult:
             # Behind schedule (a slow answer): send now, never more than the paced rate.
             sent = time.perf_counter()
             try:
-                status, _ = await conn.request(job.requests[(index + k) % n])
+                status = await conn.request(job.requests[(index + k) % n])
                 statuses[status] += 1
                 result.latencies_ms.append((time.perf_counter() - sent) * 1000.0)
             except HTTPFailure:
@@ -135,7 +227,7 @@ async def _flood(job: FloodJob) -> FloodResult:
     result.cpu_s = _cpu_s() - cpu_begin
     result.statuses = dict(statuses)
     for conn in conns:
-        await conn.close()
+        conn.close()
     return result
 
 
