@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # The exit status when uvicorn never started (it logged why).
 STARTUP_FAILURE: Final = 3
+# Distinct Retry-After values whose pre-built 429 answers are kept.
+MAX_CACHED_ANSWERS: Final = 64
 
 
 def tls_scope_extension(ssl_object: Any) -> tuple[dict[str, Any], PeerIdentity | None]:
@@ -122,10 +124,6 @@ class ConnectionGate:
                 self._answers.clear()
             answer = self._answers[seconds] = rate_limited_answer(seconds)
         return answer
-
-
-# Distinct Retry-After values whose pre-built answers are kept.
-MAX_CACHED_ANSWERS: Final = 64
 
 
 def _peer_aware(base: type[Any], gate: ConnectionGate | None = None) -> type[asyncio.Protocol]:
