@@ -78,17 +78,26 @@ class RawConnection:
     cancelled at ``Beater.stop`` then never ended (the two hung benchmark runs).
     """
 
-    def __init__(self, host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        local_host: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
+        # The source address to connect from (any of 127/8 is loopback on Linux).
+        self.local_addr = (local_host, 0) if local_host is not None else None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
     async def open(self) -> None:
         async with asyncio.timeout(self.timeout):
             self._reader, self._writer = await asyncio.open_connection(
-                self.host, self.port, limit=MAX_HEAD_BYTES
+                self.host, self.port, limit=MAX_HEAD_BYTES, local_addr=self.local_addr
             )
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
@@ -221,6 +230,7 @@ class LoadJob:
     warmup_s: float
     duration_s: float
     expect_status: int = 200
+    local_host: str | None = None  # the source address (None: the kernel's choice)
 
 
 @dataclass
@@ -252,7 +262,9 @@ def _install_fast_loop() -> None:
 
 async def _drive(job: LoadJob) -> LoadResult:
     result = LoadResult()
-    conns = [RawConnection(job.host, job.port) for _ in job.per_connection]
+    conns = [
+        RawConnection(job.host, job.port, local_host=job.local_host) for _ in job.per_connection
+    ]
     for conn in conns:
         await conn.open()
     await asyncio.sleep(max(0.0, job.start_at - time.time()))
@@ -326,6 +338,7 @@ class LoadPool:
         warmup_s: float,
         expect_status: int = 200,
         start_delay_s: float = 0.5,
+        local_host: str | None = None,
     ) -> LoadResult:
         """Spread ``connections`` (each a request cycle) over the processes; merge results."""
         start_at = time.time() + start_delay_s
@@ -335,7 +348,16 @@ class LoadPool:
         futures = [
             self._pool.submit(
                 load_process_main,
-                LoadJob(host, port, tuple(share), start_at, warmup_s, duration_s, expect_status),
+                LoadJob(
+                    host,
+                    port,
+                    tuple(share),
+                    start_at,
+                    warmup_s,
+                    duration_s,
+                    expect_status,
+                    local_host,
+                ),
             )
             for share in shares
             if share

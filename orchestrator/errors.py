@@ -7,7 +7,7 @@
     ├── ValidationFailed         422 VALIDATION_ERROR
     ├── StaleEpoch               409 STALE_EPOCH
     ├── Conflict                 409 CONFLICT
-    ├── RateLimited              429 RATE_LIMITED (+ Retry-After)
+    ├── RateLimited              429 RATE_LIMITED (+ Retry-After, Connection: close)
     └── Unavailable              503 UNAVAILABLE (+ Retry-After)
 
 Database failures that go away when the database comes back (SQLite busy, PostgreSQL
@@ -99,7 +99,9 @@ class RateLimited(ApiError):
         super().__init__(
             "too many failed authentications from this address; retry later",
             details={"retry_after_s": retry_after},
-            headers={"Retry-After": str(retry_after)},
+            # The caller's next attempt is a new connection, which the server refuses
+            # before any HTTP while the address is limited (``server.ConnectionGate``).
+            headers={"Retry-After": str(retry_after), "Connection": "close"},
         )
 
 

@@ -31,6 +31,11 @@ class OrchestratorMetrics:
             "Calls answered 429 RATE_LIMITED: an address over its failed-authentication limit.",
             registry=r,
         )
+        self.auth_connections_refused = Counter(
+            "streamherd_auth_connections_refused",
+            "Of those, connections refused as they were accepted, before any HTTP.",
+            registry=r,
+        )
         self.latency = Histogram(
             "streamherd_http_request_duration_seconds",
             "Time to answer, by route.",

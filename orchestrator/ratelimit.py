@@ -1,7 +1,8 @@
 """Failed authentications per source address: a token bucket each, in a bounded LRU table.
 
 Only failures are counted: a request whose token is good never touches a bucket, and an
-address that never failed costs one dict lookup. ``charge`` is called where a 401 is about
+address that never failed costs one dict lookup; every check and charge is O(1), and the
+table holds at most ``max_addresses``. ``charge`` is called where a 401 is about
 to be answered; once an address's bucket is empty its failures become 429 RATE_LIMITED with
 Retry-After, and callers that can prove a token bad only with the database skip that work
 for a limited address (``retry_after``).
@@ -68,7 +69,8 @@ class AuthFailureLimiter:
         self.trusted_proxies = tuple(trusted_proxies)
         self._clock = clock
         self._max = max_addresses
-        # address -> [tokens left, monotonic time they were counted]
+        # address -> [tokens left, monotonic time they were counted, last connection
+        # admitted while at the limit (``admit``)]
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()
         self.limited_total = 0
 
@@ -87,6 +89,10 @@ class AuthFailureLimiter:
     def address(self, peer: str | None, forwarded_for: str | None = None) -> str:
         return client_address(peer, forwarded_for, self.trusted_proxies)
 
+    def is_trusted_proxy(self, peer: str) -> bool:
+        """Is ``peer`` one of ORCH_TRUSTED_PROXIES (its calls charged to the client it names)?"""
+        return bool(self.trusted_proxies) and _is_trusted(peer, self.trusted_proxies)
+
     def _tokens(self, bucket: list[float], now: float) -> float:
         return min(float(self.burst), bucket[0] + (now - bucket[1]) * self.per_s)
 
@@ -98,6 +104,29 @@ class AuthFailureLimiter:
         tokens = self._tokens(bucket, self._clock.monotonic())
         return None if tokens >= 1.0 else (1.0 - tokens) / self.per_s
 
+    def admit(self, address: str) -> float | None:
+        """May a new connection from ``address`` be served? None if so, else the seconds
+        until one would be (refuse it with that Retry-After).
+
+        Refused while the address is limited, like its calls. With only one failure to
+        spare, one connection is admitted per refill interval (1 / per_s): a flood that
+        opens a connection a call would otherwise get every connection it opens between a
+        token coming back and its next failure being charged, each judged in full.
+        """
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            return None
+        now = self._clock.monotonic()
+        tokens = self._tokens(bucket, now)
+        if tokens < 1.0:
+            return (1.0 - tokens) / self.per_s
+        if tokens < 2.0:
+            next_admission = bucket[2] + 1.0 / self.per_s
+            if now < next_admission:
+                return next_admission - now
+            bucket[2] = now
+        return None
+
     def charge(self, address: str) -> float | None:
         """Count a failed authentication: None if it is within the limit (answer 401), else
         the seconds until the next one would be (answer 429 with that Retry-After)."""
@@ -106,13 +135,14 @@ class AuthFailureLimiter:
         now = self._clock.monotonic()
         bucket = self._buckets.pop(address, None)
         tokens = float(self.burst) if bucket is None else self._tokens(bucket, now)
+        admitted = -math.inf if bucket is None else bucket[2]
         wait: float | None = None
         if tokens >= 1.0:
             tokens -= 1.0
         else:
             wait = (1.0 - tokens) / self.per_s
             self.limited_total += 1
-        self._buckets[address] = [tokens, now]
+        self._buckets[address] = [tokens, now, admitted]
         if len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
         return wait

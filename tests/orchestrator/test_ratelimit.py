@@ -110,3 +110,20 @@ def test_which_address_is_charged(
 ) -> None:
     """X-Forwarded-For counts only from a trusted proxy (ORCH_TRUSTED_PROXIES)."""
     assert client_address(peer, forwarded, trusted) == expected
+
+
+def test_connections_are_refused_while_limited_and_paced_at_the_limit(clock: FakeClock) -> None:
+    """admit: None for an unseen address; refused while limited; with one failure to spare,
+    one connection per refill interval; with more to spare, every one."""
+    lim = limiter(clock)  # burst 3, 2/s: one token back every 0.5 s
+    assert lim.admit("a") is None
+    for _ in range(4):
+        lim.charge("a")
+    assert lim.admit("a") == pytest.approx(0.5)
+    clock.advance(0.5)  # one failure to spare
+    assert lim.admit("a") is None
+    assert lim.admit("a") == pytest.approx(0.5)
+    clock.advance(0.5)  # two to spare
+    assert lim.admit("a") is None
+    assert lim.admit("a") is None
+    assert lim.admit("b") is None

@@ -1,0 +1,297 @@
+"""Connection-level refusal of an address over its failed-authentication limit: uvicorn
+with the production protocol over real sockets, each client bound to its own loopback
+address (all of 127/8 is loopback on Linux), the limiter on a fake clock; and once
+through ``python -m orchestrator``, for the wiring of the real entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from devkit.clock import FakeClock
+from devkit.harness import ADMIN_TOKEN, settings_for
+from devkit.procs import astart_orchestrator
+from orchestrator.app import create_app
+from orchestrator.server import LiveServer, server_config
+
+DEADLINE_S = 30.0
+ATTACKER = "127.0.0.2"
+HONEST = "127.0.0.1"
+PROXY = "127.0.0.3"
+BURST = 2
+PER_S = 0.5  # one failure back every 2 s of fake time
+
+
+class _InProcessServer(LiveServer):
+    """The production server class, minus signal handling (pytest owns the signals)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    closed: bool  # the server closed the connection after it
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Running:
+    app: Any
+    port: int
+    clock: FakeClock
+
+    def limited(self, address: str) -> bool:
+        return self.app.state.auth_limiter.retry_after(address) is not None
+
+    def refused_at_connection(self) -> float:
+        counter = self.app.state.metrics.auth_connections_refused
+        return counter._value.get()  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def serving(db_url: str, clock: FakeClock, **overrides: Any) -> AsyncIterator[Running]:
+    settings = settings_for(
+        db_url, auto_migrate=True, auth_fail_burst=BURST, auth_fail_per_s=PER_S, **overrides
+    )
+    app = create_app(settings, clock=clock, run_reaper=False)
+    config = server_config(
+        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", access_log=False
+    )
+    server = _InProcessServer(config, app.state.live)
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + DEADLINE_S
+    while not server.started:
+        if task.done():
+            task.result()
+            raise AssertionError("uvicorn stopped before it started")
+        assert time.monotonic() < deadline, "uvicorn did not start in time"
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Running(app, port, clock)
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(DEADLINE_S):
+            await task
+
+
+class Connection:
+    """One raw HTTP/1.1 connection from a chosen source address."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, source: str) -> Connection:
+        async with asyncio.timeout(DEADLINE_S):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0)
+            )
+        return cls(reader, writer)
+
+    async def call(self, method: str, path: str, token: str | None, **headers: str) -> Answer:
+        lines = [f"{method} {path} HTTP/1.1", "Host: orchestrator"]
+        if token is not None:
+            lines.append(f"Authorization: Bearer {token}")
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return await self.answer()
+
+    async def answer(self) -> Answer:
+        """Read one answer (Content-Length framed), then whether the server closed."""
+        async with asyncio.timeout(DEADLINE_S):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            headers = {}
+            for line in header_lines:
+                if line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+            closing = headers.get("connection", "").lower() == "close"
+            closed = closing and await self.reader.read() == b""
+        return Answer(int(status_line.split()[1]), headers, body, closed)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+async def call_once(run: Running, source: str, token: str | None) -> Answer:
+    """An admin read on a connection of its own."""
+    conn = await Connection.open(run.port, source)
+    try:
+        return await conn.call("GET", "/api/v1/workers", token)
+    finally:
+        await conn.close()
+
+
+async def exhaust(run: Running, source: str, **headers: str) -> None:
+    """Fail authentication from ``source`` on one keep-alive connection until 429."""
+    conn = await Connection.open(run.port, source)
+    try:
+        for _ in range(BURST):
+            assert (await conn.call("GET", "/api/v1/workers", "wrong", **headers)).status == 401
+        over = await conn.call("GET", "/api/v1/workers", "wrong", **headers)
+    finally:
+        await conn.close()
+    assert over.status == 429
+
+
+def assert_rate_limited(answer: Answer) -> None:
+    assert answer.status == 429
+    assert int(answer.headers["retry-after"]) >= 1
+    assert answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert error["code"] == "RATE_LIMITED"
+    assert error["message"]
+    assert error["details"] == {"retry_after_s": int(answer.headers["retry-after"])}
+
+
+async def test_an_address_over_its_limit_is_answered_429_before_it_sends_a_byte(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """A new connection from a limited address gets the contract's 429 at once, and is closed."""
+    async with serving(sqlite_url, clock) as run:
+        await exhaust(run, ATTACKER)
+        conn = await Connection.open(run.port, ATTACKER)
+        try:
+            answer = await conn.answer()  # nothing sent: only the gate can have answered
+        finally:
+            await conn.close()
+        assert_rate_limited(answer)
+        assert answer.headers["retry-after"] == "2"  # 1 token at 0.5/s
+        assert answer.closed
+        assert run.refused_at_connection() == 1
+
+
+async def test_the_apps_429_closes_a_keep_alive_connection(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """The 429 that ends the burst says Connection: close, and the server closes the socket."""
+    async with serving(sqlite_url, clock) as run:
+        conn = await Connection.open(run.port, ATTACKER)
+        try:
+            for _ in range(BURST):
+                assert (await conn.call("GET", "/api/v1/workers", "wrong")).status == 401
+            over = await conn.call("GET", "/api/v1/workers", "wrong")
+        finally:
+            await conn.close()
+        assert_rate_limited(over)
+        assert over.headers["connection"] == "close"
+        assert over.closed
+        assert run.refused_at_connection() == 0
+
+
+async def test_another_address_is_served_while_one_is_refused(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """The limit is per address: a good token from elsewhere passes, and a bad one is a 401."""
+    async with serving(sqlite_url, clock) as run:
+        await exhaust(run, ATTACKER)
+        assert (await call_once(run, HONEST, ADMIN_TOKEN)).status == 200
+        assert (await call_once(run, HONEST, "wrong")).status == 401
+        assert_rate_limited(await call_once(run, ATTACKER, ADMIN_TOKEN))
+        assert run.refused_at_connection() == 1
+
+
+async def test_a_trusted_proxy_is_never_refused_at_connection_level(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """Even with its own address over the limit, a trusted proxy's connections reach the app,
+    which judges each call by the client it names."""
+    async with serving(sqlite_url, clock, trusted_proxies=f"{PROXY}/32") as run:
+        await exhaust(run, PROXY)  # calls without X-Forwarded-For are charged to the proxy
+        assert run.limited(PROXY)
+        await exhaust(run, PROXY, **{"X-Forwarded-For": "10.9.9.9"})
+        assert run.limited("10.9.9.9")
+        conn = await Connection.open(run.port, PROXY)
+        try:
+            good = await conn.call(
+                "GET", "/api/v1/workers", ADMIN_TOKEN, **{"X-Forwarded-For": "10.1.1.1"}
+            )
+            bad = await conn.call(
+                "GET", "/api/v1/workers", "wrong", **{"X-Forwarded-For": "10.1.1.1"}
+            )
+        finally:
+            await conn.close()
+        assert (good.status, bad.status) == (200, 401)
+        assert run.refused_at_connection() == 0
+
+
+async def test_the_address_is_served_again_once_its_limit_expires(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """After Retry-After (fake time) the address connects and is served as before."""
+    async with serving(sqlite_url, clock) as run:
+        await exhaust(run, ATTACKER)
+        refused = await call_once(run, ATTACKER, ADMIN_TOKEN)
+        assert_rate_limited(refused)
+        clock.advance(float(refused.headers["retry-after"]))
+        assert not run.limited(ATTACKER)
+        assert (await call_once(run, ATTACKER, ADMIN_TOKEN)).status == 200
+
+
+async def test_at_the_limit_one_connection_is_admitted_per_refill_interval(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """With one failure to spare, the next connection is served and the one after is refused
+    until the next token is due: a flood cannot slip many connections past the gate."""
+    async with serving(sqlite_url, clock) as run:
+        await exhaust(run, ATTACKER)
+        clock.advance(1 / PER_S)  # one token back
+        assert (await call_once(run, ATTACKER, ADMIN_TOKEN)).status == 200
+        paced = await call_once(run, ATTACKER, ADMIN_TOKEN)
+        assert_rate_limited(paced)
+        assert paced.closed
+        clock.advance(1 / PER_S)
+        assert (await call_once(run, ATTACKER, ADMIN_TOKEN)).status == 200
+
+
+@pytest.mark.e2e
+async def test_the_entry_point_refuses_a_limited_address_as_it_connects(
+    sqlite_url: str,
+) -> None:
+    """``python -m orchestrator`` serves with the gate: a limited address gets 429 unasked."""
+    orch = await astart_orchestrator(
+        {
+            "ORCH_DATABASE_URL": sqlite_url,
+            "ORCH_ADMIN_TOKEN": ADMIN_TOKEN,
+            "ORCH_AUTH_FAIL_BURST": "1",
+            "ORCH_AUTH_FAIL_PER_S": "0.01",  # limited for 100 s: longer than the test
+        }
+    )
+    try:
+        run = Running(app=None, port=orch.port, clock=FakeClock())
+        conn = await Connection.open(orch.port, ATTACKER)
+        try:
+            assert (await conn.call("GET", "/api/v1/workers", "wrong")).status == 401
+            assert_rate_limited(await conn.call("GET", "/api/v1/workers", "wrong"))
+        finally:
+            await conn.close()
+        conn = await Connection.open(orch.port, ATTACKER)
+        try:
+            unasked = await conn.answer()
+        finally:
+            await conn.close()
+        assert_rate_limited(unasked)
+        assert unasked.closed
+        assert (await call_once(run, HONEST, ADMIN_TOKEN)).status == 200
+    finally:
+        await orch.astop()
