@@ -21,6 +21,7 @@ class Sizes:
     hb_pairs: int = 3  # health/heartbeat pairs, alternated
     hb_duration_s: float = 4.0
     hb_warmup_s: float = 1.0
+    hb_catalogue: int = 100_000  # extra streams while the reaper passes every 0.2 s
     # 2. assignment at scale
     asg_workers: int = 1000
     asg_streams: int = 100_000
@@ -96,6 +97,7 @@ QUICK = Sizes(
     client_rounds=8,
     dbw_catalogue=20_000,
     dbw_create=10_000,
+    hb_catalogue=20_000,
 )
 TOY = Sizes(
     name="toy",
@@ -104,6 +106,7 @@ TOY = Sizes(
     hb_pairs=1,
     hb_duration_s=0.3,
     hb_warmup_s=0.1,
+    hb_catalogue=500,
     asg_workers=10,
     asg_streams=200,
     asg_capacity=40,
