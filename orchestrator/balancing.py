@@ -337,6 +337,7 @@ async def balance(
     dry_run: bool = False,
     explain: bool = False,
     make_before_break: bool = True,
+    max_moves_per_receiver: int = 0,
 ) -> BalanceReport:
     """One pass: unowned streams to workers under target, then bounded moves to even out.
 
@@ -344,7 +345,8 @@ async def balance(
     new grant is reported as a reassignment. ``dry_run`` plans the same pass and writes
     nothing (no lock either: a read session will do); ``explain`` adds every worker's
     share before and after to the report. ``make_before_break`` (``ORCH_PLANNED_MOVES``)
-    says how the moves are carried out (``_revoke``).
+    says how the moves are carried out (``_revoke``); with it, ``max_moves_per_receiver``
+    raises ``max_moves`` to that many per worker still below target.
     """
     report = BalanceReport()
     members = await _members(session, lock=not dry_run)
@@ -407,6 +409,11 @@ async def balance(
     report.grants = len(taken)
     if not dry_run:
         await _record_grants(session, report.assigned, now, previous_owner or {})
+    if make_before_break and max_moves_per_receiver:
+        # A hand-off costs no gap: what bounds a pass is how fast the workers taking
+        # streams can start them, so the cap grows with how many there are.
+        receivers = {wid for wants in deficits.values() for wid, n in wants.items() if n > 0}
+        max_moves = max(max_moves, len(receivers) * max_moves_per_receiver)
     report.moves = await _plan_moves(
         session, members, by_class, goal, order, keys, deficits, max_moves, lock=not dry_run
     )

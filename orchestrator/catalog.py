@@ -507,6 +507,7 @@ class Catalog:
                 max_moves=settings.max_moves_per_pass,
                 previous_owner=freed,
                 make_before_break=settings.make_before_break,
+                max_moves_per_receiver=settings.max_moves_per_receiver,
             )
             report.reassigned = [
                 (sid, freed[sid], wid, token) for sid, wid, token in report.assigned if sid in freed

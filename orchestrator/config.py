@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     events_heartbeat_s: float = Field(default=10.0, gt=0)
     # Most streams a rebalance pass moves, so a join never causes a storm of handovers.
     max_moves_per_pass: int = Field(default=100, ge=1)
+    # With make-before-break hand-offs a move costs no gap, so the cap follows how many
+    # workers are starting streams: up to this many moves to each worker below its target
+    # per pass (never fewer than max_moves_per_pass in all). revoke_first keeps the cap.
+    max_moves_per_receiver: int = Field(default=25, ge=1)
     # A reaper pass balances only when an event was written since the last one that did
     # (reaper.Reaper._pass), and every this many passes regardless (1: every pass).
     reaper_full_balance_every: int = Field(default=30, ge=1)

@@ -172,6 +172,7 @@ class Reaper:
                 max_moves=settings.max_moves_per_pass,
                 previous_owner=freed,
                 make_before_break=settings.make_before_break,
+                max_moves_per_receiver=settings.max_moves_per_receiver,
             )
             # This pass's own events come after ``newest_event``: the next pass balances
             # once more (a move cap reached, grants that made room) before passes go idle.

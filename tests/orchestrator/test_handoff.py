@@ -282,3 +282,28 @@ async def caught_up(reader: Harness, writer: Harness) -> None:
     await eventually(
         lambda: reader.app.state.views.remote_seen >= target, what="the view changes read"
     )
+
+
+@pytest.mark.parametrize(
+    ("planned_moves", "moved"), [("make_before_break", 12), ("revoke_first", 4)]
+)
+async def test_a_pass_moves_as_many_as_the_joiners_can_start(
+    db_url: str, clock: FakeClock, planned_moves: str, moved: int
+) -> None:
+    """The move cap: ``max_moves_per_pass`` (4 here) with revoke_first; with hand-offs,
+    ``max_moves_per_receiver`` (4) per worker below target: three joiners take the 12
+    their shares ask for in one pass."""
+    async with running(
+        db_url,
+        clock,
+        planned_moves=planned_moves,
+        max_moves_per_pass=4,
+        max_moves_per_receiver=4,
+    ) as h:
+        await h.create_streams(16)
+        await h.register("a", capacity=20)
+        await h.reap()
+        for joiner in ("b", "c", "d"):
+            await h.register(joiner, capacity=20)
+        report = await h.reap()
+        assert report.moves == moved, report
