@@ -2,11 +2,10 @@
 
 SQLite: WAL, a busy timeout, and writers serialised in-process and opened with
 ``BEGIN IMMEDIATE`` so a transaction never has to upgrade a read lock (the source of
-"database is locked" under load). On both databases, writes that queue behind the one
-being written are committed together (group commit): each runs in a SAVEPOINT of one
-transaction, so one that fails loses only its own changes, and a busy fleet pays one
-BEGIN/COMMIT, one lock hand-over (SQLite's, or PostgreSQL's commit-order lock) per group
-instead of per call. PostgreSQL: row locks and conditional updates; a
+"database is locked" under load). Writes that queue behind the one being written are
+committed together (group commit): each runs in a SAVEPOINT of one transaction, so one
+that fails loses only its own changes, and a busy fleet pays one BEGIN/COMMIT and one
+lock hand-over per group instead of per call. PostgreSQL: row locks and conditional updates; a
 deadlock or serialisation failure is retried a few times before it becomes a 503. What a
 write means beyond its rows (cached views to drop) is left to commit hooks, so the store
 imports nothing above it.
@@ -202,9 +201,8 @@ class Database:
             self.statements.attach(engine.sync_engine)
         self._writes = async_sessionmaker(self.write_engine, expire_on_commit=False)
         self._reads = async_sessionmaker(self.read_engine, expire_on_commit=False)
-        # One group of writes at a time: on SQLite only one writer can hold its lock, and
-        # queueing here is cheaper than spinning in busy_timeout on a worker thread; on
-        # PostgreSQL writes that change views queue on the commit-order lock anyway.
+        # One group of writes at a time (SQLite): only one writer can hold its lock, and
+        # queueing here is cheaper than spinning in busy_timeout on a worker thread.
         self._write_lock = asyncio.Lock()
         # Group commit: the group still taking writes, the tasks writing groups.
         self._open_group: list[_QueuedWrite] | None = None
@@ -232,7 +230,13 @@ class Database:
         claims), so cached worker views stay valid.
         """
         with database_errors():
-            return cast(T, await self._write_grouped(work, changes))
+            if self.is_sqlite:
+                return cast(T, await self._write_grouped(work, changes))
+            # PostgreSQL: each write alone, concurrently. Grouped there, a group held its
+            # rows (and, once a write took it, the commit-order lock) across all its writes,
+            # and three replicas deadlocked into the detector's 1 s timeout: 0.09x one
+            # replica's join cycles in bench 2 (docs/decisions.md).
+            return await self._write_alone(work, changes)
 
     async def _write_alone(self, work: Callable[[AsyncSession], Awaitable[T]], changes: bool) -> T:
         for attempt in range(1, WRITE_RETRIES + 1):
