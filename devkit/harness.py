@@ -4,7 +4,8 @@ answer that the API tests share."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,6 +16,7 @@ import httpx
 from devkit.clock import FakeClock
 from orchestrator.app import create_app
 from orchestrator.config import Settings
+from orchestrator.server import LiveServer
 
 API = "/api/v1"
 ADMIN_TOKEN = "admin-token-for-tests"
@@ -169,3 +171,12 @@ def parse_ts(value: str) -> datetime:
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     assert parsed.utcoffset() == timedelta(0), value
     return parsed
+
+
+class InProcessServer(LiveServer):
+    """The production server class in the test's own event loop, minus signal handling
+    (pytest owns the signals): for tests that need real sockets on the real protocol."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

@@ -312,13 +312,8 @@ class Database:
                         scoped = scoped and context.scoped
                     outcomes.append((ok, value))
                 context.quiet, context.scoped = quiet, scoped
-                for hook in self.commit_hooks:
-                    await hook.before_commit(session, context)
-                await event_log.write_pending(
-                    session, ordered=not self.is_sqlite and not context.order_locked
-                )
-            for hook in self.commit_hooks:
-                await hook.after_commit(session, context)
+                await self._closing(session, context)
+            await self._committed(session, context)
         return outcomes
 
     async def _write_saved(
@@ -353,14 +348,21 @@ class Database:
             context.quiet = not changes
             async with session.begin():
                 result = await work(session)
-                for hook in self.commit_hooks:
-                    await hook.before_commit(session, context)
-                await event_log.write_pending(
-                    session, ordered=not self.is_sqlite and not context.order_locked
-                )
-            for hook in self.commit_hooks:
-                await hook.after_commit(session, context)
+                await self._closing(session, context)
+            await self._committed(session, context)
         return result
+
+    async def _closing(self, session: AsyncSession, context: WriteContext) -> None:
+        """A transaction's last statements: the commit hooks', then its events."""
+        for hook in self.commit_hooks:
+            await hook.before_commit(session, context)
+        await event_log.write_pending(
+            session, ordered=not self.is_sqlite and not context.order_locked
+        )
+
+    async def _committed(self, session: AsyncSession, context: WriteContext) -> None:
+        for hook in self.commit_hooks:
+            await hook.after_commit(session, context)
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()

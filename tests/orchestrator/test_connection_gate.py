@@ -9,17 +9,17 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from devkit.clock import FakeClock
-from devkit.harness import ADMIN_TOKEN, settings_for
+from devkit.harness import ADMIN_TOKEN, InProcessServer, settings_for
 from devkit.procs import astart_orchestrator
 from orchestrator.app import create_app
-from orchestrator.server import LiveServer, server_config
+from orchestrator.server import server_config
 
 DEADLINE_S = 30.0
 ATTACKER = "127.0.0.2"
@@ -27,14 +27,6 @@ HONEST = "127.0.0.1"
 PROXY = "127.0.0.3"
 BURST = 2
 PER_S = 0.5  # one failure back every 2 s of fake time
-
-
-class _InProcessServer(LiveServer):
-    """The production server class, minus signal handling (pytest owns the signals)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
@@ -71,7 +63,7 @@ async def serving(db_url: str, clock: FakeClock, **overrides: Any) -> AsyncItera
     config = server_config(
         app, host="127.0.0.1", port=0, log_config=None, lifespan="on", access_log=False
     )
-    server = _InProcessServer(config, app.state.live)
+    server = InProcessServer(config, app.state.live)
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + DEADLINE_S
     while not server.started:

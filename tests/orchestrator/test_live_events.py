@@ -11,7 +11,7 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,28 +21,19 @@ import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from devkit.harness import ADMIN, ADMIN_TOKEN, settings_for
+from devkit.harness import ADMIN, ADMIN_TOKEN, InProcessServer, settings_for
 from orchestrator.api.routes.events import PROTOCOL, encode_token
 from orchestrator.app import create_app
-from orchestrator.server import LiveServer
 from shared.logs import TokenRedaction, redact_tokens
 
 DEADLINE_S = 30.0
 Message = dict[str, Any]
 
 
-class _InProcessServer(LiveServer):
-    """The production server class, minus signal handling (pytest owns the signals)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @dataclass
 class Running:
     app: Any
-    server: _InProcessServer
+    server: InProcessServer
     port: int
     http: httpx.AsyncClient
 
@@ -76,7 +67,7 @@ async def serving(db_url: str, **overrides: Any) -> AsyncIterator[Running]:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=0, log_config=None, lifespan="on", timeout_graceful_shutdown=10
     )
-    server = _InProcessServer(config, app.state.live)
+    server = InProcessServer(config, app.state.live)
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + DEADLINE_S
     while not server.started:
