@@ -4,7 +4,9 @@ answer that the API tests share."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -180,3 +182,26 @@ class InProcessServer(LiveServer):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+@asynccontextmanager
+async def in_process(
+    config: Any, live: Any, *, deadline_s: float = 30.0
+) -> AsyncIterator[tuple[InProcessServer, int]]:
+    """``InProcessServer(config, live)`` serving until the block ends: (server, its port)."""
+    server = InProcessServer(config, live)
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + deadline_s
+    while not server.started:
+        if task.done():
+            task.result()
+            raise AssertionError("uvicorn stopped before it started")
+        assert time.monotonic() < deadline, "uvicorn did not start in time"
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield server, port
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(deadline_s):
+            await task

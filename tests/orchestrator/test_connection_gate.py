@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from devkit.clock import FakeClock
-from devkit.harness import ADMIN_TOKEN, InProcessServer, settings_for
+from devkit.harness import ADMIN_TOKEN, in_process, settings_for
 from devkit.procs import astart_orchestrator
 from orchestrator.app import create_app
 from orchestrator.server import server_config
@@ -63,22 +62,8 @@ async def serving(db_url: str, clock: FakeClock, **overrides: Any) -> AsyncItera
     config = server_config(
         app, host="127.0.0.1", port=0, log_config=None, lifespan="on", access_log=False
     )
-    server = InProcessServer(config, app.state.live)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + DEADLINE_S
-    while not server.started:
-        if task.done():
-            task.result()
-            raise AssertionError("uvicorn stopped before it started")
-        assert time.monotonic() < deadline, "uvicorn did not start in time"
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    async with in_process(config, app.state.live, deadline_s=DEADLINE_S) as (_server, port):
         yield Running(app, port, clock)
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(DEADLINE_S):
-            await task
 
 
 class Connection:

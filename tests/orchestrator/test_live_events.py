@@ -21,7 +21,7 @@ import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from devkit.harness import ADMIN, ADMIN_TOKEN, InProcessServer, settings_for
+from devkit.harness import ADMIN, ADMIN_TOKEN, InProcessServer, in_process, settings_for
 from orchestrator.api.routes.events import PROTOCOL, encode_token
 from orchestrator.app import create_app
 from shared.logs import TokenRedaction, redact_tokens
@@ -67,23 +67,9 @@ async def serving(db_url: str, **overrides: Any) -> AsyncIterator[Running]:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=0, log_config=None, lifespan="on", timeout_graceful_shutdown=10
     )
-    server = InProcessServer(config, app.state.live)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + DEADLINE_S
-    while not server.started:
-        if task.done():
-            task.result()
-            raise AssertionError("uvicorn stopped before it started")
-        assert time.monotonic() < deadline, "uvicorn did not start in time"
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    async with in_process(config, app.state.live, deadline_s=DEADLINE_S) as (server, port):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             yield Running(app, server, port, http)
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(DEADLINE_S):
-            await task
 
 
 def ws_connect(url: str, **kwargs: Any) -> Any:
