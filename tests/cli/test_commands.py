@@ -3,6 +3,7 @@ scripts, and one line with a trustworthy exit code when something is wrong."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devkit.poll import eventually
 from devkit.procs import REPO_ROOT, free_port, orchestrator_running
 from shared import limits
 from streamherd_cli import errors
@@ -146,6 +148,13 @@ def test_rebalance_preview_changes_nothing_and_declare_failed_moves_a_worker_out
     )
     answer.raise_for_status()
     session = answer.json()
+
+    def settled() -> bool:
+        # The orchestrator's own passes move streams to the newcomer: wait until they are
+        # done, so that what changes below could only be the preview's doing.
+        return not cli.api("POST", "/rebalance", params={"dry_run": "true"})["moves"]
+
+    asyncio.run(eventually(settled, timeout=60, interval=0.2, what="the join balanced"))
     before = {s["id"]: (s["owner"], s["token"]) for s in cli.api("GET", "/streams")["items"]}
     table = cli("rebalance", "--dry-run")
     assert table.exit_code == 0, table.output
