@@ -35,6 +35,7 @@ from orchestrator import events as event_log
 from orchestrator.config import Settings
 from orchestrator.db_stats import StatementCounter
 from orchestrator.errors import database_errors
+from orchestrator.grouping import Grouped
 from orchestrator.write_context import WriteContext, write_context
 
 log = logging.getLogger(__name__)
@@ -147,19 +148,12 @@ def _sqlstate(exc: BaseException) -> str | None:
     return None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class _QueuedWrite:
-    """A write waiting for SQLite's lock, and where its outcome goes."""
+    """A write waiting for SQLite's lock (``grouping.Grouped``)."""
 
     work: Callable[[AsyncSession], Awaitable[Any]]
     changes: bool
-    done: asyncio.Future[Any]
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """The outcome of a write whose caller went away is nobody's: not an error to log."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _retry(exc: sa_exc.DBAPIError, attempt: int) -> bool:
@@ -201,12 +195,9 @@ class Database:
             self.statements.attach(engine.sync_engine)
         self._writes = async_sessionmaker(self.write_engine, expire_on_commit=False)
         self._reads = async_sessionmaker(self.read_engine, expire_on_commit=False)
-        # One group of writes at a time (SQLite): only one writer can hold its lock, and
-        # queueing here is cheaper than spinning in busy_timeout on a worker thread.
-        self._write_lock = asyncio.Lock()
-        # Group commit: the group still taking writes, the tasks writing groups.
-        self._open_group: list[_QueuedWrite] | None = None
-        self._group_tasks: set[asyncio.Task[None]] = set()
+        # SQLite's group commit, one group at a time: only one writer can hold its lock,
+        # and queueing here is cheaper than spinning in busy_timeout on a worker thread.
+        self._groups: Grouped[_QueuedWrite] = Grouped(self._write_together)
         # Run by every write around its commit (``view_sync.ViewSync`` is one).
         self.commit_hooks: list[CommitHook] = []
 
@@ -231,7 +222,7 @@ class Database:
         """
         with database_errors():
             if self.is_sqlite:
-                return cast(T, await self._write_grouped(work, changes))
+                return cast(T, await self._groups.submit(_QueuedWrite(work, changes)))
             # PostgreSQL: each write alone, concurrently. Grouped there, a group held its
             # rows (and, once a write took it, the commit-order lock) across all its writes,
             # and three replicas deadlocked into the detector's 1 s timeout: 0.09x one
@@ -250,48 +241,6 @@ class Database:
         raise AssertionError("unreachable")
 
     # --- group commit -----------------------------------------------------------------
-
-    async def _write_grouped(
-        self, work: Callable[[AsyncSession], Awaitable[Any]], changes: bool
-    ) -> Any:
-        """Queue ``work`` in the open group (opening one if none is), await its outcome.
-
-        The group is written by a task of its own once the lock is free; writes that
-        arrive meanwhile join it. Shielded: a caller that goes away leaves the others'
-        commit alone (its work still runs, as a request whose client hung up would).
-        """
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        done.add_done_callback(_retrieved)
-        group = self._open_group
-        if group is None:
-            group = self._open_group = []
-            task = asyncio.create_task(self._write_group(group))
-            self._group_tasks.add(task)
-            task.add_done_callback(self._group_tasks.discard)
-        group.append(_QueuedWrite(work, changes, done))
-        return await asyncio.shield(done)
-
-    async def _write_group(self, group: list[_QueuedWrite]) -> None:
-        async with self._write_lock:
-            if self._open_group is group:
-                self._open_group = None  # closed: later writes open the next group
-            try:
-                outcomes = await self._write_together(group)
-            except BaseException as exc:
-                failure = exc if isinstance(exc, Exception) else asyncio.CancelledError()
-                for queued in group:
-                    if not queued.done.done():
-                        queued.done.set_exception(failure)
-                if not isinstance(exc, Exception):
-                    raise
-                return
-        for queued, (ok, value) in zip(group, outcomes, strict=True):
-            if queued.done.done():
-                continue
-            if ok:
-                queued.done.set_result(value)
-            else:
-                queued.done.set_exception(value)
 
     async def _write_together(self, group: list[_QueuedWrite]) -> list[tuple[bool, Any]]:
         """One transaction for the group; each write in a SAVEPOINT of its own when there

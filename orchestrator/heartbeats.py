@@ -11,11 +11,10 @@ encoded here, the owned streams' part once per view (one concept, so one module)
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Row, Table, bindparam, case, select, update
@@ -26,6 +25,7 @@ from orchestrator.auth import Caller, same_hash
 from orchestrator.context import Context
 from orchestrator.db import Database
 from orchestrator.errors import StaleEpoch, Unavailable, ValidationFailed
+from orchestrator.grouping import Grouped
 from orchestrator.models import LEASED_STATES, StreamRow, WorkerRow
 from orchestrator.sessions import SessionGuard
 from orchestrator.view_sync import scoped
@@ -368,11 +368,6 @@ class _Settlement:
     now: float
 
 
-@dataclass
-class _SettleGroup:
-    items: list[tuple[_Settlement, asyncio.Future[None]]] = field(default_factory=list)
-
-
 async def _settle_all(session: AsyncSession, items: Sequence[_Settlement]) -> handoff.Finished:
     """Every settlement of a group, in arrival order, in one transaction."""
     scoped(session)  # release and the hand-off steps touch every view they change
@@ -405,18 +400,6 @@ def _worth_retrying_alone(exc: Exception) -> bool:
     return not isinstance(exc, Unavailable)
 
 
-def _deliver(
-    items: Sequence[tuple[_Settlement, asyncio.Future[None]]], exc: Exception | None
-) -> None:
-    for _item, done in items:
-        if done.done():
-            continue
-        if exc is None:
-            done.set_result(None)
-        else:
-            done.set_exception(exc)
-
-
 class Heartbeats:
     """``POST /workers/{id}/heartbeat``: answered from a cached view, renewal buffered."""
 
@@ -427,11 +410,8 @@ class Heartbeats:
         self.book = book
         self.views = views
         self.sessions = sessions
-        # Beats' settlements, written in groups (``_settle``): the one still taking items,
-        # the lock that writes one group at a time, the tasks writing them.
-        self._settle_open: _SettleGroup | None = None
-        self._settle_lock = asyncio.Lock()
-        self._settle_tasks: set[asyncio.Task[None]] = set()
+        # Beats' settlements, written in groups (``_settle``).
+        self._settlements: Grouped[_Settlement] = Grouped(self._write_settlements)
 
     async def beat(self, caller: Caller, worker_id: str, req: m.HeartbeatRequest) -> bytes:
         """Renew the lease; the answer already encoded as JSON (a ``HeartbeatAnswer``)."""
@@ -501,43 +481,27 @@ class Heartbeats:
         joins the next one, so a fleet settling a rebalance's hand-offs takes a few write
         transactions instead of one per beat (on SQLite they all queue on one lock).
         """
-        item = _Settlement(worker_id, handed_back, confirmed, stopped, now)
-        group = self._settle_open
-        if group is None:
-            group = self._settle_open = _SettleGroup()
-            task = asyncio.create_task(self._write_group(group))
-            self._settle_tasks.add(task)
-            task.add_done_callback(self._settle_tasks.discard)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        group.items.append((item, done))
-        # Shielded: a beat whose client went away must not cancel the others' commit.
-        await asyncio.shield(done)
+        await self._settlements.submit(_Settlement(worker_id, handed_back, confirmed, stopped, now))
 
-    async def _write_group(self, group: _SettleGroup) -> None:
-        """Write one group of settlements once the previous group is written; items that
-        arrive meanwhile join it. Run as a task of its own, whoever started it."""
-        async with self._settle_lock:
-            if self._settle_open is group:
-                self._settle_open = None  # closed: later beats start the next group
-            items = group.items
-            try:
-                finished = await self.ctx.db.write(_settling([i for i, _ in items]))
-            except Exception as exc:  # noqa: BLE001 - delivered to the beats that wait
-                if len(items) == 1 or not _worth_retrying_alone(exc):
-                    _deliver(items, exc)
-                    return
-                # One item's trouble must not fail the others' beats: each alone.
-                for item, done in items:
-                    try:
-                        one = await self.ctx.db.write(_settling([item]))
-                    except Exception as one_exc:  # noqa: BLE001 - that beat's answer
-                        _deliver([(item, done)], one_exc)
-                    else:
-                        self._settled(one)
-                        _deliver([(item, done)], None)
-                return
-            self._settled(finished)
-            _deliver(items, None)
+    async def _write_settlements(self, items: list[_Settlement]) -> list[tuple[bool, Any]]:
+        """One transaction for the group; if it fails for anything but an outage, each
+        item alone, so that one item's trouble does not fail the others' beats."""
+        try:
+            finished = await self.ctx.db.write(_settling(items))
+        except Exception as exc:
+            if len(items) == 1 or not _worth_retrying_alone(exc):
+                raise
+            outcomes: list[tuple[bool, Any]] = []
+            for item in items:
+                try:
+                    self._settled(await self.ctx.db.write(_settling([item])))
+                except Exception as one_exc:  # noqa: BLE001 - that beat's answer
+                    outcomes.append((False, one_exc))
+                else:
+                    outcomes.append((True, None))
+            return outcomes
+        self._settled(finished)
+        return [(True, None)] * len(items)
 
     def _settled(self, finished: handoff.Finished) -> None:
         metrics = self.ctx.metrics
