@@ -26,6 +26,10 @@ from bench.sim import Beater, Cluster, SimWorker, balanced, wait_until
 from devkit.procs import OrchestratorProcess
 
 GOAL_MOVES_RATIO = 1.05
+# Issue 18: worker calls that write, at least 4x the join cycles one SQLite process did when
+# it was filed (register + request 5 + leave, 120/s).
+ISSUE_SQLITE_CYCLES_PER_S = 120.0
+GOAL_SQLITE_CYCLES_X = 4.0
 # Issue 18: 100,000 streams fully assigned and balanced in <= 5 s, at most 30x the bare INSERT.
 GOAL_ASSIGN_RATIO = 30.0
 ISSUE_STREAMS = 100_000
@@ -381,10 +385,18 @@ async def _cycles(job: CycleJob) -> tuple[int, int, list[float], str | None]:
 
 
 async def replica_throughput(ctx: Context, replicas: int) -> tuple[float, float, int, str | None]:
-    """Join cycles per second (register + request + leave) with ``replicas`` orchestrators."""
-    s = ctx.sizes
+    """Join cycles per second (register + request + leave) with ``replicas`` orchestrators
+    on one PostgreSQL database."""
     assert ctx.pg is not None
-    url = await ctx.pg.new()
+    return await join_cycles(ctx, await ctx.pg.new(), replicas)
+
+
+async def join_cycles(
+    ctx: Context, url: str, replicas: int = 1
+) -> tuple[float, float, int, str | None]:
+    """(join cycles per second, cycle p50 ms, failed cycles, first error) with ``replicas``
+    orchestrators on the database at ``url``."""
+    s = ctx.sizes
     settings = {"ORCH_DATABASE_URL": url, "ORCH_LOG_LEVEL": "WARNING"}
     orchs = [
         OrchestratorProcess.create(ctx.workdir, settings, name=f"replica{replicas}-{i}")
@@ -546,6 +558,20 @@ in the same 1000-row transactions, measured in the same run.
                 "not by the owner."
             )
         section.notes.extend(f.notes)
+
+    if "sqlite" in ctx.databases():
+        ctx.say("assignment: join cycles on one SQLite process")
+        url = await ctx.database_url("sqlite", "cycles-sqlite")
+        rate, p50, failed, err = await join_cycles(ctx, url)
+        section.goal(
+            "join cycles/s on one SQLite process (register + request 5 + leave)",
+            f">= {GOAL_SQLITE_CYCLES_X:g} × the issue's {ISSUE_SQLITE_CYCLES_PER_S:g}/s",
+            f"{rate:,.0f}/s = {fmt(rate / ISSUE_SQLITE_CYCLES_PER_S)} × "
+            f"(cycle p50 {fmt(p50, 1)} ms, {failed} failed)",
+            rate >= GOAL_SQLITE_CYCLES_X * ISSUE_SQLITE_CYCLES_PER_S and not failed,
+        )
+        if err:
+            section.notes.append(f"join cycles on SQLite: first failure: {err}")
 
     if ctx.pg is not None:
         rows: list[tuple[int, float, float, int, str | None]] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     events_retention: int = Field(default=100_000, ge=1000)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
+    # SQLite's writer: statements on the event loop's thread ("inline", orchestrator/
+    # sqlite_inline.py) or through aiosqlite's thread ("thread", as before).
+    sqlite_writes: Literal["inline", "thread"] = "inline"
     # How long start-up waits for a database that does not answer yet (0: not at all).
     db_startup_timeout_s: float = Field(default=0.0, ge=0)
     log_level: str = "INFO"

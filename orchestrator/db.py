@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from orchestrator import events as event_log
+from orchestrator import sqlite_inline
 from orchestrator.config import Settings
 from orchestrator.db_stats import StatementCounter
 from orchestrator.errors import database_errors
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# How often the WAL is checkpointed while writes go on (SQLite, writer on the loop).
+CHECKPOINT_EVERY_S = 1.0
 WRITE_RETRIES = 4
 # Times the attempt number: the transaction that won the conflict needs a moment to commit.
 WRITE_RETRY_PAUSE_S = 0.005
@@ -50,13 +54,20 @@ WRITE_RETRY_PAUSE_S = 0.005
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    return lambda dbapi_connection, _record: _set_pragmas(dbapi_connection, busy_timeout_ms)
+
+
+def _set_pragmas(dbapi_connection: Any, busy_timeout_ms: int) -> None:
     # We issue BEGIN ourselves (below); the driver must not open transactions on its own.
     try:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        # Persistent in the file once set; setting it again needs the write lock.
+        cursor.execute("PRAGMA journal_mode")
+        if str(cursor.fetchone()[0]).lower() != "wal":
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -116,14 +127,34 @@ def _failed_connect_is_an_outage(context: ExceptionContext) -> None:
 
 
 def _make_engine(settings: Settings, *, immediate: bool) -> AsyncEngine:
-    if settings.is_sqlite:
+    if settings.is_sqlite and immediate and settings.sqlite_writes == "inline":
+        # The one writer, on the loop's thread: SQLite's lock is held for the SQL only.
+        engine = sqlite_inline.inline_engine(
+            settings.database_url,
+            timeout_s=SQLITE_BUSY_TIMEOUT_MS / 1000,
+            pool_size=1,
+            max_overflow=0,
+        )
+        event.listen(
+            engine.sync_engine, "connect", _sqlite_pragmas(sqlite_inline.STATEMENT_BUSY_MS)
+        )
+        # A checkpoint writes the database file and syncs it: not on the loop's thread.
+        # ``Database`` runs them through the read engine's threads (``_checkpoint``).
+        event.listen(
+            engine.sync_engine,
+            "connect",
+            lambda dbapi_connection, _record: dbapi_connection.execute(
+                "PRAGMA wal_autocheckpoint=0"
+            ),
+        )
+    elif settings.is_sqlite:
         engine = sqlite_engine(
             settings.database_url,
             timeout_s=SQLITE_BUSY_TIMEOUT_MS / 1000,
             pool_size=1 if immediate else max(2, settings.db_pool_size),
             max_overflow=0 if immediate else 4,
         )
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(SQLITE_BUSY_TIMEOUT_MS))
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(begin))
     else:
@@ -200,6 +231,10 @@ class Database:
         self._groups: Grouped[_QueuedWrite] = Grouped(self._write_together)
         # Run by every write around its commit (``view_sync.ViewSync`` is one).
         self.commit_hooks: list[CommitHook] = []
+        # SQLite's WAL checkpoints when its writer runs on the loop (``_checkpoint``).
+        self._checkpoints = self.is_sqlite and settings.sqlite_writes == "inline"
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._checkpointed_at = time.monotonic()
 
     @property
     def dialect(self) -> str:
@@ -312,8 +347,34 @@ class Database:
     async def _committed(self, session: AsyncSession, context: WriteContext) -> None:
         for hook in self.commit_hooks:
             await hook.after_commit(session, context)
+        if self._checkpoints:
+            self._checkpoint_soon()
+
+    # --- SQLite's WAL checkpoints, off the loop ---------------------------------------
+
+    def _checkpoint_soon(self) -> None:
+        """After a commit: a checkpoint at most every ``CHECKPOINT_EVERY_S``, one at a time,
+        on a read connection's thread (the writer on the loop has auto-checkpoints off)."""
+        running = self._checkpoint_task is not None and not self._checkpoint_task.done()
+        if running or time.monotonic() - self._checkpointed_at < CHECKPOINT_EVERY_S:
+            return
+        self._checkpointed_at = time.monotonic()
+        self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        """``PRAGMA wal_checkpoint(PASSIVE)``: copies what no reader still needs from the
+        WAL into the database file, never waiting for the writer or a reader."""
+        try:
+            async with self.read_engine.connect() as connection:
+                raw = await connection.get_raw_connection()
+                cursor = await raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                await cursor.close()
+        except Exception:  # noqa: BLE001 - the next commit tries again
+            log.warning("orchestrator.sqlite_checkpoint_failed", exc_info=True)
 
     async def dispose(self) -> None:
+        if self._checkpoint_task is not None:
+            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
         await self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             await self.read_engine.dispose()
