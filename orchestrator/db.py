@@ -366,8 +366,9 @@ class Database:
         WAL into the database file, never waiting for the writer or a reader."""
         try:
             async with self.read_engine.connect() as connection:
-                raw = await connection.get_raw_connection()
-                cursor = await raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                raw = (await connection.get_raw_connection()).driver_connection
+                assert raw is not None  # the pool's connection is open
+                cursor = await raw.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 await cursor.close()
         except Exception:  # noqa: BLE001 - the next commit tries again
             log.warning("orchestrator.sqlite_checkpoint_failed", exc_info=True)
