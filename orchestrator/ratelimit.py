@@ -157,6 +157,11 @@ def retry_after_header(seconds: float) -> int:
 # dropped: a client that honours Retry-After is refused about once per connection it had
 # in flight when it was told.
 DEFAULT_DROP_AFTER: Final = 10
+# A drop is for the Retry-After the address was told, doubled for each drop before it that
+# ended less than DEFAULT_REPEAT_MEMORY_S earlier (when a drop ends, the bucket has refilled
+# and the flood's next connections reach the app until it is limited again), up to this.
+DEFAULT_MAX_DROP_S: Final = 60.0
+DEFAULT_REPEAT_MEMORY_S: Final = 60.0
 # How long a successful authentication keeps its address from being dropped: longer than
 # a heartbeat interval, so workers sharing an address with an attacker (a NAT) are seen.
 DEFAULT_SUCCESS_MEMORY_S: Final = 60.0
@@ -167,8 +172,10 @@ NEVER_DROPPED: Final = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
 class DropList:
     """Which addresses ignore Retry-After: refused once (and told Retry-After), then more
-    than ``after`` times before it ran out. Such an address is dropped (its new connections never
-    reach the server, ``orchestrator.kernel_filter``) until that Retry-After ends.
+    than ``after`` times before it ran out. Such an address is dropped (its new connections
+    never reach the server, ``orchestrator.kernel_filter``) until that Retry-After ends; an
+    address dropped again within ``repeat_memory_s`` of its last drop's end, twice as long
+    as the last time, up to ``max_drop_s``.
 
     Never dropped: ``exempt`` addresses (trusted proxies), ``NEVER_DROPPED``, an address that
     authenticated successfully within ``success_memory_s`` (``succeeded``: honest workers
@@ -184,6 +191,8 @@ class DropList:
         clock: Clock = SYSTEM_CLOCK,
         exempt: Callable[[str], bool] = lambda _address: False,
         success_memory_s: float = DEFAULT_SUCCESS_MEMORY_S,
+        max_drop_s: float = DEFAULT_MAX_DROP_S,
+        repeat_memory_s: float = DEFAULT_REPEAT_MEMORY_S,
         max_tracked: int = DEFAULT_MAX_ADDRESSES,
     ) -> None:
         if after < 0 or max_addresses < 1 or success_memory_s < 0 or max_tracked < 1:
@@ -191,6 +200,8 @@ class DropList:
         self.after = after
         self.max_addresses = max_addresses
         self.success_memory_s = success_memory_s
+        self.max_drop_s = max_drop_s
+        self.repeat_memory_s = repeat_memory_s
         self.clock = self._clock = clock
         self._exempt = exempt
         self._max_tracked = max_tracked
@@ -200,6 +211,8 @@ class DropList:
         self._succeeded: OrderedDict[str, float] = OrderedDict()
         # address -> monotonic time its drop ends
         self._dropped: dict[str, float] = {}
+        # address -> [its last drop's length, when it ends]
+        self._history: OrderedDict[str, list[float]] = OrderedDict()
         self.escalations = 0
         self.over_capacity = 0  # escalations not made: the list was full
 
@@ -245,9 +258,17 @@ class DropList:
             self.over_capacity += 1
             return None
         del self._told[address]
-        self._dropped[address] = now + retry_after_s
+        seconds = float(retry_after_s)
+        last = self._history.pop(address, None)
+        if last is not None and now - last[1] < self.repeat_memory_s:
+            seconds = max(seconds, 2.0 * last[0])
+        seconds = min(seconds, self.max_drop_s)
+        self._dropped[address] = now + seconds
+        self._history[address] = [seconds, now + seconds]
+        if len(self._history) > self._max_tracked:
+            self._history.popitem(last=False)
         self.escalations += 1
-        return retry_after_s
+        return seconds
 
     def succeeded(self, address: str) -> bool:
         """Note a successful authentication from ``address``: it is not dropped for
@@ -260,12 +281,14 @@ class DropList:
             if len(self._succeeded) > self._max_tracked:
                 self._succeeded.popitem(last=False)
         self._told.pop(address, None)
+        self._history.pop(address, None)
         return self._dropped.pop(address, None) is not None
 
     def clear(self) -> None:
         """Forget every drop and count (dropping was turned off)."""
         self._dropped.clear()
         self._told.clear()
+        self._history.clear()
 
     def expire(self) -> list[str]:
         """End the drops whose time has come: the addresses lifted."""

@@ -115,3 +115,26 @@ def test_the_refusal_table_is_bounded(clock: FakeClock) -> None:
         AFTER + 1
     )
     assert drops.refused("10.0.0.1", RETRY_AFTER_S) == RETRY_AFTER_S
+
+
+def test_an_address_dropped_again_soon_is_dropped_twice_as_long_up_to_a_cap(
+    clock: FakeClock,
+) -> None:
+    """Each drop that follows the last one's end within the memory doubles, to max_drop_s."""
+    drops = drop_list(clock, max_drop_s=7.0, repeat_memory_s=60.0)
+    lengths = []
+    for _ in range(4):
+        lengths.append(ignore_retry_after(drops)[-1])
+        clock.advance(lengths[-1] or 0.0)
+        assert drops.expire() == [ATTACKER]
+    assert lengths == [RETRY_AFTER_S, 2 * RETRY_AFTER_S, 7.0, 7.0]
+
+
+def test_the_doubling_is_forgotten_after_the_memory(clock: FakeClock) -> None:
+    """An address that behaved for repeat_memory_s after its drop starts again from Retry-After."""
+    drops = drop_list(clock, repeat_memory_s=60.0)
+    ignore_retry_after(drops)
+    clock.advance(RETRY_AFTER_S)
+    drops.expire()
+    clock.advance(60.0)
+    assert ignore_retry_after(drops)[-1] == RETRY_AFTER_S
