@@ -340,6 +340,9 @@ class Figures:
     live: int
     beats_alone: LoadResult  # closed loop, next to the one below
     refusals: LoadResult  # the flood's calls alone, closed loop, from a limited address
+    # The flood from its own address with no honest load, on each orchestrator: its own
+    # cost in server CPU, the figure least disturbed by other work on the machine.
+    flood_only: dict[str, Flooded] = field(default_factory=dict)
 
 
 def _busy_s() -> float:
@@ -452,6 +455,18 @@ async def measure(ctx: Context, flooder: ProcessPoolExecutor) -> Figures:
             )
             return result, await cores
 
+        def flood_job(target: Target, source: str) -> FloodJob:
+            return FloodJob(
+                "127.0.0.1",
+                target.orch.port,
+                target.bad,
+                s.flood_rate,
+                min(FLOOD_CONNECTIONS, max(1, int(s.flood_rate // FLOOD_CALLS_PER_CONNECTION_S))),
+                time.time() + start_delay - FLOOD_MARGIN_S,
+                warmup + s.flood_duration_s + 2 * FLOOD_MARGIN_S,
+                source,
+            )
+
         pairs: list[Pair] = []
         for _ in range(s.flood_pairs):
             alone: dict[str, LoadResult] = {}
@@ -462,19 +477,7 @@ async def measure(ctx: Context, flooder: ProcessPoolExecutor) -> Figures:
                 alone[key], alone_cores[key] = await beats(target)
                 for scenario in (sc for sc in SCENARIOS if sc.target == key):
                     await _until_served(target.orch.port, HONEST_SOURCE)
-                    job = FloodJob(
-                        "127.0.0.1",
-                        target.orch.port,
-                        target.bad,
-                        s.flood_rate,
-                        min(
-                            FLOOD_CONNECTIONS,
-                            max(1, int(s.flood_rate // FLOOD_CALLS_PER_CONNECTION_S)),
-                        ),
-                        time.time() + start_delay - FLOOD_MARGIN_S,
-                        warmup + s.flood_duration_s + 2 * FLOOD_MARGIN_S,
-                        scenario.source,
-                    )
+                    job = flood_job(target, scenario.source)
                     flood_future = asyncio.wrap_future(flooder.submit(flood_main, job))
                     result, cores = await beats(target)
                     flooded[scenario.key] = Flooded(result, await flood_future, cores)
@@ -499,9 +502,17 @@ async def measure(ctx: Context, flooder: ProcessPoolExecutor) -> Figures:
             expect_status=429,
             local_host=OWN_ADDRESS.source,
         )
+        flood_only: dict[str, Flooded] = {}
+        for key, target in targets.items():
+            await _until_served(target.orch.port, HONEST_SOURCE)
+            job = flood_job(target, OWN_ADDRESS.source)
+            window = time.time() + start_delay + warmup
+            cores = asyncio.create_task(_cpu(target.orch.pid, window, window + s.flood_duration_s))
+            flood = await asyncio.wrap_future(flooder.submit(flood_main, job))
+            flood_only[key] = Flooded(LoadResult(), flood, await cores)
         state = await targets[DROP].cluster.cluster()
         live = state["workers"].get("active", 0) + state["workers"].get("suspect", 0)
-        return Figures(pairs, live, beats_alone, refusals)
+        return Figures(pairs, live, beats_alone, refusals, flood_only)
     finally:
         for target in targets.values():
             await target.cluster.aclose()
@@ -624,6 +635,17 @@ cores as the orchestrators.
         f"flood calls {OWN_ADDRESS.label} whose connect the kernel dropped",
         "–",
         f"{dropped / sent:.1%} ({dropped:,} of {sent:,})" if sent else "–",
+        None,
+    )
+    only = figures.flood_only
+    section.goal(
+        f"server CPU taken by the flood {OWN_ADDRESS.label} alone, no honest load: "
+        "kernel drop on / off (same run)",
+        "–",
+        f"{only[DROP].cpu.server:.3f} / {only[GATE_ONLY].cpu.server:.3f} cores "
+        f"(answered {sum(only[DROP].flood.statuses.values()):,} / "
+        f"{sum(only[GATE_ONLY].flood.statuses.values()):,} of "
+        f"{only[DROP].flood.sent:,} / {only[GATE_ONLY].flood.sent:,} attempted)",
         None,
     )
     flood_cores = median([p.flooded[OWN_ADDRESS.key].flood.cores for p in pairs])
