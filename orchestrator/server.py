@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import signal
 import socket
 import ssl
@@ -102,7 +101,7 @@ class KernelDrops:
         self.metrics = metrics
         self.listeners: kernel_filter.ListenerFilter | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._next_check = math.inf
+        self._next_check: float | None = None  # when the earliest drop ends
         self._full_reported = 0
 
     @property
@@ -147,7 +146,8 @@ class KernelDrops:
 
     def tick(self) -> None:
         """End drops whose time has come (cheap: one comparison while none is due)."""
-        if self._next_check is not math.inf and self.drops.clock.monotonic() >= self._next_check:
+        due = self._next_check
+        if due is not None and self.drops.clock.monotonic() >= due:
             self.expire()
 
     def expire(self) -> None:
@@ -160,7 +160,7 @@ class KernelDrops:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._next_check = math.inf
+        self._next_check = None
 
     def _rebuild(self) -> None:
         listeners = self.listeners
@@ -184,8 +184,7 @@ class KernelDrops:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        due = self.drops.next_expiry
-        self._next_check = math.inf if due is None else due
+        due = self._next_check = self.drops.next_expiry
         if due is not None:
             delay = max(MIN_EXPIRY_CHECK_S, due - self.drops.clock.monotonic())
             self._timer = asyncio.get_running_loop().call_later(delay, self.expire)

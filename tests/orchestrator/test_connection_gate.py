@@ -335,7 +335,7 @@ async def test_an_address_that_ignores_retry_after_is_dropped_in_the_kernel_unti
         clock.advance(1 / PER_S)  # the Retry-After it was told (and its bucket refilled)
         # The next connection from anyone ends the drop; so does a timer, on real time.
         assert (await call_once(run, HONEST, ADMIN_TOKEN)).status == 200
-        assert run.drops.drops.addresses == ()
+        assert not run.drops.drops.addresses
         assert run.dropped_gauge() == 0
         assert (await call_once(run, ATTACKER, ADMIN_TOKEN)).status == 200
 
@@ -356,7 +356,7 @@ async def test_an_address_that_also_authenticates_is_refused_but_never_dropped(
             assert_rate_limited(await call_once(run, SHARED, "wrong"))
             await ignore_retry_after(run, SHARED)
             assert not await connect_is_dropped(run.port, SHARED)
-            assert run.drops.drops.addresses == ()
+            assert not run.drops.drops.addresses
             assert (await honest.call("GET", "/api/v1/workers", ADMIN_TOKEN)).status == 200
         finally:
             await honest.close()
@@ -376,7 +376,7 @@ async def test_a_success_on_an_open_connection_lifts_the_drop(
             assert (await early.call("GET", "/api/v1/workers", ADMIN_TOKEN)).status == 200
         finally:
             await early.close()
-        assert run.drops.drops.addresses == ()
+        assert not run.drops.drops.addresses
         assert not await connect_is_dropped(run.port, ATTACKER)
 
 
@@ -387,7 +387,7 @@ async def test_a_trusted_proxy_is_never_dropped(sqlite_url: str, clock: FakeCloc
         await exhaust(run, PROXY)
         for _ in range(DEFAULT_DROP_AFTER + 2):
             assert (await call_once(run, PROXY, ADMIN_TOKEN)).status == 200
-        assert run.drops.drops.addresses == ()
+        assert not run.drops.drops.addresses
         assert not await connect_is_dropped(run.port, PROXY)
 
 
