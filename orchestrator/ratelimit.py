@@ -47,6 +47,8 @@ def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 peer of a dual-stack listener (::ffff:a.b.c.d)
     return any(ip in net for net in trusted)
 
 

@@ -4,10 +4,12 @@ trusted proxy, the host's loopback, or an address that authenticated lately."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from devkit.clock import FakeClock
-from orchestrator.ratelimit import DropList
+from orchestrator.ratelimit import AuthFailureLimiter, DropList
 
 ATTACKER = "10.0.0.66"
 AFTER = 3
@@ -138,3 +140,15 @@ def test_the_doubling_is_forgotten_after_the_memory(clock: FakeClock) -> None:
     drops.expire()
     clock.advance(60.0)
     assert ignore_retry_after(drops)[-1] == RETRY_AFTER_S
+
+
+def test_a_trusted_proxy_seen_by_a_dual_stack_listener_is_never_dropped(
+    clock: FakeClock,
+) -> None:
+    """ORCH_TRUSTED_PROXIES names IPv4 networks; an IPv6 listener reports ::ffff:a.b.c.d."""
+    limiter = AuthFailureLimiter(
+        burst=1, per_s=1.0, clock=clock, trusted_proxies=[ipaddress.ip_network("10.0.0.0/24")]
+    )
+    drops = drop_list(clock, exempt=limiter.is_trusted_proxy)
+    assert ignore_retry_after(drops, "::ffff:10.0.0.5") == [None] * (AFTER + 2)
+    assert ignore_retry_after(drops, "::ffff:10.0.1.5")[-1] == RETRY_AFTER_S
