@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Failed authentications per source address: a token bucket (0 burst: no limit).
     auth_fail_burst: int = Field(default=DEFAULT_AUTH_FAIL_BURST, ge=0)
     auth_fail_per_s: float = Field(default=DEFAULT_AUTH_FAIL_PER_S, gt=0)
+    # An address that keeps connecting while refused 429 is dropped in the kernel (a
+    # socket filter on the listener, Linux) for its Retry-After; elsewhere: ignored.
+    auth_fail_kernel_drop: bool = True
     # Proxies whose X-Forwarded-For names the client: addresses or networks, comma-separated.
     trusted_proxies: str = ""
     heartbeat_interval_s: float = Field(default=5.0, gt=0)

@@ -36,6 +36,16 @@ class OrchestratorMetrics:
             "Of those, connections refused as they were accepted, before any HTTP.",
             registry=r,
         )
+        self.auth_drop_escalations = Counter(
+            "streamherd_auth_drop_escalations",
+            "Addresses that kept connecting through Retry-After, dropped in the kernel.",
+            registry=r,
+        )
+        self.auth_addresses_dropped = Gauge(
+            "streamherd_auth_addresses_dropped",
+            "Addresses whose new connections the kernel drops now (ORCH_AUTH_FAIL_KERNEL_DROP).",
+            registry=r,
+        )
         self.latency = Histogram(
             "streamherd_http_request_duration_seconds",
             "Time to answer, by route.",

@@ -1,7 +1,8 @@
 """Serving one process: uvicorn's server, saying goodbye to live clients before it closes
 their sockets, so a stopping replica's WebSocket clients learn where to resume; with TLS,
-serving the context ``orchestrator.tls`` reloads, and telling the app who the peer is; and
-refusing, as the connection is accepted, an address over its failed-authentication limit.
+serving the context ``orchestrator.tls`` reloads, and telling the app who the peer is;
+refusing, as the connection is accepted, an address over its failed-authentication limit;
+and dropping in the kernel the new connections of an address that ignores Retry-After.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any, Final
 import uvicorn
 from fastapi import FastAPI
 
+from orchestrator import kernel_filter
+from orchestrator.api.auth_guard import API, OPEN_PATHS
 from orchestrator.errors import RateLimited, error_body
 from orchestrator.live import LiveHub
 from orchestrator.metrics import OrchestratorMetrics
-from orchestrator.ratelimit import AuthFailureLimiter, retry_after_header
+from orchestrator.ratelimit import AuthFailureLimiter, DropList, retry_after_header
 from orchestrator.tls import PEER_STATE_KEY, PeerIdentity, ServerTLS
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 STARTUP_FAILURE: Final = 3
 # Distinct Retry-After values whose pre-built 429 answers are kept.
 MAX_CACHED_ANSWERS: Final = 64
+# The soonest the expiry timer runs again (a fake clock in tests does not move by itself).
+MIN_EXPIRY_CHECK_S: Final = 0.05
 
 
 def tls_scope_extension(ssl_object: Any) -> tuple[dict[str, Any], PeerIdentity | None]:
@@ -84,6 +89,107 @@ def rate_limited_answer(retry_after_s: int) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+class KernelDrops:
+    """A ``DropList`` enforced on the listening sockets (``kernel_filter.ListenerFilter``):
+    each escalation, lift and expiry rebuilds the filter; a timer, and each new connection,
+    ends drops on time. If the kernel refuses the filter, dropping stops for good and
+    every address is left to the 429 gate.
+    """
+
+    def __init__(self, drops: DropList, metrics: OrchestratorMetrics | None = None) -> None:
+        self.drops = drops
+        self.metrics = metrics
+        self.listeners: kernel_filter.ListenerFilter | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._next_check: float | None = None  # when the earliest drop ends
+        self._full_reported = 0
+
+    @property
+    def active(self) -> bool:
+        """Bound to at least one IP listener, and the kernel took the filter so far."""
+        return self.listeners is not None
+
+    def bind(self, sockets: list[Any]) -> None:
+        """Drop on these listening sockets (the server's, once it listens)."""
+        listeners = kernel_filter.ListenerFilter(sockets)
+        self.listeners = listeners if listeners.sockets else None
+
+    def refused(self, address: str, retry_after_s: int) -> None:
+        """A connection from ``address`` was refused with that Retry-After."""
+        if self.listeners is None:
+            return
+        seconds = self.drops.refused(address, retry_after_s)
+        if seconds is None:
+            if self.drops.over_capacity > self._full_reported:
+                if not self._full_reported:  # once: a flood from many addresses repeats it
+                    log.warning(
+                        "orchestrator.auth_drop_list_full: more addresses ignore Retry-After "
+                        "than the kernel filter lists; the rest are refused with 429",
+                        extra={"max_addresses": self.drops.max_addresses},
+                    )
+                self._full_reported = self.drops.over_capacity
+            return
+        log.warning(
+            "orchestrator.auth_address_dropped: connecting through Retry-After; its new "
+            "connections are dropped by the kernel",
+            extra={"address": address, "seconds": seconds, "ignored": self.drops.after + 1},
+        )
+        if self.metrics is not None:
+            self.metrics.auth_drop_escalations.inc()
+        self._rebuild()
+
+    def succeeded(self, address: str) -> None:
+        """``address`` authenticated successfully: never dropped for a while; lifted now."""
+        if self.drops.succeeded(address) and self.listeners is not None:
+            log.info("orchestrator.auth_address_drop_lifted", extra={"address": address})
+            self._rebuild()
+
+    def tick(self) -> None:
+        """End drops whose time has come (cheap: one comparison while none is due)."""
+        due = self._next_check
+        if due is not None and self.drops.clock.monotonic() >= due:
+            self.expire()
+
+    def expire(self) -> None:
+        if self.drops.expire():
+            self._rebuild()
+        else:
+            self._schedule()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._next_check = None
+
+    def _rebuild(self) -> None:
+        listeners = self.listeners
+        if listeners is not None:
+            try:
+                listeners.apply(self.drops.addresses)
+            except (OSError, ValueError) as exc:
+                # The 429 gate still refuses them: slower, never wrong.
+                log.warning(
+                    "orchestrator.auth_kernel_drop_failed: dropping disabled, limited "
+                    "addresses are refused with 429 only",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )
+                self.listeners = None
+                self.drops.clear()
+        if self.metrics is not None:
+            self.metrics.auth_addresses_dropped.set(len(self.drops) if self.listeners else 0)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        due = self._next_check = self.drops.next_expiry
+        if due is not None:
+            delay = max(MIN_EXPIRY_CHECK_S, due - self.drops.clock.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self.expire)
+
+
 class ConnectionGate:
     """Which accepted connections to refuse before any HTTP: those whose peer is over its
     failed-authentication limit (``AuthFailureLimiter.admit``: at the limit, one connection
@@ -97,16 +203,23 @@ class ConnectionGate:
     """
 
     def __init__(
-        self, limiter: AuthFailureLimiter, metrics: OrchestratorMetrics | None = None
+        self,
+        limiter: AuthFailureLimiter,
+        metrics: OrchestratorMetrics | None = None,
+        drops: KernelDrops | None = None,
     ) -> None:
         self.limiter = limiter
         self.metrics = metrics
+        self.drops = drops
         self._answers: dict[int, bytes] = {}
 
     def refusal(self, peer: Any) -> bytes | None:
         """The bytes to answer a connection from ``peer`` (a ``peername``) with, or None to
-        serve it."""
+        serve it; with ``drops``, counting the refusals towards a drop in the kernel."""
         limiter = self.limiter
+        drops = self.drops
+        if drops is not None:
+            drops.tick()
         if not limiter.tracking or not isinstance(peer, tuple) or not peer:
             return None  # nobody failed lately, or not an IP peer (a Unix socket)
         wait = limiter.admit(str(peer[0]))
@@ -122,7 +235,34 @@ class ConnectionGate:
             if len(self._answers) >= MAX_CACHED_ANSWERS:
                 self._answers.clear()
             answer = self._answers[seconds] = rate_limited_answer(seconds)
+        if drops is not None:
+            drops.refused(str(peer[0]), seconds)
         return answer
+
+
+def _noting_success(app: Any, limiter: AuthFailureLimiter, drops: KernelDrops, peer: str) -> Any:
+    """``app`` telling ``drops`` when a call from ``peer`` authenticated (a 2xx answer on an
+    API path that needs a token), while any address is failing (``limiter.tracking``):
+    such a peer is never dropped for a while, and is lifted if it was."""
+
+    async def noting_app(scope: Any, receive: Any, send: Any) -> None:
+        if (
+            not limiter.tracking
+            or scope["type"] != "http"
+            or not scope["path"].startswith(API)
+            or scope["path"] in OPEN_PATHS
+        ):
+            await app(scope, receive, send)
+            return
+
+        async def noting_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
+                drops.succeeded(peer)
+            await send(message)
+
+        await app(scope, receive, noting_send)
+
+    return noting_app
 
 
 def _peer_aware(base: type[Any], gate: ConnectionGate | None = None) -> type[asyncio.Protocol]:
@@ -150,8 +290,10 @@ def _peer_aware(base: type[Any], gate: ConnectionGate | None = None) -> type[asy
             self._base_args = (config, server_state, app_state, _loop)
 
         def connection_made(self, transport: asyncio.Transport) -> None:
+            peer = None
             if gate is not None:
-                answer = gate.refusal(transport.get_extra_info("peername"))
+                peer = transport.get_extra_info("peername")
+                answer = gate.refusal(peer)
                 if answer is not None:
                     self._refused = True
                     transport.write(answer)
@@ -159,6 +301,13 @@ def _peer_aware(base: type[Any], gate: ConnectionGate | None = None) -> type[asy
                     return
             super().__init__(*self._base_args)
             super().connection_made(transport)
+            if (
+                gate is not None
+                and gate.drops is not None
+                and gate.drops.active
+                and isinstance(peer, tuple)
+            ):
+                self.app = _noting_success(self.app, gate.limiter, gate.drops, str(peer[0]))
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 self.app = _with_tls(self.app, *tls_scope_extension(ssl_object))
@@ -191,19 +340,47 @@ def peer_aware_http_protocol(gate: ConnectionGate | None = None) -> type[asyncio
     return _peer_aware(HttpToolsProtocol, gate)
 
 
-def server_config(app: FastAPI, *, tls: ServerTLS | None = None, **options: Any) -> uvicorn.Config:
+class ServerConfig(uvicorn.Config):
+    """uvicorn's configuration, and what our server does with the listening sockets."""
+
+    kernel_drops: KernelDrops | None = None
+
+
+def kernel_drops_for(app: FastAPI, limiter: AuthFailureLimiter) -> KernelDrops | None:
+    """The kernel drop list for ``app``, if ``ORCH_AUTH_FAIL_KERNEL_DROP`` and the platform
+    allow one."""
+    settings = getattr(app.state, "settings", None)
+    if settings is None or not settings.auth_fail_kernel_drop:
+        return None
+    if not kernel_filter.SUPPORTED:
+        log.info("orchestrator.auth_kernel_drop_unsupported: limited addresses get 429 only")
+        return None
+    drops = DropList(
+        max_addresses=kernel_filter.MAX_DROPPED,
+        clock=limiter.clock,
+        exempt=limiter.is_trusted_proxy,
+    )
+    return KernelDrops(drops, getattr(app.state, "metrics", None))
+
+
+def server_config(app: FastAPI, *, tls: ServerTLS | None = None, **options: Any) -> ServerConfig:
     """``uvicorn.Config(app, **options)`` with our HTTP protocol: refusing addresses over
-    their failed-authentication limit (``app.state.auth_limiter``) as they connect; with
+    their failed-authentication limit (``app.state.auth_limiter``) as they connect, and
+    dropping in the kernel those that keep connecting (``app.state.kernel_drops``); with
     ``tls``, serving its context (reloaded in place) and peer identities."""
     limiter: AuthFailureLimiter | None = getattr(app.state, "auth_limiter", None)
-    gate = None
+    gate = drops = None
     if limiter is not None and limiter.enabled:
-        gate = ConnectionGate(limiter, getattr(app.state, "metrics", None))
+        drops = kernel_drops_for(app, limiter)
+        gate = ConnectionGate(limiter, getattr(app.state, "metrics", None), drops)
+    app.state.kernel_drops = drops
     if tls is not None:
         context = tls.context
         options["ssl_context_factory"] = lambda _config, _default: context
     options["http"] = peer_aware_http_protocol(gate)
-    return uvicorn.Config(app, **options)
+    config = ServerConfig(app, **options)
+    config.kernel_drops = drops
+    return config
 
 
 class LiveServer(uvicorn.Server):
@@ -243,12 +420,18 @@ class LiveServer(uvicorn.Server):
                 # Not the main thread (a test's in-thread server): the files are still watched.
                 log.warning("orchestrator.tls_no_sighup: reloading on file changes only")
         await super().startup(sockets=sockets)
+        drops: KernelDrops | None = getattr(self.config, "kernel_drops", None)
+        if drops is not None:
+            drops.bind([sock for server in self.servers for sock in server.sockets])
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
         if self._tls_watch is not None:
             self._tls_watch.cancel()
             with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        drops: KernelDrops | None = getattr(self.config, "kernel_drops", None)
+        if drops is not None:
+            drops.close()
         try:
             await self.hub.close()
         except Exception:  # noqa: BLE001 - the server must stop whatever the hub does

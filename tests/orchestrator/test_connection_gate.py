@@ -1,7 +1,8 @@
-"""Connection-level refusal of an address over its failed-authentication limit: uvicorn
-with the production protocol over real sockets, each client bound to its own loopback
-address (all of 127/8 is loopback on Linux), the limiter on a fake clock; and once
-through ``python -m orchestrator``, for the wiring of the real entry point."""
+"""Connection-level refusal of an address over its failed-authentication limit, and the
+kernel drop of one that keeps connecting through Retry-After: uvicorn with the production
+protocol over real sockets, each client bound to its own loopback address (all of 127/8 is
+loopback on Linux), the limiter on a fake clock; and once through ``python -m
+orchestrator``, for the wiring of the real entry point."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from devkit.clock import FakeClock
 from devkit.harness import ADMIN_TOKEN, in_process, settings_for
 from devkit.procs import astart_orchestrator
 from orchestrator.app import create_app
-from orchestrator.server import server_config
+from orchestrator.kernel_filter import SUPPORTED
+from orchestrator.ratelimit import DEFAULT_DROP_AFTER
+from orchestrator.server import KernelDrops, server_config
 
 DEADLINE_S = 30.0
 ATTACKER = "127.0.0.2"
@@ -26,6 +29,11 @@ HONEST = "127.0.0.1"
 PROXY = "127.0.0.3"
 BURST = 2
 PER_S = 0.5  # one failure back every 2 s of fake time
+SHARED = "127.0.0.4"  # an attacker and an honest client behind one address (a NAT)
+# A dropped SYN is sent again after 1 s (and dropped again): a connect not completed by then
+# was dropped. One that is not dropped completes at once; it is given DEADLINE_S.
+DROPPED_CONNECT_S = 0.5
+linux_only = pytest.mark.skipif(not SUPPORTED, reason="SO_ATTACH_FILTER is Linux's")
 
 
 @dataclass
@@ -51,6 +59,15 @@ class Running:
     def refused_at_connection(self) -> float:
         counter = self.app.state.metrics.auth_connections_refused
         return counter._value.get()  # type: ignore[no-any-return]
+
+    @property
+    def drops(self) -> KernelDrops:
+        drops: KernelDrops | None = self.app.state.kernel_drops
+        assert drops is not None and drops.active
+        return drops
+
+    def dropped_gauge(self) -> float:
+        return self.app.state.metrics.auth_addresses_dropped._value.get()  # type: ignore[no-any-return]
 
 
 @contextlib.asynccontextmanager
@@ -129,6 +146,32 @@ async def exhaust(run: Running, source: str, **headers: str) -> None:
     finally:
         await conn.close()
     assert over.status == 429
+
+
+async def connect_is_dropped(port: int, source: str, wait_s: float = DROPPED_CONNECT_S) -> bool:
+    """Does a connect from ``source`` fail to complete within ``wait_s`` (its SYN dropped)?"""
+    try:
+        async with asyncio.timeout(wait_s):
+            _reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0)
+            )
+    except TimeoutError:
+        return True
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return False
+
+
+async def ignore_retry_after(run: Running, source: str) -> None:
+    """Connect again and again while refused: once told Retry-After, and more than
+    DEFAULT_DROP_AFTER times after, all within it (the fake clock stands still)."""
+    for _ in range(DEFAULT_DROP_AFTER + 2):
+        conn = await Connection.open(run.port, source)
+        try:
+            assert_rate_limited(await conn.answer())
+        finally:
+            await conn.close()
 
 
 def assert_rate_limited(answer: Answer) -> None:
@@ -269,6 +312,119 @@ async def test_the_entry_point_refuses_a_limited_address_as_it_connects(
             await conn.close()
         assert_rate_limited(unasked)
         assert unasked.closed
+        assert (await call_once(run, HONEST, ADMIN_TOKEN)).status == 200
+    finally:
+        await orch.astop()
+
+
+@linux_only
+async def test_an_address_that_ignores_retry_after_is_dropped_in_the_kernel_until_it_ends(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """Past DEFAULT_DROP_AFTER refusals within its Retry-After, a connect from the address
+    never completes while another address is served; once Retry-After has passed, it
+    connects and is served again."""
+    async with serving(sqlite_url, clock) as run:
+        await exhaust(run, ATTACKER)
+        await ignore_retry_after(run, ATTACKER)
+        assert run.drops.drops.addresses == (ATTACKER,)
+        assert run.dropped_gauge() == 1
+        refused_before = run.refused_at_connection()
+        assert await connect_is_dropped(run.port, ATTACKER)
+        assert run.refused_at_connection() == refused_before  # the server never saw it
+        assert (await call_once(run, HONEST, ADMIN_TOKEN)).status == 200
+        clock.advance(1 / PER_S)  # the Retry-After it was told (and its bucket refilled)
+        # The next connection from anyone ends the drop; so does a timer, on real time.
+        assert (await call_once(run, HONEST, ADMIN_TOKEN)).status == 200
+        assert not run.drops.drops.addresses
+        assert run.dropped_gauge() == 0
+        assert (await call_once(run, ATTACKER, ADMIN_TOKEN)).status == 200
+
+
+@linux_only
+async def test_an_address_that_also_authenticates_is_refused_but_never_dropped(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """An attacker behind the same address as an honest client (a NAT): the honest client's
+    successful call keeps the address from a drop; the flood's connections are answered 429."""
+    async with serving(sqlite_url, clock) as run:
+        honest = await Connection.open(run.port, SHARED)
+        try:
+            assert BURST == 2
+            assert (await call_once(run, SHARED, "wrong")).status == 401  # failing: tracked
+            assert (await honest.call("GET", "/api/v1/workers", ADMIN_TOKEN)).status == 200
+            assert (await call_once(run, SHARED, "wrong")).status == 401
+            assert_rate_limited(await call_once(run, SHARED, "wrong"))
+            await ignore_retry_after(run, SHARED)
+            assert not await connect_is_dropped(run.port, SHARED, DEADLINE_S)
+            assert not run.drops.drops.addresses
+            assert (await honest.call("GET", "/api/v1/workers", ADMIN_TOKEN)).status == 200
+        finally:
+            await honest.close()
+
+
+@linux_only
+async def test_a_success_on_an_open_connection_lifts_the_drop(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """A connection opened before the drop still works, and its good call lifts the drop."""
+    async with serving(sqlite_url, clock) as run:
+        early = await Connection.open(run.port, ATTACKER)
+        try:
+            await exhaust(run, ATTACKER)
+            await ignore_retry_after(run, ATTACKER)
+            assert await connect_is_dropped(run.port, ATTACKER)
+            assert (await early.call("GET", "/api/v1/workers", ADMIN_TOKEN)).status == 200
+        finally:
+            await early.close()
+        assert not run.drops.drops.addresses
+        assert not await connect_is_dropped(run.port, ATTACKER, DEADLINE_S)
+
+
+@linux_only
+async def test_a_trusted_proxy_is_never_dropped(sqlite_url: str, clock: FakeClock) -> None:
+    """Its own address over the limit, a trusted proxy keeps connecting and is served."""
+    async with serving(sqlite_url, clock, trusted_proxies=f"{PROXY}/32") as run:
+        await exhaust(run, PROXY)
+        for _ in range(DEFAULT_DROP_AFTER + 2):
+            assert (await call_once(run, PROXY, ADMIN_TOKEN)).status == 200
+        assert not run.drops.drops.addresses
+        assert not await connect_is_dropped(run.port, PROXY, DEADLINE_S)
+
+
+async def test_kernel_drop_can_be_turned_off(sqlite_url: str, clock: FakeClock) -> None:
+    """ORCH_AUTH_FAIL_KERNEL_DROP=false: an address ignoring Retry-After is only refused."""
+    async with serving(sqlite_url, clock, auth_fail_kernel_drop=False) as run:
+        assert run.app.state.kernel_drops is None
+        await exhaust(run, ATTACKER)
+        await ignore_retry_after(run, ATTACKER)
+        assert_rate_limited(await call_once(run, ATTACKER, ADMIN_TOKEN))
+
+
+@linux_only
+@pytest.mark.e2e
+async def test_the_entry_point_drops_an_address_that_ignores_retry_after(
+    sqlite_url: str,
+) -> None:
+    """``python -m orchestrator`` (uvloop's listening sockets) drops such an address."""
+    orch = await astart_orchestrator(
+        {
+            "ORCH_DATABASE_URL": sqlite_url,
+            "ORCH_ADMIN_TOKEN": ADMIN_TOKEN,
+            "ORCH_AUTH_FAIL_BURST": "1",
+            "ORCH_AUTH_FAIL_PER_S": "0.01",  # told Retry-After: 100 s, longer than the test
+        }
+    )
+    try:
+        run = Running(app=None, port=orch.port, clock=FakeClock())
+        conn = await Connection.open(orch.port, ATTACKER)
+        try:
+            assert (await conn.call("GET", "/api/v1/workers", "wrong")).status == 401
+            assert_rate_limited(await conn.call("GET", "/api/v1/workers", "wrong"))
+        finally:
+            await conn.close()
+        await ignore_retry_after(run, ATTACKER)
+        assert await connect_is_dropped(orch.port, ATTACKER)
         assert (await call_once(run, HONEST, ADMIN_TOKEN)).status == 200
     finally:
         await orch.astop()
