@@ -264,6 +264,18 @@ async def _flood(job: FloodJob) -> FloodResult:
     return result
 
 
+# The flood generator stands in for an attacker on another host: it runs at the lowest CPU
+# priority, so it takes what the server and the honest load leave. Whether that was enough
+# for the asked 1,000/s is measured (attempted calls/s); a row short of it counts as missed.
+FLOOD_NICE = 19
+
+
+def flood_process_setup() -> None:
+    """The flood process's initializer: ends with its parent, lowest CPU priority."""
+    die_with_parent()
+    os.nice(FLOOD_NICE)
+
+
 def flood_main(job: FloodJob) -> FloodResult:
     """Entry point inside the flood process (picklable, top level)."""
     try:
@@ -562,7 +574,7 @@ cores as the orchestrators.
 """,
     )
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, initializer=die_with_parent) as flooder:
+    with ProcessPoolExecutor(1, mp_context=context, initializer=flood_process_setup) as flooder:
         figures = await measure(ctx, flooder)
     pairs, live = figures.pairs, figures.live
     table = Table(
@@ -715,10 +727,12 @@ cores as the orchestrators.
     section.notes.append(
         "The flood generator runs on the same machine and takes CPU from the same cores as "
         "the server and the honest load (its column above); an attacker elsewhere would "
-        "not. The kernel's work on a dropped SYN is done on the loopback sender's CPU, "
-        "partly in the flood generator's time. The server's CPU while flooded is in the "
-        "same column: a flood that costs it nothing would leave beats/s and server CPU as "
-        "they were alone."
+        f"not, so it runs at the lowest priority (nice {FLOOD_NICE}): it gets the CPU the "
+        "others leave, and whether that sufficed for 1,000 calls/s is the 'attempted' "
+        "figure (a row short of it counts as missed). The kernel's work on a dropped SYN "
+        "is done on the loopback sender's CPU, partly in the flood generator's time. The "
+        "server's CPU while flooded is in the same column: a flood that costs it nothing "
+        "would leave beats/s and server CPU as they were alone."
     )
     section.notes.append(
         "From the honest workers' own address the honest keep-alive connections, opened "
