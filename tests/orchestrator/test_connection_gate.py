@@ -284,19 +284,25 @@ async def test_at_the_limit_one_connection_is_admitted_per_refill_interval(
         assert (await call_once(run, ATTACKER, ADMIN_TOKEN)).status == 200
 
 
+async def limited_orchestrator(sqlite_url: str) -> Any:
+    """``python -m orchestrator`` whose limiter refuses after one failure, for 100 s (longer
+    than a test)."""
+    return await astart_orchestrator(
+        {
+            "ORCH_DATABASE_URL": sqlite_url,
+            "ORCH_ADMIN_TOKEN": ADMIN_TOKEN,
+            "ORCH_AUTH_FAIL_BURST": "1",
+            "ORCH_AUTH_FAIL_PER_S": "0.01",
+        }
+    )
+
+
 @pytest.mark.e2e
 async def test_the_entry_point_refuses_a_limited_address_as_it_connects(
     sqlite_url: str,
 ) -> None:
     """``python -m orchestrator`` serves with the gate: a limited address gets 429 unasked."""
-    orch = await astart_orchestrator(
-        {
-            "ORCH_DATABASE_URL": sqlite_url,
-            "ORCH_ADMIN_TOKEN": ADMIN_TOKEN,
-            "ORCH_AUTH_FAIL_BURST": "1",
-            "ORCH_AUTH_FAIL_PER_S": "0.01",  # limited for 100 s: longer than the test
-        }
-    )
+    orch = await limited_orchestrator(sqlite_url)
     try:
         run = Running(app=None, port=orch.port, clock=FakeClock())
         conn = await Connection.open(orch.port, ATTACKER)
@@ -407,14 +413,7 @@ async def test_the_entry_point_drops_an_address_that_ignores_retry_after(
     sqlite_url: str,
 ) -> None:
     """``python -m orchestrator`` (uvloop's listening sockets) drops such an address."""
-    orch = await astart_orchestrator(
-        {
-            "ORCH_DATABASE_URL": sqlite_url,
-            "ORCH_ADMIN_TOKEN": ADMIN_TOKEN,
-            "ORCH_AUTH_FAIL_BURST": "1",
-            "ORCH_AUTH_FAIL_PER_S": "0.01",  # told Retry-After: 100 s, longer than the test
-        }
-    )
+    orch = await limited_orchestrator(sqlite_url)
     try:
         run = Running(app=None, port=orch.port, clock=FakeClock())
         conn = await Connection.open(orch.port, ATTACKER)
