@@ -12,8 +12,10 @@ whole lease to come back (spec, semantics 5). "Nobody watched" is one of:
 
 - no pass has run since this replica started: nobody was leading when it came up (a
   restart, however quick);
-- this replica ran the last pass and its loop has not turned for ``stall_gap_s`` with
-  the database reachable: it was frozen or cut off (a slow pass is not a silence);
+- this replica ran the last pass and its loop had not turned for ``stall_gap_s`` with
+  the database reachable when this turn began: it was frozen or cut off (a slow pass, or
+  this turn's own statements answered slowly under load, are not a silence, unless they
+  outlast ``outage_gap_s``, which is shorter than a lease's slack);
 - another replica ran the last pass and nobody has run one for ``outage_gap_s``, longer
   than a leader handover takes.
 """
@@ -100,6 +102,8 @@ class Reaper:
         self._prune_more = False  # housekeeping left rows to prune: go on next pass
         # The newest event id when this replica's last committed pass balanced (``_pass``).
         self._balanced_through: int | None = None
+        # When the current turn (``_run_once``) began: its silence is measured up to here.
+        self._turn_started: float | None = None
 
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.ctx.clock.wall()
@@ -203,10 +207,22 @@ class Reaper:
             # (a live leader passes every interval). A restart, however quick.
             return ("restart", silence)
         if self._previous_leader == self.replica_id and self._alive_at is not None:
+            # The silence is what came before this turn began: measured up to the pass's
+            # own ``now``, a turn whose flush and claim merely queued behind a loaded
+            # database counted as a stall, and under heavy beats (bench 1's pressure row)
+            # every few passes granted a false grace that rewrote every lease and dropped
+            # every cached view, so all workers' next beats read the database at once.
+            begun = self._turn_started if self._turn_started is not None else now
             # A freeze that began inside the previous pass ended it "healthy" afterwards:
             # the loop's own standstill (``_watch_loop``) counts as much as its silence.
-            stalled = max(now - self._alive_at, self._frozen_since_last_pass)
-            return ("stall", stalled) if stalled > self.ctx.settings.stall_gap_s else None
+            stalled = max(begun - self._alive_at, self._frozen_since_last_pass)
+            if stalled > self.ctx.settings.stall_gap_s:
+                return ("stall", stalled)
+            # This turn's own statements answered slowly: no silence while they are within
+            # a lease's slack (renewals received meanwhile are flushed before the next
+            # judgement), but one that long may judge leases whose renewals it held up.
+            slow = now - begun
+            return ("stall", slow) if slow > self.ctx.settings.outage_gap_s else None
         if silence > self.ctx.settings.outage_gap_s:
             return ("silence", silence)
         return None
@@ -235,6 +251,7 @@ class Reaper:
             raise
 
     async def _run_once(self) -> PassReport:
+        self._turn_started = self.ctx.clock.wall()
         with counted_as(ORIGIN_LEASES):
             await self.book.flush(self.ctx.db)
         claimed = await self.ctx.db.write(self._claim, changes=False)
