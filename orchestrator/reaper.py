@@ -50,6 +50,10 @@ from shared.models import WorkerState
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_PASSES = 60
+# The drift check (``Reaper._check_drift``) waits at least this many times its own last
+# duration before it runs again: its reads grow with the catalogue, so at a million
+# streams it runs less often and never takes more than 1/20 of the time.
+DRIFT_CHECK_SPACING = 20
 # Rows deleted per table per housekeeping run (a backlog is worked off pass by pass).
 PRUNE_BATCH = 5_000
 VIEW_CHANGES_KEPT = 100_000
@@ -81,6 +85,10 @@ class PassReport:
     next_expiry: float | None = None  # the earliest lease still running after this pass
     # The newest event id a balancing pass in this pass started from (None: it skipped).
     balanced_through: int | None = None
+    # Nothing said the balance changed, but the drift check is due (``Reaper._check_drift``).
+    check_drift: bool = False
+    # That check found work no event announced: the next pass balances.
+    drift: bool = False
 
 
 class Reaper:
@@ -104,6 +112,8 @@ class Reaper:
         self._balanced_through: int | None = None
         # When the current turn (``_run_once``) began: its silence is measured up to here.
         self._turn_started: float | None = None
+        # The drift check's earliest next run (``ctx.clock.monotonic``), from its cost.
+        self._next_drift_check = float("-inf")
 
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.ctx.clock.wall()
@@ -168,7 +178,6 @@ class Reaper:
             or expired.timed_out
             or expired.abandoned
             or newest_event != self._balanced_through
-            or self.passes % settings.reaper_full_balance_every == 0
         ):
             balance = await balancing.balance(
                 session,
@@ -183,6 +192,9 @@ class Reaper:
             report.balanced_through = newest_event
         else:
             balance = balancing.BalanceReport()
+            # The safety net against a change that wrote no event: checked after this
+            # transaction, without its locks (``_check_drift``).
+            report.check_drift = self.passes % settings.reaper_full_balance_every == 0
         report.assigned = len(balance.assigned)
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
         report.moves = len(balance.moves)
@@ -271,10 +283,13 @@ class Reaper:
         report = await self.ctx.db.write(self._pass)
         if report.balanced_through is not None:
             self._balanced_through = report.balanced_through  # committed: it holds
-        self._alive_at = self.ctx.clock.wall()
         self.ctx.signal.lease_due(report.next_expiry)
         if self._prune_more or self.passes % HOUSEKEEPING_EVERY_PASSES == 1:
             self._prune_more = await self.ctx.db.write(self._housekeeping, changes=False)
+        if report.check_drift and self.ctx.clock.monotonic() >= self._next_drift_check:
+            report.drift = await self._check_drift()
+        # The turn reached the database: a slow prune or drift check is no silence.
+        self._alive_at = self.ctx.clock.wall()
         took = time.perf_counter() - started
         m = self.ctx.metrics
         m.reaper_pass_seconds.observe(took)
@@ -304,7 +319,47 @@ class Reaper:
         if report.lost or report.assigned or report.moves:
             self.ctx.signal.changed()
             self.ctx.signal.wake.clear()  # this pass already did what the wake-up asked for
+        if report.drift:
+            self.ctx.signal.wake.set()  # the balancing pass the check asks for, soon
         return report
+
+    async def _check_drift(self) -> bool:
+        """The safety net of idle passes: plan a balancing pass (a dry run) in a read
+        session; True if it would grant, move or record anything, and then the next
+        pass balances for real.
+
+        Every change a balance answers writes an event, so this finds work only after a
+        change that did not (a bug, a hand edit of the database). Its reads grow with
+        the catalogue (aggregates in the database, rows per worker into Python); run
+        outside the pass's transaction it holds no lock while they run (the write lock
+        on SQLite, every worker row on PostgreSQL), and it waits ``DRIFT_CHECK_SPACING``
+        times its own duration before it runs again.
+        """
+        settings = self.ctx.settings
+        started = self.ctx.clock.monotonic()
+        async with self.ctx.db.read() as session:
+            plan = await balancing.balance(
+                session,
+                self.ctx.clock.wall(),
+                max_moves=settings.max_moves_per_pass,
+                dry_run=True,
+                make_before_break=settings.make_before_break,
+                max_moves_per_receiver=settings.max_moves_per_receiver,
+            )
+        took = self.ctx.clock.monotonic() - started
+        self._next_drift_check = started + took * (1 + DRIFT_CHECK_SPACING)
+        if plan.idle:
+            return False
+        log.warning(
+            "orchestrator.balance_drift",
+            extra={
+                "grants": plan.grants,
+                "moves": len(plan.moves),
+                "unplaceable_changed": plan.unplaceable_changed,
+            },
+        )
+        self._balanced_through = None  # no event will say so: the next pass balances
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pass, flush leases, sleep; until ``stop``. Database trouble is waited out.
