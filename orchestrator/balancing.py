@@ -328,6 +328,8 @@ class BalanceReport:
     handoffs: int = 0
     # Ruled classes that became unplaceable or placeable again (a dry run: would).
     unplaceable_changed: bool = False
+    # ``max_grants`` left streams unowned that workers below target could take.
+    capped: bool = False
 
     @property
     def idle(self) -> bool:
@@ -345,6 +347,7 @@ async def balance(
     explain: bool = False,
     make_before_break: bool = True,
     max_moves_per_receiver: int = 0,
+    max_grants: int | None = None,
 ) -> BalanceReport:
     """One pass: unowned streams to workers under target, then bounded moves to even out.
 
@@ -353,7 +356,8 @@ async def balance(
     nothing (no lock either: a read session will do); ``explain`` adds every worker's
     share before and after to the report. ``make_before_break`` (``ORCH_PLANNED_MOVES``)
     says how the moves are carried out (``_revoke``); with it, ``max_moves_per_receiver``
-    raises ``max_moves`` to that many per worker still below target.
+    raises ``max_moves`` to that many per worker still below target. ``max_grants`` bounds
+    the unowned streams handed out (``BalanceReport.capped`` says a pass left some).
     """
     report = BalanceReport()
     members = await _members(session, lock=not dry_run)
@@ -388,10 +392,17 @@ async def balance(
                 room[wid] -= want
     plan: dict[int, str] = {}
     class_of: dict[int, str] = {}
+    budget = max_grants
     for c in order:
         wanted = sum(deficits[c].values())
         if wanted <= 0:
             continue
+        if budget is not None:
+            if wanted > budget:
+                report.capped = True
+                wanted = budget
+            if wanted <= 0:
+                break
         class_keys = keys[c]
         if class_keys is None:
             unowned = await unowned_ids(session, wanted, lock=not dry_run)
@@ -401,6 +412,8 @@ async def balance(
             picked = _plan_preferred(deficits[c], keyed, members)
         plan.update(picked)
         class_of.update(dict.fromkeys(picked, c))
+        if budget is not None:
+            budget -= len(picked)
     if dry_run:
         taken = sorted(plan.items())
     else:

@@ -45,11 +45,19 @@ from orchestrator.errors import as_api_error
 from orchestrator.heartbeats import LeaseBook
 from orchestrator.models import LEASED_STATES, ClusterRow, EventRow, ViewChangeRow, WorkerRow
 from orchestrator.write_context import write_context
+from shared import limits
 from shared.models import WorkerState
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_PASSES = 60
+# Unowned streams one pass hands out, unless it judged a worker lost (spec 4: a dead
+# worker's streams are reassigned in that pass). A pass granting 550,000 streams at once
+# (a catalogue imported before it ran) held the loop for seconds between its statements:
+# building, encoding and logging a row and an event per grant. Capped, the loop turns
+# between passes; the cap is the largest create call's (``MAX_STREAMS_PER_CREATE``), whose
+# per-stream work is alike, and the next pass follows at once.
+MAX_GRANTS_PER_PASS = limits.MAX_STREAMS_PER_CREATE
 # The drift check (``Reaper._check_drift``) waits at least this many times its own last
 # duration before it runs again: its reads grow with the catalogue, so at a million
 # streams it runs less often and never takes more than 1/20 of the time.
@@ -89,6 +97,8 @@ class PassReport:
     check_drift: bool = False
     # That check found work no event announced: the next pass balances.
     drift: bool = False
+    # The grant cap left streams for the next pass, which runs at once.
+    more: bool = False
 
 
 class Reaper:
@@ -186,7 +196,9 @@ class Reaper:
                 previous_owner=freed,
                 make_before_break=settings.make_before_break,
                 max_moves_per_receiver=settings.max_moves_per_receiver,
+                max_grants=None if report.lost or report.grace else MAX_GRANTS_PER_PASS,
             )
+            report.more = balance.capped
             # This pass's own events come after ``newest_event``: the next pass balances
             # once more (a move cap reached, grants that made room) before passes go idle.
             report.balanced_through = newest_event
@@ -310,6 +322,8 @@ class Reaper:
                     "lost": len(report.lost),
                     "assigned": report.assigned,
                     "moves": report.moves,
+                    "balanced": report.balanced_through is not None,
+                    "drift_checked": report.check_drift,
                 },
             )
         m.reaper_passes.inc()
@@ -327,8 +341,8 @@ class Reaper:
         if report.lost or report.assigned or report.moves:
             self.ctx.signal.changed()
             self.ctx.signal.wake.clear()  # this pass already did what the wake-up asked for
-        if report.drift:
-            self.ctx.signal.wake.set()  # the balancing pass the check asks for, soon
+        if report.drift or report.more:
+            self.ctx.signal.wake.set()  # the balancing pass still needed, soon
         return report
 
     async def _check_drift(self) -> bool:

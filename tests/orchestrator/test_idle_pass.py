@@ -149,3 +149,45 @@ async def test_the_drift_check_waits_out_a_multiple_of_its_own_cost(
         assert not any(checked)
         clock.advance(1.5)
         assert await spy.passes(h, 1) == [True]
+
+
+async def test_a_pass_grants_at_most_its_cap_and_the_next_follows_at_once(
+    db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog larger than ``MAX_GRANTS_PER_PASS`` is handed out over several passes,
+    each asking for the next at once (the wake-up), none granting more than the cap."""
+    monkeypatch.setattr(reaper, "MAX_GRANTS_PER_PASS", 3)
+    async with running(db_url, clock, reaper_full_balance_every=1000) as h:
+        await h.register("w1", capacity=10)
+        await h.create_streams(8)
+        signal = h.app.state.signal
+        assigned, more = [], []
+        for _ in range(4):
+            signal.wake.clear()
+            report = await h.reap()
+            assigned.append(report.assigned)
+            more.append(signal.wake.is_set())
+        assert assigned == [3, 3, 2, 0]
+        assert more == [True, True, False, False]
+
+
+async def test_a_pass_that_judged_a_worker_lost_reassigns_all_its_streams_uncapped(
+    db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spec 4 outranks the cap: a dead worker's streams all move in the pass that
+    declared it lost."""
+    monkeypatch.setattr(reaper, "MAX_GRANTS_PER_PASS", 1)
+    async with running(db_url, clock, reaper_full_balance_every=1000) as h:
+        a = await h.register("a", capacity=4)
+        b = await h.register("b", capacity=4)
+        await h.create_streams(4)
+        await settle(h, [a, b])
+        await h.reap()
+        for _ in range(8):  # b keeps beating; a goes silent past its lease
+            clock.advance(0.5)
+            await h.heartbeat(b, held_of((await h.heartbeat(b)).json()["assignments"]))
+            report = await h.reap()
+            if report.lost:
+                assert report.lost == ["a"] and report.reassigned == 2
+                return
+        raise AssertionError("a was never declared lost")
