@@ -326,6 +326,15 @@ class BalanceReport:
     shares: list[Share] = field(default_factory=list)
     # Moves carried out as make-before-break hand-offs (the others were revokes).
     handoffs: int = 0
+    # Ruled classes that became unplaceable or placeable again (a dry run: would).
+    unplaceable_changed: bool = False
+    # ``max_grants`` left streams unowned that workers below target could take.
+    capped: bool = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to grant, move or record: the pass finds the cluster as it should be."""
+        return not (self.grants or self.moves or self.unplaceable_changed)
 
 
 async def balance(
@@ -338,6 +347,7 @@ async def balance(
     explain: bool = False,
     make_before_break: bool = True,
     max_moves_per_receiver: int = 0,
+    max_grants: int | None = None,
 ) -> BalanceReport:
     """One pass: unowned streams to workers under target, then bounded moves to even out.
 
@@ -346,7 +356,8 @@ async def balance(
     nothing (no lock either: a read session will do); ``explain`` adds every worker's
     share before and after to the report. ``make_before_break`` (``ORCH_PLANNED_MOVES``)
     says how the moves are carried out (``_revoke``); with it, ``max_moves_per_receiver``
-    raises ``max_moves`` to that many per worker still below target.
+    raises ``max_moves`` to that many per worker still below target. ``max_grants`` bounds
+    the unowned streams handed out (``BalanceReport.capped`` says a pass left some).
     """
     report = BalanceReport()
     members = await _members(session, lock=not dry_run)
@@ -381,10 +392,17 @@ async def balance(
                 room[wid] -= want
     plan: dict[int, str] = {}
     class_of: dict[int, str] = {}
+    budget = max_grants
     for c in order:
         wanted = sum(deficits[c].values())
         if wanted <= 0:
             continue
+        if budget is not None:
+            if wanted > budget:
+                report.capped = True
+                wanted = budget
+            if wanted <= 0:
+                break
         class_keys = keys[c]
         if class_keys is None:
             unowned = await unowned_ids(session, wanted, lock=not dry_run)
@@ -394,6 +412,8 @@ async def balance(
             picked = _plan_preferred(deficits[c], keyed, members)
         plan.update(picked)
         class_of.update(dict.fromkeys(picked, c))
+        if budget is not None:
+            budget -= len(picked)
     if dry_run:
         taken = sorted(plan.items())
     else:
@@ -417,11 +437,13 @@ async def balance(
     report.moves = await _plan_moves(
         session, members, by_class, goal, order, keys, deficits, max_moves, lock=not dry_run
     )
+    appeared, gone = _unplaceable_changes(demand, members, stored)
+    report.unplaceable_changed = bool(appeared or gone)
     if not dry_run:
         report.handoffs = await _revoke(
             session, report.moves, now, make_before_break=make_before_break
         )
-        await _track_unplaceable(session, demand, members, stored, now)
+        await _track_unplaceable(session, demand, appeared, gone, stored, now)
     if explain:
         report.shares = _shares(members, goal, before, report.moves)
     return report
@@ -818,15 +840,13 @@ async def _class_loads(
             m.class_arriving[UNCONSTRAINED] -= 1
 
 
-async def _track_unplaceable(
-    session: AsyncSession,
-    demand: Mapping[str, int],
-    members: Mapping[str, Member],
-    stored: Mapping[str, float],
-    now: float,
-) -> None:
-    """Record which ruled classes with active streams no live worker may take, with an
-    event when a class becomes unplaceable and when it is placeable again (or empty)."""
+def _unplaceable_changes(
+    demand: Mapping[str, int], members: Mapping[str, Member], stored: Mapping[str, float]
+) -> tuple[list[str], list[str]]:
+    """Ruled classes with active streams that no live worker may take and were not
+    recorded so (appeared), and recorded ones that are placeable again or empty (gone)."""
+    if len(demand) == 1 and not stored:
+        return [], []  # no rules at all: nothing to look at (and no labels were read)
     live = [m for m in members.values() if m.eligible]
     # Ruled classes only: unconstrained streams are unplaceable only with no live worker
     # at all, which worker_lost/worker_left and the no-live-workers alert already tell.
@@ -837,8 +857,19 @@ async def _track_unplaceable(
         and n > 0
         and not any(satisfies(m.labels, parse_class(c)) for m in live)
     }
-    appeared = sorted(now_unplaceable - stored.keys())
-    gone = sorted(stored.keys() - now_unplaceable)
+    return sorted(now_unplaceable - stored.keys()), sorted(stored.keys() - now_unplaceable)
+
+
+async def _track_unplaceable(
+    session: AsyncSession,
+    demand: Mapping[str, int],
+    appeared: Sequence[str],
+    gone: Sequence[str],
+    stored: Mapping[str, float],
+    now: float,
+) -> None:
+    """Record which ruled classes with active streams no live worker may take, with an
+    event when a class becomes unplaceable and when it is placeable again (or empty)."""
     if not appeared and not gone:
         return
     if gone:

@@ -12,8 +12,10 @@ whole lease to come back (spec, semantics 5). "Nobody watched" is one of:
 
 - no pass has run since this replica started: nobody was leading when it came up (a
   restart, however quick);
-- this replica ran the last pass and its loop has not turned for ``stall_gap_s`` with
-  the database reachable: it was frozen or cut off (a slow pass is not a silence);
+- this replica ran the last pass and its loop had not turned for ``stall_gap_s`` with
+  the database reachable when this turn began: it was frozen or cut off (a slow pass, or
+  this turn's own statements answered slowly under load, are not a silence, unless they
+  outlast a lease's slack: ``lease_ttl_s`` less a beat interval and a flush interval);
 - another replica ran the last pass and nobody has run one for ``outage_gap_s``, longer
   than a leader handover takes.
 """
@@ -43,11 +45,23 @@ from orchestrator.errors import as_api_error
 from orchestrator.heartbeats import LeaseBook
 from orchestrator.models import LEASED_STATES, ClusterRow, EventRow, ViewChangeRow, WorkerRow
 from orchestrator.write_context import write_context
+from shared import limits
 from shared.models import WorkerState
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_PASSES = 60
+# Unowned streams one pass hands out, unless it judged a worker lost (spec 4: a dead
+# worker's streams are reassigned in that pass). A pass granting 550,000 streams at once
+# (a catalogue imported before it ran) held the loop for seconds between its statements:
+# building, encoding and logging a row and an event per grant. Capped, the loop turns
+# between passes; the cap is the largest create call's (``MAX_STREAMS_PER_CREATE``), whose
+# per-stream work is alike, and the next pass follows at once.
+MAX_GRANTS_PER_PASS = limits.MAX_STREAMS_PER_CREATE
+# The drift check (``Reaper._check_drift``) waits at least this many times its own last
+# duration before it runs again: its reads grow with the catalogue, so at a million
+# streams it runs less often and never takes more than 1/20 of the time.
+DRIFT_CHECK_SPACING = 20
 # Rows deleted per table per housekeeping run (a backlog is worked off pass by pass).
 PRUNE_BATCH = 5_000
 VIEW_CHANGES_KEPT = 100_000
@@ -79,6 +93,12 @@ class PassReport:
     next_expiry: float | None = None  # the earliest lease still running after this pass
     # The newest event id a balancing pass in this pass started from (None: it skipped).
     balanced_through: int | None = None
+    # Nothing said the balance changed, but the drift check is due (``Reaper._check_drift``).
+    check_drift: bool = False
+    # That check found work no event announced: the next pass balances.
+    drift: bool = False
+    # The grant cap left streams for the next pass, which runs at once.
+    more: bool = False
 
 
 class Reaper:
@@ -100,6 +120,10 @@ class Reaper:
         self._prune_more = False  # housekeeping left rows to prune: go on next pass
         # The newest event id when this replica's last committed pass balanced (``_pass``).
         self._balanced_through: int | None = None
+        # When the current turn (``_run_once``) began: its silence is measured up to here.
+        self._turn_started: float | None = None
+        # The drift check's earliest next run (``ctx.clock.monotonic``), from its cost.
+        self._next_drift_check = float("-inf")
 
     async def _claim(self, session: AsyncSession) -> bool:
         now = self.ctx.clock.wall()
@@ -164,7 +188,6 @@ class Reaper:
             or expired.timed_out
             or expired.abandoned
             or newest_event != self._balanced_through
-            or self.passes % settings.reaper_full_balance_every == 0
         ):
             balance = await balancing.balance(
                 session,
@@ -173,12 +196,17 @@ class Reaper:
                 previous_owner=freed,
                 make_before_break=settings.make_before_break,
                 max_moves_per_receiver=settings.max_moves_per_receiver,
+                max_grants=None if report.lost or report.grace else MAX_GRANTS_PER_PASS,
             )
+            report.more = balance.capped
             # This pass's own events come after ``newest_event``: the next pass balances
             # once more (a move cap reached, grants that made room) before passes go idle.
             report.balanced_through = newest_event
         else:
             balance = balancing.BalanceReport()
+            # The safety net against a change that wrote no event: checked after this
+            # transaction, without its locks (``_check_drift``).
+            report.check_drift = self.passes % settings.reaper_full_balance_every == 0
         report.assigned = len(balance.assigned)
         report.reassigned = sum(1 for sid, _, _ in balance.assigned if sid in freed)
         report.moves = len(balance.moves)
@@ -203,13 +231,33 @@ class Reaper:
             # (a live leader passes every interval). A restart, however quick.
             return ("restart", silence)
         if self._previous_leader == self.replica_id and self._alive_at is not None:
+            # The silence is what came before this turn began: measured up to the pass's
+            # own ``now``, a turn whose flush and claim merely queued behind a loaded
+            # database counted as a stall, and under heavy beats (bench 1's pressure row)
+            # every few passes granted a false grace that rewrote every lease and dropped
+            # every cached view, so all workers' next beats read the database at once.
+            begun = self._turn_started if self._turn_started is not None else now
             # A freeze that began inside the previous pass ended it "healthy" afterwards:
             # the loop's own standstill (``_watch_loop``) counts as much as its silence.
-            stalled = max(now - self._alive_at, self._frozen_since_last_pass)
-            return ("stall", stalled) if stalled > self.ctx.settings.stall_gap_s else None
+            stalled = max(begun - self._alive_at, self._frozen_since_last_pass)
+            if stalled > self.ctx.settings.stall_gap_s:
+                return ("stall", stalled)
+            # This turn's own statements answered slowly. Every beat received before it
+            # began was in its flush, so a live worker's stored lease runs at least
+            # ``lease_ttl_s - heartbeat_interval_s`` past the turn's start: within that
+            # slack (less a flush interval) no silence; beyond it, a pass may judge leases
+            # whose renewals it held up. (Not ``outage_gap_s``: derived from the leader's
+            # claim, 1.3 s at 0.2 s passes, it is what a 1,000,000-stream turn took.)
+            slow = now - begun
+            return ("stall", slow) if slow > self._lease_slack() else None
         if silence > self.ctx.settings.outage_gap_s:
             return ("silence", silence)
         return None
+
+    def _lease_slack(self) -> float:
+        """How long after a turn began a live worker's stored lease surely still runs."""
+        s = self.ctx.settings
+        return s.lease_ttl_s - s.heartbeat_interval_s - s.lease_flush_interval_s
 
     async def _housekeeping(self, session: AsyncSession) -> bool:
         """Prune old rows, a bounded batch at a time; True if more is left to prune.
@@ -235,6 +283,7 @@ class Reaper:
             raise
 
     async def _run_once(self) -> PassReport:
+        self._turn_started = self.ctx.clock.wall()
         with counted_as(ORIGIN_LEASES):
             await self.book.flush(self.ctx.db)
         claimed = await self.ctx.db.write(self._claim, changes=False)
@@ -254,10 +303,13 @@ class Reaper:
         report = await self.ctx.db.write(self._pass)
         if report.balanced_through is not None:
             self._balanced_through = report.balanced_through  # committed: it holds
-        self._alive_at = self.ctx.clock.wall()
         self.ctx.signal.lease_due(report.next_expiry)
         if self._prune_more or self.passes % HOUSEKEEPING_EVERY_PASSES == 1:
             self._prune_more = await self.ctx.db.write(self._housekeeping, changes=False)
+        if report.check_drift and self.ctx.clock.monotonic() >= self._next_drift_check:
+            report.drift = await self._check_drift()
+        # The turn reached the database: a slow prune or drift check is no silence.
+        self._alive_at = self.ctx.clock.wall()
         took = time.perf_counter() - started
         m = self.ctx.metrics
         m.reaper_pass_seconds.observe(took)
@@ -270,6 +322,8 @@ class Reaper:
                     "lost": len(report.lost),
                     "assigned": report.assigned,
                     "moves": report.moves,
+                    "balanced": report.balanced_through is not None,
+                    "drift_checked": report.check_drift,
                 },
             )
         m.reaper_passes.inc()
@@ -287,7 +341,47 @@ class Reaper:
         if report.lost or report.assigned or report.moves:
             self.ctx.signal.changed()
             self.ctx.signal.wake.clear()  # this pass already did what the wake-up asked for
+        if report.drift or report.more:
+            self.ctx.signal.wake.set()  # the balancing pass still needed, soon
         return report
+
+    async def _check_drift(self) -> bool:
+        """The safety net of idle passes: plan a balancing pass (a dry run) in a read
+        session; True if it would grant, move or record anything, and then the next
+        pass balances for real.
+
+        Every change a balance answers writes an event, so this finds work only after a
+        change that did not (a bug, a hand edit of the database). Its reads grow with
+        the catalogue (aggregates in the database, rows per worker into Python); run
+        outside the pass's transaction it holds no lock while they run (the write lock
+        on SQLite, every worker row on PostgreSQL), and it waits ``DRIFT_CHECK_SPACING``
+        times its own duration before it runs again.
+        """
+        settings = self.ctx.settings
+        started = self.ctx.clock.monotonic()
+        async with self.ctx.db.read() as session:
+            plan = await balancing.balance(
+                session,
+                self.ctx.clock.wall(),
+                max_moves=settings.max_moves_per_pass,
+                dry_run=True,
+                make_before_break=settings.make_before_break,
+                max_moves_per_receiver=settings.max_moves_per_receiver,
+            )
+        took = self.ctx.clock.monotonic() - started
+        self._next_drift_check = started + took * (1 + DRIFT_CHECK_SPACING)
+        if plan.idle:
+            return False
+        log.warning(
+            "orchestrator.balance_drift",
+            extra={
+                "grants": plan.grants,
+                "moves": len(plan.moves),
+                "unplaceable_changed": plan.unplaceable_changed,
+            },
+        )
+        self._balanced_through = None  # no event will say so: the next pass balances
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pass, flush leases, sleep; until ``stop``. Database trouble is waited out.

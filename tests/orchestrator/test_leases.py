@@ -135,6 +135,40 @@ async def test_a_slow_pass_is_not_an_outage(
         assert lost == ["a"]  # the slow passes did not hide a silent worker
 
 
+async def test_a_turn_slowed_by_a_loaded_database_is_not_a_stall(
+    db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn whose lease flush answers later than the stall gap and the outage gap (a
+    database queueing under heavy beats) grants no grace: the silence is what came before
+    the turn began. One slower than a lease's slack does: leases it held up may have run
+    out."""
+    async with running(db_url, clock, lease_ttl_s=10.0) as h:
+        await h.create_streams(2)
+        await h.register("a", capacity=2)
+        await h.reap()
+        s = h.settings
+        reaper = h.app.state.reaper
+        flush = reaper.book.flush
+        delay = 0.0
+
+        async def slow_flush(db):  # type: ignore[no-untyped-def]
+            clock.advance(delay)
+            return await flush(db)
+
+        monkeypatch.setattr(reaper.book, "flush", slow_flush)
+        slack = s.lease_ttl_s - s.heartbeat_interval_s - s.lease_flush_interval_s
+        delay = s.outage_gap_s + 1.0
+        assert s.stall_gap_s <= s.outage_gap_s < delay < slack
+        clock.advance(0.1)
+        assert not (await h.reap()).grace
+        delay = slack + 0.1
+        clock.advance(0.1)
+        report = await h.reap()
+        assert report.grace and report.lost == []
+        events = (await h.client.get("/api/v1/events", headers=ADMIN)).json()["items"]
+        assert [e["data"]["cause"] for e in events if e["type"] == "lease_grace"] == ["stall"]
+
+
 async def test_a_restarted_orchestrator_grants_grace_however_short_the_gap(
     db_url: str, clock: FakeClock
 ) -> None:
