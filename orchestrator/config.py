@@ -80,7 +80,8 @@ class Settings(BaseSettings):
     # per pass (never fewer than max_moves_per_pass in all). revoke_first keeps the cap.
     max_moves_per_receiver: int = Field(default=25, ge=1)
     # A reaper pass balances only when an event was written since the last one that did
-    # (reaper.Reaper._pass), and every this many passes regardless (1: every pass).
+    # (reaper.Reaper._pass); every this many passes a drift check plans a balance in a
+    # read session and, if it finds work, makes the next pass balance (_check_drift).
     reaper_full_balance_every: int = Field(default=30, ge=1)
     # How long a revoked stream may stay with its owner before it is moved regardless.
     revoke_timeout_s: float | None = Field(default=None, gt=0)
