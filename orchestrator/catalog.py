@@ -544,6 +544,10 @@ class Catalog:
 
         async def work(session: AsyncSession) -> Eligibility:
             await new.insert(session, self.ctx.clock.wall())
+            # New streams are unowned: no worker's view (its row, owned and handed-away
+            # streams) changes until a grant, which touches its owner. A 1,000,000-stream
+            # import dropped every cached view a hundred times.
+            view_sync.scoped(session)
             # Whether each is placeable: one look at the workers.
             return await eligibility(session, ruled=new.ruled)
 

@@ -197,6 +197,25 @@ async def test_a_worker_joining_does_not_drop_the_other_workers_views(
         assert views.misses == misses, "a registration dropped other workers' views"
 
 
+async def test_creating_streams_drops_no_view_until_a_grant_changes_one(
+    db_url: str, clock: FakeClock
+) -> None:
+    async with running(db_url, clock) as h:
+        await h.create_streams(4)
+        sessions = [await h.register(f"w{i}", capacity=10) for i in range(2)]
+        await h.reap()
+        await beat_all(h, sessions)  # loads every view
+        views = h.app.state.views
+        misses = views.misses
+        await h.create_streams(4)
+        await beat_all(h, sessions)
+        assert views.misses == misses, "creating unowned streams dropped workers' views"
+        await h.reap()  # grants the new streams: their new owners' views change
+        answers = await beat_all(h, sessions)
+        assert views.misses == misses + 2
+        assert sum(len(owned(a)) for a in answers.values()) == 8
+
+
 async def test_a_pass_drops_exactly_the_views_of_the_workers_it_changed(
     db_url: str, clock: FakeClock
 ) -> None:
