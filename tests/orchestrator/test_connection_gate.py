@@ -297,6 +297,16 @@ async def limited_orchestrator(sqlite_url: str) -> Any:
     )
 
 
+async def fail_until_limited(port: int) -> None:
+    """The attacker's one allowed failure, then its 429, on one connection."""
+    conn = await Connection.open(port, ATTACKER)
+    try:
+        assert (await conn.call("GET", "/api/v1/workers", "wrong")).status == 401
+        assert_rate_limited(await conn.call("GET", "/api/v1/workers", "wrong"))
+    finally:
+        await conn.close()
+
+
 @pytest.mark.e2e
 async def test_the_entry_point_refuses_a_limited_address_as_it_connects(
     sqlite_url: str,
@@ -305,12 +315,7 @@ async def test_the_entry_point_refuses_a_limited_address_as_it_connects(
     orch = await limited_orchestrator(sqlite_url)
     try:
         run = Running(app=None, port=orch.port, clock=FakeClock())
-        conn = await Connection.open(orch.port, ATTACKER)
-        try:
-            assert (await conn.call("GET", "/api/v1/workers", "wrong")).status == 401
-            assert_rate_limited(await conn.call("GET", "/api/v1/workers", "wrong"))
-        finally:
-            await conn.close()
+        await fail_until_limited(orch.port)
         conn = await Connection.open(orch.port, ATTACKER)
         try:
             unasked = await conn.answer()
@@ -416,12 +421,7 @@ async def test_the_entry_point_drops_an_address_that_ignores_retry_after(
     orch = await limited_orchestrator(sqlite_url)
     try:
         run = Running(app=None, port=orch.port, clock=FakeClock())
-        conn = await Connection.open(orch.port, ATTACKER)
-        try:
-            assert (await conn.call("GET", "/api/v1/workers", "wrong")).status == 401
-            assert_rate_limited(await conn.call("GET", "/api/v1/workers", "wrong"))
-        finally:
-            await conn.close()
+        await fail_until_limited(orch.port)
         await ignore_retry_after(run, ATTACKER)
         assert await connect_is_dropped(orch.port, ATTACKER)
         assert (await call_once(run, HONEST, ADMIN_TOKEN)).status == 200

@@ -182,14 +182,20 @@ def owned(answer: dict[str, Any]) -> set[int]:
     return {a["stream_id"] for a in answer["assignments"]}
 
 
+async def beating(h: Harness, *, streams: int, workers: int) -> list[Session]:
+    """Streams spread over workers that have each beaten once: every view loaded."""
+    await h.create_streams(streams)
+    sessions = [await h.register(f"w{i}", capacity=10) for i in range(workers)]
+    await h.reap()
+    await beat_all(h, sessions)
+    return sessions
+
+
 async def test_a_worker_joining_does_not_drop_the_other_workers_views(
     db_url: str, clock: FakeClock
 ) -> None:
     async with running(db_url, clock) as h:
-        await h.create_streams(6)
-        sessions = [await h.register(f"w{i}", capacity=10) for i in range(3)]
-        await h.reap()
-        await beat_all(h, sessions)  # loads every view
+        sessions = await beating(h, streams=6, workers=3)
         views = h.app.state.views
         misses = views.misses
         await h.register("newcomer", capacity=10)
@@ -201,10 +207,7 @@ async def test_creating_streams_drops_no_view_until_a_grant_changes_one(
     db_url: str, clock: FakeClock
 ) -> None:
     async with running(db_url, clock) as h:
-        await h.create_streams(4)
-        sessions = [await h.register(f"w{i}", capacity=10) for i in range(2)]
-        await h.reap()
-        await beat_all(h, sessions)  # loads every view
+        sessions = await beating(h, streams=4, workers=2)
         views = h.app.state.views
         misses = views.misses
         await h.create_streams(4)
@@ -278,7 +281,7 @@ async def test_another_replica_drops_only_the_views_a_change_named(
         running(url, clock, planned_moves="revoke_first") as one,
         running(url, clock, planned_moves="revoke_first") as other,
     ):
-        await one.create_streams(6)
+        first, *_ = await one.create_streams(6)
         a = await one.register("a", capacity=6)
         b = await one.register("b", capacity=6)
         await one.reap()
@@ -290,7 +293,11 @@ async def test_another_replica_drops_only_the_views_a_change_named(
         await eventually(lambda: views.get("a") is not None and views.get("b") is not None)
         await one.register("newcomer", capacity=6)
         c = await one.register("c", capacity=6)
-        await one.create_streams(1)  # an admin write: of unknown extent, so every view goes
+        # An admin write of unknown extent (a stream changed): every view goes.
+        renamed = await one.client.patch(
+            f"{API}/streams/{first['id']}", json={"name": "renamed"}, headers=ADMIN
+        )
+        assert renamed.status_code == 200, renamed.text
         await eventually(lambda: views.get("a") is None and views.get("b") is None)
         await beat_all(other, [a, b])
         await eventually(lambda: views.get("a") is not None and views.get("b") is not None)
