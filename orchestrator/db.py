@@ -54,11 +54,17 @@ WRITE_RETRY_PAUSE_S = 0.005
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
 
-def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
-    return lambda dbapi_connection, _record: _set_pragmas(dbapi_connection, busy_timeout_ms)
+def _sqlite_pragmas(
+    busy_timeout_ms: int, *, checkpoints: bool = True
+) -> Callable[[Any, Any], None]:
+    """The connect hook: ``checkpoints=False`` for a writer on the loop's thread, whose
+    checkpoints (which write and sync the file) ``Database`` runs on a reader's thread."""
+    return lambda dbapi_connection, _record: _set_pragmas(
+        dbapi_connection, busy_timeout_ms, checkpoints
+    )
 
 
-def _set_pragmas(dbapi_connection: Any, busy_timeout_ms: int) -> None:
+def _set_pragmas(dbapi_connection: Any, busy_timeout_ms: int, checkpoints: bool) -> None:
     # We issue BEGIN ourselves (below); the driver must not open transactions on its own.
     try:
         dbapi_connection.isolation_level = None
@@ -70,6 +76,8 @@ def _set_pragmas(dbapi_connection: Any, busy_timeout_ms: int) -> None:
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        if not checkpoints:
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
     except BaseException:
         # SQLAlchemy drops a connection whose set-up failed without closing it; its
@@ -135,18 +143,8 @@ def _make_engine(settings: Settings, *, immediate: bool) -> AsyncEngine:
             pool_size=1,
             max_overflow=0,
         )
-        event.listen(
-            engine.sync_engine, "connect", _sqlite_pragmas(sqlite_inline.STATEMENT_BUSY_MS)
-        )
-        # A checkpoint writes the database file and syncs it: not on the loop's thread.
-        # ``Database`` runs them through the read engine's threads (``_checkpoint``).
-        event.listen(
-            engine.sync_engine,
-            "connect",
-            lambda dbapi_connection, _record: dbapi_connection.execute(
-                "PRAGMA wal_autocheckpoint=0"
-            ),
-        )
+        pragmas = _sqlite_pragmas(sqlite_inline.STATEMENT_BUSY_MS, checkpoints=False)
+        event.listen(engine.sync_engine, "connect", pragmas)
     elif settings.is_sqlite:
         engine = sqlite_engine(
             settings.database_url,
@@ -232,7 +230,7 @@ class Database:
         # Run by every write around its commit (``view_sync.ViewSync`` is one).
         self.commit_hooks: list[CommitHook] = []
         # SQLite's WAL checkpoints when its writer runs on the loop (``_checkpoint``).
-        self._checkpoints = self.is_sqlite and settings.sqlite_writes == "inline"
+        self._checkpoints = self.write_engine.dialect.driver == sqlite_inline.DRIVER
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._checkpointed_at = time.monotonic()
 

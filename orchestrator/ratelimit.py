@@ -69,7 +69,7 @@ class AuthFailureLimiter:
         self.burst = burst
         self.per_s = per_s
         self.trusted_proxies = tuple(trusted_proxies)
-        self.clock = self._clock = clock
+        self.clock = clock
         self._max = max_addresses
         # address -> [tokens left, monotonic time they were counted, last connection
         # admitted while at the limit (``admit``)]
@@ -103,7 +103,7 @@ class AuthFailureLimiter:
         bucket = self._buckets.get(address)
         if bucket is None:
             return None
-        tokens = self._tokens(bucket, self._clock.monotonic())
+        tokens = self._tokens(bucket, self.clock.monotonic())
         return None if tokens >= 1.0 else (1.0 - tokens) / self.per_s
 
     def admit(self, address: str) -> float | None:
@@ -118,7 +118,7 @@ class AuthFailureLimiter:
         bucket = self._buckets.get(address)
         if bucket is None:
             return None
-        now = self._clock.monotonic()
+        now = self.clock.monotonic()
         tokens = self._tokens(bucket, now)
         if tokens < 1.0:
             return (1.0 - tokens) / self.per_s
@@ -134,7 +134,7 @@ class AuthFailureLimiter:
         the seconds until the next one would be (answer 429 with that Retry-After)."""
         if not self.enabled:
             return None
-        now = self._clock.monotonic()
+        now = self.clock.monotonic()
         bucket = self._buckets.pop(address, None)
         tokens = float(self.burst) if bucket is None else self._tokens(bucket, now)
         admitted = -math.inf if bucket is None else bucket[2]
@@ -204,7 +204,7 @@ class DropList:
         self.success_memory_s = success_memory_s
         self.max_drop_s = max_drop_s
         self.repeat_memory_s = repeat_memory_s
-        self.clock = self._clock = clock
+        self.clock = clock
         self._exempt = exempt
         self._max_tracked = max_tracked
         # address -> [end of the Retry-After it was told, refusals since]
@@ -237,14 +237,14 @@ class DropList:
         if address in NEVER_DROPPED or self._exempt(address):
             return False
         success = self._succeeded.get(address)
-        return success is None or self._clock.monotonic() - success >= self.success_memory_s
+        return success is None or self.clock.monotonic() - success >= self.success_memory_s
 
     def refused(self, address: str, retry_after_s: float) -> float | None:
         """Count a connection from ``address`` refused with ``retry_after_s``: the seconds it
         is now dropped for if this refusal is one too many, else None."""
         if address in self._dropped or not self.may_drop(address):
             return None
-        now = self._clock.monotonic()
+        now = self.clock.monotonic()
         told = self._told.get(address)
         if told is None or now >= told[0]:
             # A first refusal, or the last Retry-After ran out: a new one is told.
@@ -275,7 +275,7 @@ class DropList:
     def succeeded(self, address: str) -> bool:
         """Note a successful authentication from ``address``: it is not dropped for
         ``success_memory_s``. True if it was dropped (lifted now: rebuild the filter)."""
-        now = self._clock.monotonic()
+        now = self.clock.monotonic()
         last = self._succeeded.get(address)
         if last is None or now - last >= 1.0:  # honest beats: about one write a second
             self._succeeded[address] = now
@@ -296,7 +296,7 @@ class DropList:
         """End the drops whose time has come: the addresses lifted."""
         if not self._dropped:
             return []
-        now = self._clock.monotonic()
+        now = self.clock.monotonic()
         ended = [address for address, until in self._dropped.items() if now >= until]
         for address in ended:
             del self._dropped[address]

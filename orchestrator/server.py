@@ -340,12 +340,6 @@ def peer_aware_http_protocol(gate: ConnectionGate | None = None) -> type[asyncio
     return _peer_aware(HttpToolsProtocol, gate)
 
 
-class ServerConfig(uvicorn.Config):
-    """uvicorn's configuration, and what our server does with the listening sockets."""
-
-    kernel_drops: KernelDrops | None = None
-
-
 def kernel_drops_for(app: FastAPI, limiter: AuthFailureLimiter) -> KernelDrops | None:
     """The kernel drop list for ``app``, if ``ORCH_AUTH_FAIL_KERNEL_DROP`` and the platform
     allow one."""
@@ -363,7 +357,7 @@ def kernel_drops_for(app: FastAPI, limiter: AuthFailureLimiter) -> KernelDrops |
     return KernelDrops(drops, getattr(app.state, "metrics", None))
 
 
-def server_config(app: FastAPI, *, tls: ServerTLS | None = None, **options: Any) -> ServerConfig:
+def server_config(app: FastAPI, *, tls: ServerTLS | None = None, **options: Any) -> uvicorn.Config:
     """``uvicorn.Config(app, **options)`` with our HTTP protocol: refusing addresses over
     their failed-authentication limit (``app.state.auth_limiter``) as they connect, and
     dropping in the kernel those that keep connecting (``app.state.kernel_drops``); with
@@ -378,9 +372,7 @@ def server_config(app: FastAPI, *, tls: ServerTLS | None = None, **options: Any)
         context = tls.context
         options["ssl_context_factory"] = lambda _config, _default: context
     options["http"] = peer_aware_http_protocol(gate)
-    config = ServerConfig(app, **options)
-    config.kernel_drops = drops
-    return config
+    return uvicorn.Config(app, **options)
 
 
 class LiveServer(uvicorn.Server):
@@ -407,6 +399,11 @@ class LiveServer(uvicorn.Server):
         self.tls_reload_interval_s = tls_reload_interval_s
         self._tls_watch: asyncio.Task[None] | None = None
 
+    def _kernel_drops(self) -> KernelDrops | None:
+        """The app's kernel drop list (``server_config``), bound to our listening sockets."""
+        state = getattr(self.config.app, "state", None)
+        return getattr(state, "kernel_drops", None)
+
     async def startup(self, sockets: list[Any] | None = None) -> None:
         if self.tls is not None:
             self._tls_watch = asyncio.create_task(
@@ -420,7 +417,7 @@ class LiveServer(uvicorn.Server):
                 # Not the main thread (a test's in-thread server): the files are still watched.
                 log.warning("orchestrator.tls_no_sighup: reloading on file changes only")
         await super().startup(sockets=sockets)
-        drops: KernelDrops | None = getattr(self.config, "kernel_drops", None)
+        drops = self._kernel_drops()
         if drops is not None:
             drops.bind([sock for server in self.servers for sock in server.sockets])
 
@@ -429,7 +426,7 @@ class LiveServer(uvicorn.Server):
             self._tls_watch.cancel()
             with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        drops: KernelDrops | None = getattr(self.config, "kernel_drops", None)
+        drops = self._kernel_drops()
         if drops is not None:
             drops.close()
         try:
